@@ -1,0 +1,64 @@
+"""Reference compressors with the registry's signature: keep all, random and uniform per frame.
+
+Both baselines give every frame the same budget k = max(1, round_half_even(R * P)), so they match
+VidCom2's total on average and differ only in which tokens they keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llava.model.vidcom2 import check_video_features
+
+
+def uniform_budget(retention: float, tokens_per_frame: int) -> int:
+    """k = max(1, round_half_even(R * P)) tokens per frame."""
+    return max(1, min(tokens_per_frame, round(retention * tokens_per_frame)))  # round() is half-even
+
+
+def _mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def keep_all_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+    """Every token: arange(F*P). Retention is checked but ignored."""
+    check_video_features(features, retention)
+    _reject_options("none", options, ())
+    n_frames, per_frame, _ = features.shape
+    return torch.arange(n_frames * per_frame, device=features.device)
+
+
+def random_keep_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+    """k random tokens of every frame, drawn from a CPU generator seeded by ``options['seed']`` (0).
+
+    The draw happens on the CPU so that a seed gives the same tokens on every device.
+    """
+    check_video_features(features, retention)
+    _reject_options("random", options, ("seed",))
+    n_frames, per_frame, _ = features.shape
+    k = uniform_budget(retention, per_frame)
+    generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    noise = torch.rand(n_frames, per_frame, generator=generator)
+    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    return _mask_to_indices(ranks < k).to(features.device)
+
+
+def uniform_keep_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+    """k evenly spaced tokens of every frame: positions floor((j + 1/2) * P / k), j < k."""
+    check_video_features(features, retention)
+    _reject_options("uniform", options, ())
+    n_frames, per_frame, _ = features.shape
+    k = uniform_budget(retention, per_frame)
+    cols = ((torch.arange(k, dtype=torch.float64) + 0.5) * per_frame / k).floor().to(torch.int64)
+    rows = torch.arange(n_frames, dtype=torch.int64)[:, None] * per_frame
+    return (rows + cols[None, :]).reshape(-1).to(features.device)
+
+
+def _reject_options(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"compressor {name!r} got unknown option(s) {unknown}; valid: {', '.join(allowed) or 'none'}"
+        )

@@ -1,0 +1,96 @@
+"""The compressor registry every model calls: name -> compressor with one signature.
+
+A compressor maps one video's tokens ``features`` (F, P, D), a retention R in (0, 1] and a dict of
+options to the kept flat indices into F*P (int64, sorted ascending). Model adapters only say where
+their video tokens are and call :func:`compress_video`; they never name a method. New baselines
+register with :func:`register_compressor` and slot in without touching any caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from llava.model import baselines
+from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices
+
+
+class Compressor(Protocol):
+    def __call__(self, features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+        """(F, P, D), R, options -> kept flat indices (K,) int64, ascending."""
+
+
+_REGISTRY: dict[str, Compressor] = {}
+
+
+def register_compressor(name: str) -> Callable[[Compressor], Compressor]:
+    """Decorator: make ``fn`` available under ``name`` (unique)."""
+
+    def wrap(fn: Compressor) -> Compressor:
+        if name in _REGISTRY:
+            raise ValueError(f"compressor {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_compressors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_compressor(name: str) -> Compressor:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(available_compressors())}") from None
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """What to do to each video of a request: compressor name, retention R and its options.
+
+    ``none`` (the default) keeps every token. Options are compressor specific (for vidcom2 the
+    fields of VidCom2Config; for random a seed).
+    """
+
+    compressor: str = "none"
+    retention: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_compressor(self.compressor)  # fail early on a bad name
+        check_retention(self.retention)
+        if self.compressor == "vidcom2":
+            VidCom2Config.from_options(self.options)  # fail early on a bad option
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every token is kept, whatever the video."""
+        return self.compressor == "none" or float(self.retention) >= 1.0
+
+    def keep_indices(self, features: torch.Tensor) -> torch.Tensor:
+        """(F, P, D) of one video -> kept flat indices (K,) int64 ascending."""
+        return get_compressor(self.compressor)(features, float(self.retention), dict(self.options))
+
+    def describe(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.compressor}@{self.retention:g}" + (f"[{opts}]" if opts else "")
+
+
+def compress_video(features: torch.Tensor, spec: CompressionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, P, D) -> (kept tokens (K, D) in original order, kept flat indices (K,))."""
+    indices = spec.keep_indices(features)
+    return features.reshape(-1, features.shape[-1]).index_select(0, indices), indices
+
+
+@register_compressor("vidcom2")
+def _vidcom2(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+    return vidcom2_keep_indices(features, retention, VidCom2Config.from_options(options))
+
+
+register_compressor("none")(baselines.keep_all_indices)
+register_compressor("random")(baselines.random_keep_indices)
+register_compressor("uniform")(baselines.uniform_keep_indices)

@@ -1,0 +1,208 @@
+"""What every model family shares at run time: request options, results, stage timers, family registry.
+
+A model family (LLaVA-OneVision, LLaVA-Video, Qwen2-VL, ...) registers a detector (does this
+checkpoint belong to me?) and a loader returning an object with ``answer(...)``. The CLI, the
+lmms-eval wrappers and the benchmark all go through :func:`load_video_llm`, so they share one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from llava.model.compression import CompressionSpec
+
+STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding options; greedy unless do_sample."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """How frames are taken from a video. Families use the fields that apply to them.
+
+    num_frames: uniform sampling of exactly this many frames (LLaVA-OV default 32).
+    fps: sample at this rate, capped by max_frames; force_sample switches to uniform max_frames
+        when the fps rule would exceed it (LLaVA-Video default: fps 1, 64 frames, forced).
+    min_pixels / max_pixels: Qwen's per-frame pixel budget.
+    """
+
+    num_frames: int | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    force_sample: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+@dataclass
+class InferenceResult:
+    """One answered request: the text, ids, token counts and per-stage seconds."""
+
+    answer: str
+    output_ids: list[int]
+    visual_tokens_before: int
+    visual_tokens_after: int
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def achieved_retention(self) -> float:
+        return self.visual_tokens_after / self.visual_tokens_before if self.visual_tokens_before else 1.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["achieved_retention"] = self.achieved_retention
+        return json.dumps(data)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, synchronising the device around each stage so that
+    asynchronous GPU work is charged to the stage that launched it."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.seconds: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class VideoLLM(Protocol):
+    """What a loaded model family offers to the CLI, the lmms-eval wrappers and the benchmark."""
+
+    family: str
+
+    def answer(
+        self,
+        video: str | Path,
+        question: str,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        sampling: FrameSampling = FrameSampling(),
+    ) -> InferenceResult: ...
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    detect: Callable[[dict[str, Any]], bool]  # config.json dict -> belongs to this family?
+    load: Callable[..., VideoLLM]  # (path, device=, dtype=, attn_implementation=) -> model
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _import_families() -> None:
+    """Import the modules that register families (kept lazy: they pull in transformers)."""
+    import llava.model.families  # noqa: F401  (LLaVA-OneVision, LLaVA-Video)
+    import transformers_patched.families  # noqa: F401  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+
+
+TinyBuilder = Callable[..., Path]  # (out_dir, *, seed, fmt) -> out_dir
+_TINY_BUILDERS: dict[str, TinyBuilder] = {}
+
+
+def register_tiny_builder(arch: str, builder: TinyBuilder) -> TinyBuilder:
+    """Register ``vidcom2 make-tiny --arch ARCH``: writes a random-init tiny checkpoint to a directory."""
+    if arch in _TINY_BUILDERS:
+        raise ValueError(f"tiny builder {arch!r} is already registered")
+    _TINY_BUILDERS[arch] = builder
+    return builder
+
+
+def tiny_builders() -> dict[str, TinyBuilder]:
+    _import_families()
+    return dict(sorted(_TINY_BUILDERS.items()))
+
+
+def available_families() -> list[str]:
+    _import_families()
+    return sorted(_FAMILIES)
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a local checkpoint directory, or of a hub id already in the local cache."""
+    local = Path(path)
+    if local.is_dir():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {local}")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = Path(hf_hub_download(str(path), "config.json"))
+        except Exception as exc:  # network errors, missing repos, offline mode
+            raise FileNotFoundError(f"cannot find model {path!r} locally or on the hub: {exc}") from exc
+    return json.loads(config_file.read_text())
+
+
+def detect_family(path: str | Path, family: str | None = None) -> ModelFamily:
+    _import_families()
+    if family is not None:
+        if family not in _FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; valid: {', '.join(sorted(_FAMILIES))}")
+        return _FAMILIES[family]
+    config = read_checkpoint_config(path)
+    matches = [f for f in _FAMILIES.values() if f.detect(config)]
+    if len(matches) != 1:
+        names = [f.name for f in matches] or "none"
+        raise ValueError(
+            f"cannot tell the model family of {path} (model_type={config.get('model_type')!r}, "
+            f"matches: {names}); pass the family explicitly, one of {', '.join(sorted(_FAMILIES))}"
+        )
+    return matches[0]
+
+
+def load_video_llm(
+    path: str | Path,
+    *,
+    family: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+) -> VideoLLM:
+    """Load any supported checkpoint (hub id or local directory) by its detected family."""
+    return detect_family(path, family).load(
+        path, device=device, dtype=dtype, attn_implementation=attn_implementation
+    )
