@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -134,8 +135,9 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _import_families() -> None:
     """Import the modules that register families (kept lazy: they pull in transformers)."""
-    import llava.model.families  # noqa: F401  (LLaVA-OneVision, LLaVA-Video)
     import transformers_patched.families  # noqa: F401  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+
+    import llava.model.families  # noqa: F401  (LLaVA-OneVision, LLaVA-Video)
 
 
 TinyBuilder = Callable[..., Path]  # (out_dir, *, seed, fmt) -> out_dir

@@ -8,8 +8,9 @@ register with :func:`register_compressor` and slot in without touching any calle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 

@@ -117,7 +117,9 @@ def check_video_features(features: torch.Tensor, retention: float) -> None:
         raise ValueError(f"features must be a (F, P, D) tensor of one video, got shape {shape}")
     n_frames, per_frame, dim = features.shape
     if n_frames == 0 or per_frame == 0 or dim == 0:
-        raise ValueError(f"features must have F, P, D > 0 (frames, tokens per frame, channels), got {tuple(features.shape)}")
+        raise ValueError(
+            f"features must have F, P, D > 0 (frames, tokens per frame, channels), got {tuple(features.shape)}"
+        )
     if not features.is_floating_point():
         raise ValueError(f"features must be floating point, got {features.dtype}")
     check_retention(retention)
@@ -135,36 +137,60 @@ def check_retention(retention: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def select_low_variance_channels(features: torch.Tensor, ratio: float) -> torch.Tensor:
+def channel_variance(features: torch.Tensor) -> torch.Tensor:
+    """(F, P, D) -> (D,) population variance of each channel over all F*P tokens.
+
+    A non-finite feature makes its channel's variance non-finite, which is how the NaN check
+    avoids a second pass over the features.
+    """
+    return features.reshape(-1, features.shape[-1]).var(dim=0, correction=0)
+
+
+def select_low_variance_channels(features: torch.Tensor, variance: torch.Tensor, ratio: float) -> torch.Tensor:
     """(F, P, D) -> (F, P, floor(D*ratio)): the channels with the lowest population variance."""
     dim = features.shape[-1]
     keep = max(1, int(dim * ratio))
     if keep >= dim:
         return features
-    variance = features.reshape(-1, dim).var(dim=0, correction=0)
     channels = torch.argsort(variance, stable=True)[:keep]
     return features.index_select(-1, channels)
 
 
-def _kernel(x: torch.Tensor, centre: torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
-    """Similarity of tokens x (..., P, C) to centres broadcastable to them -> (..., P)."""
+def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre: torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
+    """Similarity of tokens to a centre from their dot products (..., P) -> (..., P).
+
+    |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, so no (F, P, C) difference tensor is ever formed.
+    """
+    centre_sq = centre.pow(2).sum(-1, keepdim=True)  # (1,) or (F, 1)
     if cfg.similarity == "cosine":
-        return (x * centre).sum(-1) / centre.norm(dim=-1).clamp_min(1e-12)
-    sq_dist = (x - centre).pow(2).sum(-1)
+        return dots / centre_sq.sqrt().clamp_min(1e-12)
+    sq_dist = (sq_norms + centre_sq - 2.0 * dots).clamp_min(0.0)
     out = torch.zeros_like(sq_dist)
     for alpha in cfg.alphas:  # a handful of bandwidths, not frames or tokens
         out = out + torch.exp(sq_dist / (-2.0 * alpha))
     return out
 
 
-def similarity_to_centres(features: torch.Tensor, cfg: VidCom2Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, P, D) -> v, f each (F, P): similarity of each token to the video and to its frame centre."""
+def similarity_to_centres(
+    features: torch.Tensor, cfg: VidCom2Config
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, P, D) -> v, f each (F, P) and the channel variance (D,).
+
+    v: similarity of each token to the video centre; f: to its own frame's centre. Tokens are
+    L2-normalised on the selected channels; centres are plain means, not re-normalised.
+    """
     dtype = torch.float32 if cfg.score_dtype == "float32" else features.dtype
-    x = select_low_variance_channels(features.to(dtype), cfg.channel_ratio)
-    x = torch.nn.functional.normalize(x, dim=-1)
-    video_centre = x.mean(dim=(0, 1))  # (C,), not re-normalised
-    frame_centre = x.mean(dim=1, keepdim=True)  # (F, 1, C), not re-normalised
-    return _kernel(x, video_centre, cfg), _kernel(x, frame_centre, cfg)
+    x = features.to(dtype)
+    variance = channel_variance(x)
+    x = select_low_variance_channels(x, variance, cfg.channel_ratio)
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (F, P, 1)
+    x = x / norms.clamp_min(1e-12)
+    sq_norms = (norms / norms.clamp_min(1e-12)).squeeze(-1).pow(2)  # 1, or 0 for an all-zero token
+    video_centre = x.mean(dim=(0, 1))  # (C,)
+    frame_centre = x.mean(dim=1)  # (F, C)
+    v = _kernel(x @ video_centre, sq_norms, video_centre, cfg)
+    f = _kernel(torch.bmm(x, frame_centre.unsqueeze(-1)).squeeze(-1), sq_norms, frame_centre, cfg)
+    return v, f, variance
 
 
 def frame_scales(v: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
@@ -260,8 +286,28 @@ def vidcom2_frame_budgets(
     n_frames, per_frame, _ = features.shape
     if float(retention) >= 1.0:
         return torch.full((n_frames,), per_frame, dtype=torch.int64, device=features.device)
-    v, _ = similarity_to_centres(features, cfg)
+    v, _, _ = similarity_to_centres(features, cfg)
     return budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
+
+
+def _keep_mask_and_variance(
+    features: torch.Tensor,
+    retention: float,
+    config: VidCom2Config | dict[str, Any] | None,
+    token_scores_external: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cfg = VidCom2Config.from_options(config)
+    check_video_features(features, retention)
+    n_frames, per_frame, _ = features.shape
+    if float(retention) >= 1.0:
+        return torch.ones(n_frames, per_frame, dtype=torch.bool, device=features.device), None
+    v, f, variance = similarity_to_centres(features, cfg)
+    budgets = budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
+    scores = token_scores(v, f, cfg, token_scores_external)
+    ranks = rank_within_frame(scores)
+    if cfg.exact_count:
+        return exact_total_budgets(budgets, scores, ranks, float(retention)), variance
+    return ranks < budgets[:, None], variance
 
 
 def vidcom2_keep_mask(
@@ -271,18 +317,7 @@ def vidcom2_keep_mask(
     token_scores_external: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(F, P, D) -> boolean keep mask (F, P), computed without any host synchronisation."""
-    cfg = VidCom2Config.from_options(config)
-    check_video_features(features, retention)
-    n_frames, per_frame, _ = features.shape
-    if float(retention) >= 1.0:
-        return torch.ones(n_frames, per_frame, dtype=torch.bool, device=features.device)
-    v, f = similarity_to_centres(features, cfg)
-    budgets = budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
-    scores = token_scores(v, f, cfg, token_scores_external)
-    ranks = rank_within_frame(scores)
-    if cfg.exact_count:
-        return exact_total_budgets(budgets, scores, ranks, float(retention))
-    return ranks < budgets[:, None]
+    return _keep_mask_and_variance(features, retention, config, token_scores_external)[0]
 
 
 def vidcom2_keep_indices(
@@ -296,8 +331,8 @@ def vidcom2_keep_indices(
     Raises ValueError for a retention outside (0, 1], a wrong rank, an empty dimension or
     non-finite features.
     """
-    mask = vidcom2_keep_mask(features, retention, config, token_scores_external)
-    finite = torch.isfinite(features).all()
+    mask, variance = _keep_mask_and_variance(features, retention, config, token_scores_external)
+    finite = torch.isfinite(variance if variance is not None else features).all()
     indices = mask.reshape(-1).nonzero().squeeze(1)  # the one host sync
     if not bool(finite):  # already synchronised by nonzero: free
         raise ValueError("features contain NaN or Inf; refusing to select tokens from them")

@@ -1,0 +1,99 @@
+"""The compressor registry: lookup, one signature for all, baselines' budgets and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.model.compression import (
+    CompressionSpec,
+    available_compressors,
+    compress_video,
+    get_compressor,
+    register_compressor,
+)
+
+
+def video(frames=4, tokens=25, dim=8, seed=0):
+    return torch.randn(frames, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registered_names():
+    assert {"vidcom2", "random", "uniform", "none"} <= set(available_compressors())
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown compressor 'fastv'.*none, random, uniform, vidcom2"):
+        get_compressor("fastv")
+    with pytest.raises(ValueError, match="unknown compressor"):
+        CompressionSpec("fastv", 0.25)
+
+
+@pytest.mark.parametrize("name", ["vidcom2", "random", "uniform", "none"])
+def test_every_compressor_shares_the_signature(name):
+    x = video()
+    idx = get_compressor(name)(x, 0.25, {})
+    assert idx.dtype == torch.int64
+    assert torch.all(idx[1:] > idx[:-1]) and idx.min() >= 0 and idx.max() < 100
+    kept, same = compress_video(x, CompressionSpec(name, 0.25))
+    assert torch.equal(same, idx)
+    assert torch.equal(kept, x.reshape(-1, 8)[idx])
+
+
+@pytest.mark.parametrize("name", ["random", "uniform"])
+@pytest.mark.parametrize("retention,expected", [(0.25, 6), (0.3, 8), (0.01, 1), (1.0, 25)])
+def test_baselines_uniform_budget(name, retention, expected):
+    idx = get_compressor(name)(video(), retention, {})
+    counts = torch.bincount(idx // 25, minlength=4)
+    assert counts.tolist() == [expected] * 4
+
+
+def test_uniform_is_evenly_spaced():
+    idx = get_compressor("uniform")(video(frames=1, tokens=20), 0.25, {})
+    assert idx.tolist() == [2, 6, 10, 14, 18]
+
+
+def test_random_is_seeded_and_varies_with_seed():
+    x = video()
+    a = get_compressor("random")(x, 0.25, {"seed": 1})
+    assert torch.equal(a, get_compressor("random")(x, 0.25, {"seed": 1}))
+    assert not torch.equal(a, get_compressor("random")(x, 0.25, {"seed": 2}))
+    # Frames do not all keep the same positions.
+    per_frame = (a.reshape(4, -1) % 25).tolist()
+    assert len({tuple(p) for p in per_frame}) > 1
+
+
+def test_none_keeps_everything_at_any_retention():
+    assert get_compressor("none")(video(), 0.1, {}).tolist() == list(range(100))
+    assert CompressionSpec("none", 0.1).is_identity
+    assert CompressionSpec("vidcom2", 1.0).is_identity
+    assert not CompressionSpec("vidcom2", 0.5).is_identity
+
+
+def test_spec_validates_early():
+    with pytest.raises(ValueError, match="retention"):
+        CompressionSpec("vidcom2", 0.0)
+    with pytest.raises(ValueError, match="unknown VidCom2 option"):
+        CompressionSpec("vidcom2", 0.25, {"temp": "0.1"})
+    with pytest.raises(ValueError, match="unknown option"):
+        CompressionSpec("uniform", 0.25, {"seed": 3}).keep_indices(video())
+
+
+def test_spec_passes_options_to_vidcom2():
+    x = video(frames=8, tokens=30, dim=16, seed=3)
+    default = CompressionSpec("vidcom2", 0.25).keep_indices(x)
+    equal = CompressionSpec("vidcom2", 0.25, {"frame_score": "equal"}).keep_indices(x)
+    assert torch.bincount(equal // 30).tolist() == [8] * 8
+    assert not torch.equal(default, equal)
+
+
+def test_registry_refuses_duplicates_and_accepts_new_methods():
+    with pytest.raises(ValueError, match="already registered"):
+        register_compressor("random")(lambda f, r, o: f)
+
+    @register_compressor("_test_first_token")
+    def first_token(features, retention, options):
+        return torch.arange(features.shape[0]) * features.shape[1]
+
+    kept, idx = compress_video(video(), CompressionSpec("_test_first_token", 0.5))
+    assert idx.tolist() == [0, 25, 50, 75]

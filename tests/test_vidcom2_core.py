@@ -1,0 +1,255 @@
+"""The VidCom2 core against a straightforward per-frame reference, its properties, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llava.model.vidcom2 import (
+    VidCom2Config,
+    vidcom2_frame_budgets,
+    vidcom2_keep_indices,
+)
+
+ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+
+def make_video(frames: int, tokens: int, dim: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # A shared scene plus per-frame drift, like real video features (not pure noise).
+    scene = torch.randn(1, tokens, dim, generator=g)
+    drift = torch.randn(frames, 1, dim, generator=g) * 0.5
+    noise = torch.randn(frames, tokens, dim, generator=g) * 0.3
+    return (scene + drift + noise).to(dtype)
+
+
+def reference_keep(features: torch.Tensor, retention: float) -> tuple[list[int], list[int]]:
+    """The method written plainly, frame by frame and in float64, as the spec states it."""
+    x = features.double()
+    n_frames, per_frame, dim = x.shape
+    flat = x.reshape(-1, dim)
+    var = ((flat - flat.mean(0)) ** 2).mean(0)
+    channels = sorted(range(dim), key=lambda c: (var[c].item(), c))[: int(dim * 0.5)]
+    x = x[:, :, channels]
+    x = x / x.norm(dim=-1, keepdim=True)
+    g_video = x.reshape(-1, len(channels)).mean(0)
+
+    def kernel(token: torch.Tensor, centre: torch.Tensor) -> float:
+        d2 = float(((token - centre) ** 2).sum())
+        return sum(math.exp(-d2 / (2 * a)) for a in ALPHAS)
+
+    v = [[kernel(x[t, m], g_video) for m in range(per_frame)] for t in range(n_frames)]
+    s = [-sum(row) / per_frame for row in v]
+    top = max(s)
+    e = [math.exp((si - top) / 0.01) for si in s]
+    p = [ei / sum(e) for ei in e]
+    mean_p = sum(p) / n_frames
+    budgets, kept = [], []
+    for t in range(n_frames):
+        scale = min(1.0, retention * (1 + p[t] - mean_p))
+        k = max(1, round(scale * per_frame))  # Python's round is half-to-even
+        budgets.append(k)
+        g_frame = x[t].mean(0)
+        score = [v[t][m] + kernel(x[t, m], g_frame) for m in range(per_frame)]
+        order = sorted(range(per_frame), key=lambda m: (score[m], m))[:k]
+        kept.extend(sorted(t * per_frame + m for m in order))
+    return budgets, kept
+
+
+@pytest.mark.parametrize("seed,shape,retention", [(0, (6, 20, 16), 0.25), (1, (4, 30, 10), 0.5), (2, (8, 9, 7), 0.15)])
+def test_matches_plain_reference(seed, shape, retention):
+    features = make_video(*shape, seed=seed)
+    budgets, kept = reference_keep(features, retention)
+    assert vidcom2_frame_budgets(features, retention).tolist() == budgets
+    assert vidcom2_keep_indices(features, retention).tolist() == kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    frames=st.integers(1, 12),
+    tokens=st.integers(1, 40),
+    dim=st.integers(2, 24),
+    retention=st.floats(0.01, 1.0),
+    seed=st.integers(0, 10_000),
+    exact=st.booleans(),
+)
+def test_index_and_budget_properties(frames, tokens, dim, retention, seed, exact):
+    features = make_video(frames, tokens, dim, seed=seed)
+    config = VidCom2Config(exact_count=exact)
+    idx = vidcom2_keep_indices(features, retention, config)
+    assert idx.dtype == torch.int64
+    assert torch.all(idx[1:] > idx[:-1]), "sorted and unique"
+    assert idx.min() >= 0 and idx.max() < frames * tokens
+    per_frame = torch.bincount(idx // tokens, minlength=frames)
+    assert torch.all(per_frame >= 1), "every frame keeps at least one token"
+    target = retention * frames * tokens
+    if retention >= 1.0:
+        assert idx.numel() == frames * tokens
+    elif exact:
+        assert idx.numel() == max(frames, round(target))
+    else:
+        no_clamp = retention * (2 - 1 / frames) <= 1.0  # no frame's share is cut at 1
+        no_floor = retention * (1 - 1 / frames) * tokens >= 0.5  # no frame rounds to 0 then up to 1
+        if no_clamp and no_floor:
+            assert abs(idx.numel() - target) <= frames / 2
+        else:
+            assert idx.numel() <= target + frames
+        budgets = vidcom2_frame_budgets(features, retention, config)
+        assert torch.equal(per_frame, budgets)
+        # Each frame's share lies in [R(1 - 1/F), min(1, R(2 - 1/F))] before rounding.
+        low = retention * (1 - 1 / frames) * tokens - 0.5
+        high = min(1.0, retention * (2 - 1 / frames)) * tokens + 0.5
+        assert torch.all(budgets >= min(1, math.floor(low))) and torch.all(budgets <= max(1, math.ceil(high)))
+    assert torch.equal(idx, vidcom2_keep_indices(features, retention, config)), "deterministic"
+
+
+def test_budget_total_close_to_target_on_long_video():
+    features = make_video(32, 196, 64, seed=3)
+    total = int(vidcom2_frame_budgets(features, 0.25).sum())
+    assert abs(total - 0.25 * 32 * 196) <= 16
+
+
+def test_exact_count_total():
+    features = make_video(16, 50, 32, seed=4)
+    for retention in (0.1, 0.25, 0.33, 0.5, 0.9):
+        idx = vidcom2_keep_indices(features, retention, VidCom2Config(exact_count=True))
+        assert idx.numel() == round(retention * 16 * 50)
+
+
+def test_exact_count_changes_only_the_marginal_tokens():
+    features = make_video(16, 50, 32, seed=5)
+    loose = set(vidcom2_keep_indices(features, 0.33).tolist())
+    exact = set(vidcom2_keep_indices(features, 0.33, VidCom2Config(exact_count=True)).tolist())
+    assert len(loose ^ exact) == abs(len(loose) - len(exact))
+
+
+def test_retention_one_keeps_everything():
+    features = make_video(5, 12, 8)
+    assert vidcom2_keep_indices(features, 1.0).tolist() == list(range(60))
+    assert vidcom2_frame_budgets(features, 1.0).tolist() == [12] * 5
+
+
+def test_distinct_frame_gets_the_largest_budget():
+    g = torch.Generator().manual_seed(99)
+    # Real features share a strong common component; a scene cut replaces it with other content.
+    common = torch.randn(16, generator=g) * 2
+    features = make_video(8, 30, 16, seed=6) + common
+    features[5] = torch.randn(30, 16, generator=g) - common
+    budgets = vidcom2_frame_budgets(features, 0.25)
+    assert int(budgets.argmax()) == 5
+    assert budgets[5] > budgets[[i for i in range(8) if i != 5]].max()
+
+
+def test_equal_frame_score_gives_uniform_budgets():
+    features = make_video(6, 40, 16, seed=7)
+    budgets = vidcom2_frame_budgets(features, 0.25, {"frame_score": "equal"})
+    assert budgets.tolist() == [10] * 6
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"frame_score": "pos_mean"},
+        {"frame_score": "neg_max"},
+        {"frame_score": "pos_min"},
+        {"token_score": "f"},
+        {"token_score": "-(v+f)"},
+        {"similarity": "cosine"},
+        {"channel_ratio": "1.0"},
+        {"alphas": "0.5/1"},
+        {"temperature": "0.1"},
+    ],
+)
+def test_ablation_switches_change_the_selection(options):
+    features = make_video(8, 30, 16, seed=8)
+    default = vidcom2_keep_indices(features, 0.25)
+    ablated = vidcom2_keep_indices(features, 0.25, options)
+    assert not torch.equal(default, ablated)
+
+
+def test_negated_token_score_keeps_the_opposite_end():
+    features = make_video(1, 40, 16, seed=9)
+    low = set(vidcom2_keep_indices(features, 0.25, {"token_score": "v+f"}).tolist())
+    high = set(vidcom2_keep_indices(features, 0.25, {"token_score": "-(v+f)"}).tolist())
+    assert not low & high
+
+
+def test_external_token_scores():
+    features = make_video(2, 10, 8)
+    scores = torch.arange(20, dtype=torch.float32).reshape(2, 10).flip(1)  # lowest at the end
+    idx = vidcom2_keep_indices(
+        features, 0.2, {"token_score": "external", "frame_score": "equal"}, token_scores_external=scores
+    )
+    assert idx.tolist() == [8, 9, 18, 19]
+    with pytest.raises(ValueError, match="token_scores"):
+        vidcom2_keep_indices(features, 0.2, {"token_score": "external"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_scored_in_float32(dtype):
+    features = make_video(8, 30, 16, seed=10, dtype=dtype)
+    idx = vidcom2_keep_indices(features, 0.25)
+    # float32 scoring of a low-precision input is exactly the scoring of its float32 copy.
+    assert torch.equal(idx, vidcom2_keep_indices(features.float(), 0.25))
+    model_dtype = vidcom2_keep_indices(features, 0.25, {"score_dtype": "model"})
+    assert model_dtype.dtype == torch.int64 and model_dtype.numel() > 0
+    assert torch.all(model_dtype[1:] > model_dtype[:-1])
+
+
+def test_model_dtype_scoring_can_differ_from_float32():
+    # Upstream's bf16 scoring shifts ties and budgets; over several videos at least one differs.
+    differ = 0
+    for seed in range(6):
+        features = make_video(16, 49, 32, seed=seed, dtype=torch.bfloat16)
+        a = vidcom2_keep_indices(features, 0.25)
+        b = vidcom2_keep_indices(features, 0.25, {"score_dtype": "model"})
+        differ += int(not torch.equal(a, b))
+    assert differ > 0
+
+
+@pytest.mark.parametrize("retention", [0.0, -0.1, 1.5, float("nan"), "0.5", True])
+def test_bad_retention(retention):
+    with pytest.raises(ValueError, match="retention"):
+        vidcom2_keep_indices(make_video(2, 4, 4), retention)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (2, 3, 4, 5), (0, 4, 4), (2, 0, 4), (2, 4, 0)])
+def test_bad_shapes(shape):
+    with pytest.raises(ValueError, match="features"):
+        vidcom2_keep_indices(torch.zeros(shape), 0.5)
+
+
+def test_nan_features_rejected():
+    features = make_video(3, 5, 4)
+    features[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vidcom2_keep_indices(features, 0.5)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"frame_score": "median"}, "frame_score"),
+        ({"token_score": "q"}, "token_score"),
+        ({"similarity": "l1"}, "similarity"),
+        ({"score_dtype": "float64"}, "score_dtype"),
+        ({"channel_ratio": 0}, "channel_ratio"),
+        ({"temperature": 0}, "temperature"),
+        ({"alphas": ()}, "alphas"),
+        ({"exact_count": "maybe"}, "exact_count"),
+        ({"tau": 0.1}, "unknown VidCom2 option"),
+    ],
+)
+def test_bad_config(options, match):
+    with pytest.raises(ValueError, match=match):
+        VidCom2Config.from_options(options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    features = make_video(16, 49, 32, seed=11)
+    assert torch.equal(vidcom2_keep_indices(features, 0.25), vidcom2_keep_indices(features.cuda(), 0.25).cpu())
