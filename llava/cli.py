@@ -1,0 +1,223 @@
+"""The one console script of the project, ``vidcom2``, with subcommands.
+
+Built in here: ``infer`` (one question about one video), ``make-tiny`` (random-init tiny checkpoints
+for offline work) and ``make-videos`` (synthetic test videos). Other parts of the project add theirs
+with :func:`register_subcommand` from a module listed in ``EXTENSION_MODULES`` (imported lazily; a
+missing one is skipped), so this file never has to know about evaluation or benchmarking.
+
+User errors (bad option values, missing files, unreadable videos) print one line
+``vidcom2: error: ...`` on stderr and exit with status 2; ``--traceback`` shows the full trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Modules that call register_subcommand when imported (eval, bench, ...); absent ones are skipped.
+EXTENSION_MODULES = ("vidcom2_lmms_eval.cli", "scripts.cli", "llava.bench")
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+_SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(
+    name: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+    *,
+    help: str = "",
+) -> None:
+    """Add ``vidcom2 NAME``: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the
+    exit status (None means 0). Raise ValueError/FileNotFoundError for user errors: they are printed
+    as one line."""
+    if name in _SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} is already registered")
+    _SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict of strings (compressors parse and validate their own values)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+# ---------------------------------------------------------------- infer
+
+
+def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--video", required=True, help="video file or folder of frame images")
+    p.add_argument("--question", required=True)
+    p.add_argument("--family", default=None, help="model family (default: detected from config.json)")
+    g = p.add_argument_group("compression")
+    g.add_argument("--compressor", default="none", help="compressor name, e.g. none, vidcom2, random, uniform")
+    g.add_argument("--retention", type=float, default=1.0, help="fraction R of video tokens to keep, in (0, 1]")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="compressor option (repeatable)")
+    g = p.add_argument_group("frame sampling (defaults: the family's)")
+    g.add_argument("--frames", type=int, default=None, help="uniformly sample exactly N frames")
+    g.add_argument("--fps", type=float, default=None, help="sample at this rate, capped by --max-frames")
+    g.add_argument("--max-frames", type=int, default=None)
+    g.add_argument("--force-sample", action="store_true", help="always take --max-frames uniform frames")
+    g.add_argument("--min-pixels", type=int, default=None)
+    g.add_argument("--max-pixels", type=int, default=None)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
+    g = p.add_argument_group("layout (LLaVA families)")
+    g.add_argument(
+        "--grid-newlines", default=None, help="LLaVA-Video row newlines after compression: frame, rows, all_rows"
+    )
+    g.add_argument("--positions", default=None, help="positions after compression: contiguous (default) or original")
+    p.add_argument("--json", action="store_true", help="print one JSON object (InferenceResult)")
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from llava.model.compression import CompressionSpec
+    from llava.runtime import FrameSampling, GenerationOptions, load_video_llm
+
+    compression = CompressionSpec(args.compressor, args.retention, parse_options(args.option))
+    sampling = FrameSampling(
+        num_frames=args.frames,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        force_sample=args.force_sample,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
+    generation = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
+    if not Path(args.video).exists():
+        raise FileNotFoundError(f"video not found: {args.video}")
+    model = load_video_llm(
+        args.model, family=args.family, device=args.device, dtype=args.dtype, attn_implementation=args.attn
+    )
+    for flag, attribute in (("grid_newlines", "grid_newlines"), ("positions", "position_mode")):
+        value = getattr(args, flag)
+        if value is not None:
+            if not hasattr(model, attribute):
+                raise ValueError(f"--{flag.replace('_', '-')} is not supported by model family {model.family}")
+            setattr(model, attribute, value)
+    result = model.answer(args.video, args.question, compression=compression, generation=generation, sampling=sampling)
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result.answer)
+        print(
+            f"[{model.family}] {compression.describe()}: visual tokens {result.visual_tokens_before} -> "
+            f"{result.visual_tokens_after} (achieved retention {result.achieved_retention:.3f})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------- make-tiny / make-videos
+
+
+def _add_make_tiny_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="e.g. llava_ov, llava_vid, qwen2_vl, qwen2_5_vl, qwen3_vl")
+    p.add_argument("--format", default="lmms-lab", choices=("lmms-lab", "hf"), help="only for LLaVA archs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _run_make_tiny(args: argparse.Namespace) -> int:
+    from llava.runtime import tiny_builders
+
+    builders = tiny_builders()
+    if args.arch not in builders:
+        raise ValueError(f"unknown --arch {args.arch!r}; valid: {', '.join(builders)}")
+    out = builders[args.arch](Path(args.out), seed=args.seed, fmt=args.format)
+    print(out)
+    return 0
+
+
+def _add_make_videos_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_make_videos(args: argparse.Namespace) -> int:
+    from llava.synthetic_videos import MANIFEST, make_videos
+
+    manifest = make_videos(args.out, seed=args.seed)
+    for entry in manifest["videos"]:
+        print(Path(args.out) / entry["path"])
+    print(Path(args.out) / MANIFEST)
+    return 0
+
+
+register_subcommand("infer", _add_infer_arguments, _run_infer, help="answer one question about one video")
+register_subcommand("make-tiny", _add_make_tiny_arguments, _run_make_tiny, help="write a random-init tiny checkpoint")
+register_subcommand("make-videos", _add_make_videos_arguments, _run_make_videos, help="write synthetic test videos")
+
+
+def _load_extensions() -> None:
+    for module in EXTENSION_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise  # the extension exists but one of its own imports is missing: show it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_extensions()
+    parser = argparse.ArgumentParser(prog="vidcom2", description="Training-free video token compression for Video LLMs")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in _SUBCOMMANDS.values():
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vidcom2`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = _SUBCOMMANDS[args.command].run(args)
+    except USER_ERRORS as exc:
+        if args.traceback:
+            raise
+        print(f"vidcom2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

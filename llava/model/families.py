@@ -1,0 +1,218 @@
+"""The ``llava_onevision`` and ``llava_video`` model families: detection, loading, answering.
+
+:class:`LlavaVideoLLM` is the adapter the CLI, the lmms-eval wrapper and the benchmark use:
+``answer`` (one video), ``answer_batch`` (several videos and questions, left-padded, each video
+compressed with its own budget), ``answer_image`` (one image, never compressed). Per-instance
+settings: ``grid_newlines`` (LLaVA-Video row newlines after compression, see llava.model.layout) and
+``position_mode`` (contiguous, the default, or original).
+
+Family defaults for frame sampling when the request names none: LLaVA-OV 32 uniform frames,
+LLaVA-Video 64 frames at fps 1 with force_sample (i.e. 64 uniform frames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llava.model.compression import CompressionSpec
+from llava.model.generate import decode, prefill
+from llava.model.layout import GRID_NEWLINES
+from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
+from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, is_lmms_lab_config, lmms_lab_family
+from llava.model.loading import load_llava
+from llava.model.prompt import split_prompt, stop_token_ids
+from llava.model.tiny import tiny_builder
+from llava.runtime import (
+    FrameSampling,
+    GenerationOptions,
+    InferenceResult,
+    ModelFamily,
+    StageTimer,
+    register_family,
+    register_tiny_builder,
+)
+from llava.video_io import read_video
+
+DEFAULT_SAMPLING = {
+    FAMILY_OV: FrameSampling(num_frames=32),
+    FAMILY_VIDEO: FrameSampling(fps=1.0, max_frames=64, force_sample=True),
+}
+
+
+def resolve_sampling(sampling: FrameSampling, family: str) -> FrameSampling:
+    """The request's sampling, or the family default when it names neither num_frames nor fps."""
+    if sampling.num_frames is not None or sampling.fps is not None:
+        return sampling
+    default = DEFAULT_SAMPLING[family]
+    if sampling.max_frames is not None:  # --max-frames alone caps the family default
+        if default.num_frames is not None:
+            return replace(default, num_frames=sampling.max_frames)
+        return replace(default, max_frames=sampling.max_frames)
+    return default
+
+
+class LlavaVideoLLM:
+    """A loaded LLaVA-OneVision / LLaVA-Video checkpoint behind the VideoLLM protocol."""
+
+    def __init__(self, model: LlavaVideoModel, tokenizer: Any, *, source: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = model.spec.family
+        self.source = source
+        self.grid_newlines = "frame"
+        self.position_mode = "contiguous"
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _check_settings(self) -> None:
+        if self.grid_newlines not in GRID_NEWLINES:
+            raise ValueError(f"grid_newlines must be one of {', '.join(GRID_NEWLINES)}, got {self.grid_newlines!r}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}, got {self.position_mode!r}")
+
+    # ------------------------------------------------------------------ stages for one video
+    def video_block(
+        self,
+        video: str | Path | np.ndarray,
+        compression: CompressionSpec,
+        sampling: FrameSampling,
+        timer: StageTimer,
+    ) -> tuple[VisualBlock, dict[str, Any]]:
+        """Read (path) or take (frames array) one video and run it to its compressed visual block."""
+        with timer.stage("read_video"):
+            if isinstance(video, np.ndarray):
+                frames, info = video, {"frames": int(video.shape[0])}
+            else:
+                clip = read_video(video, resolve_sampling(sampling, self.family))
+                frames = clip.frames
+                info = {"frames": clip.num_frames, "source_fps": clip.source_fps, "duration": clip.duration}
+        with timer.stage("preprocess"):
+            pixels = self.model.preprocess(frames)
+        with torch.inference_mode():
+            with timer.stage("vision"):
+                features = self.model.encode_video(pixels)
+            with timer.stage("compress"):
+                block = self.model.compress_video(features, compression, self.grid_newlines)
+        return block, info
+
+    def answer_batch(
+        self,
+        videos: list[str | Path | np.ndarray],
+        questions: list[str],
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        sampling: FrameSampling = FrameSampling(),
+    ) -> list[InferenceResult]:
+        """Answer several (video, question) pairs in one left-padded batch; every video is compressed
+        with its own budget. Timings are those of the whole batch (``extra.batch_size`` says so)."""
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
+        if not videos:
+            raise ValueError("answer_batch needs at least one video")
+        self._check_settings()
+        timer = StageTimer(self.device)
+        prompts, infos = [], []
+        for video, question in zip(videos, questions, strict=True):  # per request: videos differ in size
+            block, info = self.video_block(video, compression, sampling, timer)
+            before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
+            prompts.append((before, block, after))
+            infos.append(info)
+        return self._generate(prompts, infos, timer, compression, generation)
+
+    def answer(
+        self,
+        video: str | Path | np.ndarray,
+        question: str,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        sampling: FrameSampling = FrameSampling(),
+    ) -> InferenceResult:
+        """One question about one video (a path, a frame folder, or an (F, H, W, 3) uint8 array)."""
+        return self.answer_batch(
+            [video], [question], compression=compression, generation=generation, sampling=sampling
+        )[0]
+
+    def answer_image(
+        self, image: str | Path | np.ndarray, question: str, *, generation: GenerationOptions = GenerationOptions()
+    ) -> InferenceResult:
+        """One image, resized to the tower's square input; image tokens are never compressed."""
+        from PIL import Image
+
+        timer = StageTimer(self.device)
+        with timer.stage("read_video"):
+            array = np.asarray(Image.open(image).convert("RGB")) if not isinstance(image, np.ndarray) else image
+        with timer.stage("preprocess"):
+            pixels = self.model.preprocess(array[None])
+        with torch.inference_mode(), timer.stage("vision"):
+            block = self.model.image_block(pixels)
+        timer.seconds["compress"] = 0.0
+        before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
+        return self._generate([(before, block, after)], [{"image": True}], timer, CompressionSpec(), generation)[0]
+
+    def _generate(
+        self,
+        prompts: list[tuple[list[int], VisualBlock, list[int]]],
+        infos: list[dict[str, Any]],
+        timer: StageTimer,
+        compression: CompressionSpec,
+        generation: GenerationOptions,
+    ) -> list[InferenceResult]:
+        with timer.stage("prefill"):
+            batch = self.model.build_inputs(prompts, self.position_mode)
+            logits, cache = prefill(self.model.language_model, batch)
+        with timer.stage("decode"):
+            decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, self.stop_ids)
+        results = []
+        for (_, block, _), info, ids, text in zip(prompts, infos, decoded.output_ids, decoded.texts, strict=True):
+            layout = block.layout
+            extra = {
+                **layout.stats(),
+                **info,
+                "family": self.family,
+                "compression": compression.describe(),
+                "grid_newlines": self.grid_newlines if self.model.spec.newline_position == "grid" else None,
+                "position_mode": self.position_mode,
+                "batch_size": len(prompts),
+                "prompt_tokens": int(batch.attention_mask.shape[1]),
+            }
+            results.append(
+                InferenceResult(
+                    answer=text,
+                    output_ids=ids,
+                    visual_tokens_before=layout.full_length,
+                    visual_tokens_after=layout.length,
+                    timings=dict(timer.seconds),
+                    extra=extra,
+                )
+            )
+        return results
+
+
+def _load(path: str | Path, *, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"):
+    model, tokenizer, directory = load_llava(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    return LlavaVideoLLM(model, tokenizer, source=str(directory))
+
+
+def _detect(family: str):
+    def detect(config: dict[str, Any]) -> bool:
+        if config.get("model_type") == "llava_onevision":
+            return family == FAMILY_OV
+        return is_lmms_lab_config(config) and lmms_lab_family(config) == family
+
+    return detect
+
+
+register_family(ModelFamily(FAMILY_OV, _detect(FAMILY_OV), _load))
+register_family(ModelFamily(FAMILY_VIDEO, _detect(FAMILY_VIDEO), _load))
+register_tiny_builder("llava_ov", tiny_builder("llava_ov"))
+register_tiny_builder("llava_vid", tiny_builder("llava_vid"))

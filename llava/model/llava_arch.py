@@ -1,0 +1,178 @@
+"""LLaVA-OneVision / LLaVA-Video for inference: SigLIP -> projector -> 2x2 pooling -> (compression)
+-> newline layout -> spliced into the Qwen2 prompt.
+
+Built from installed transformers parts (SiglipVisionModel's embeddings and encoder, Qwen2ForCausalLM)
+plus our projector, pooling and layout. Every stage is a separate method so a benchmark can time
+them: :meth:`preprocess`, :meth:`encode_video`, :meth:`compress_video`, :meth:`build_inputs`, then
+:func:`llava.model.generate.prefill` / :func:`~llava.model.generate.decode`.
+
+Shapes: frames (F, H, W, 3) uint8; pixels (F, 3, S, S); encoded (F, h, w, D) after pooling
+(OV: 27x27 -> 14x14 bilinear, LLaVA-Video: 27x27 -> 13x13 average); the visual block (N, D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
+
+from llava.model.compression import CompressionSpec
+from llava.model.generate import BatchInputs, pad_left
+from llava.model.layout import VisualLayout, build_layout
+from llava.model.llava_config import LlavaSpec
+
+POSITION_MODES = ("contiguous", "original")
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """LLaVA projectors: ``linear`` or ``mlp{N}x_gelu`` (Linear, then N-1 times GELU + Linear)."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    if kind.startswith("mlp") and kind.endswith("x_gelu") and kind[3:-6].isdigit():
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(int(kind[3:-6]) - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        return nn.Sequential(*layers)
+    raise ValueError(f"unsupported mm_projector_type {kind!r} (expected linear or mlpNx_gelu)")
+
+
+def pool_grid(features: torch.Tensor, mode: str, stride: int) -> torch.Tensor:
+    """(F, h, w, D) -> (F, h', w', D). bilinear: ceil(h/stride) (OV); average / max: floor (LLaVA-Video)."""
+    if stride == 1:
+        return features
+    x = features.permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    if mode == "bilinear":
+        x = F.interpolate(x, size=(math.ceil(h / stride), math.ceil(w / stride)), mode="bilinear", align_corners=False)
+    elif mode == "average":
+        x = F.avg_pool2d(x, stride)
+    elif mode == "max":
+        x = F.max_pool2d(x, stride)
+    else:
+        raise ValueError(f"unknown pooling mode {mode!r}")
+    return x.permute(0, 2, 3, 1)
+
+
+@dataclass
+class VisualBlock:
+    """One video (or image) ready to splice: embeds (N, D) and its layout (indices, offsets, counts)."""
+
+    embeds: torch.Tensor
+    layout: VisualLayout
+
+
+class LlavaVideoModel(nn.Module):
+    """The whole model. Submodules: vision (SigLIP, only the layers used), projector, image_newline,
+    language_model (Qwen2ForCausalLM)."""
+
+    def __init__(self, spec: LlavaSpec, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.spec = spec
+        vision_config, text_config = spec.vision_config, spec.text_config
+        vision_config._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
+        text_config._attn_implementation = attn_implementation
+        self.vision = SiglipVisionModel(vision_config)
+        self.projector = build_projector(spec.projector_type, vision_config.hidden_size, text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.zeros(text_config.hidden_size))
+        self.language_model = Qwen2ForCausalLM(text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_newline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
+
+    # ---------------------------------------------------------------- stages
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) normalised pixels on the model's device and dtype.
+
+        Square resize (bicubic, antialiased, rounded to uint8 levels like an image processor),
+        rescale to [0, 1], normalise with the checkpoint's mean/std.
+        """
+        if isinstance(frames, torch.Tensor):
+            x = frames
+        else:
+            array = np.asarray(frames)
+            x = torch.from_numpy(array if array.flags.writeable else array.copy())
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"frames must be (F, H, W, 3) RGB, got shape {tuple(x.shape)}")
+        x = x.to(self.device).permute(0, 3, 1, 2).float()
+        size = self.spec.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            x = x.round().clamp(0, 255)
+        mean = torch.tensor(self.spec.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.image_std, device=x.device).view(1, 3, 1, 1)
+        return ((x / 255.0 - mean) / std).to(self.dtype)
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(F, 3, S, S) -> projected, unpooled patch features (F, h, w, D)."""
+        hidden = self.vision.embeddings(pixels)
+        hidden = self.vision.encoder(inputs_embeds=hidden).last_hidden_state  # no post_layernorm
+        side = self.spec.grid_size
+        return self.projector(hidden).reshape(pixels.shape[0], side, side, -1)
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(F, 3, S, S) -> pooled features (F, h', w', D): the tokens compression chooses from."""
+        return pool_grid(self.encode_frames(pixels), self.spec.pool_mode, self.spec.pool_stride)
+
+    def compress_video(
+        self, features: torch.Tensor, compression: CompressionSpec, grid_newlines: str = "frame"
+    ) -> VisualBlock:
+        """(F, h, w, D) -> the visual block: kept tokens (compressor chosen by name) with newlines."""
+        frames, h, w, dim = features.shape
+        flat = features.reshape(frames, h * w, dim)
+        if compression.is_identity:
+            kept = torch.arange(frames * h * w, device=features.device)
+        else:
+            kept = compression.keep_indices(flat).to(features.device)
+        layout = build_layout(kept, frames, h, w, self.spec.newline_position, grid_newlines)
+        table = torch.cat([flat.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        return VisualBlock(table.index_select(0, layout.source), layout)
+
+    def image_block(self, pixels: torch.Tensor) -> VisualBlock:
+        """One image (1, 3, S, S): all h*w unpooled tokens then one newline, never compressed."""
+        features = self.encode_frames(pixels)
+        _, h, w, dim = features.shape
+        kept = torch.arange(h * w, device=features.device)
+        layout = build_layout(kept, 1, h, w, "one_token")
+        table = torch.cat([features.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        return VisualBlock(table.index_select(0, layout.source), layout)
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.language_model.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def build_inputs(
+        self,
+        prompts: list[tuple[list[int], VisualBlock, list[int]]],
+        position_mode: str = "contiguous",
+    ) -> BatchInputs:
+        """[(ids before, visual block, ids after)] -> left-padded LM inputs.
+
+        contiguous: positions 0..L-1 over the shortened sequence (the paper's code).
+        original: each visual entry keeps its uncompressed position and the text after the video
+        continues from the uncompressed length, as if nothing had been dropped.
+        """
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}, got {position_mode!r}")
+        sequences, positions, next_positions = [], [], []
+        for before, block, after in prompts:
+            n0, nv, n1 = len(before), block.layout.length, len(after)
+            sequences.append(torch.cat([self.embed_ids(before), block.embeds.to(self.dtype), self.embed_ids(after)]))
+            if position_mode == "contiguous":
+                pos = torch.arange(n0 + nv + n1, device=self.device)
+            else:
+                visual = n0 + block.layout.original_offsets.to(self.device)
+                tail = n0 + block.layout.full_length + torch.arange(n1, device=self.device)
+                pos = torch.cat([torch.arange(n0, device=self.device), visual, tail])
+            positions.append(pos)
+            next_positions.append(int(pos[-1]) + 1)
+        return pad_left(sequences, positions, next_positions)

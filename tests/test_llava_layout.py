@@ -1,0 +1,67 @@
+"""Newline layouts: all-kept equals the uncompressed layout; compressed layouts per documented rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.model.layout import GRID_NEWLINES, build_layout, full_length
+
+F, H, W = 3, 3, 4
+NL = F * H * W  # the newline's source id
+
+
+def uncompressed(newline_position: str) -> list[int]:
+    out: list[int] = []
+    for f in range(F):
+        for r in range(H):
+            out += [f * H * W + r * W + c for c in range(W)]
+            if newline_position == "grid":
+                out.append(NL)
+        if newline_position == "frame":
+            out.append(NL)
+    return out + ([NL] if newline_position == "one_token" else [])
+
+
+@pytest.mark.parametrize("newline_position", ["one_token", "grid", "frame", "no_token"])
+@pytest.mark.parametrize("grid_newlines", GRID_NEWLINES)
+def test_all_kept_is_the_uncompressed_layout(newline_position: str, grid_newlines: str) -> None:
+    layout = build_layout(torch.arange(NL), F, H, W, newline_position, grid_newlines)
+    expected = uncompressed(newline_position)
+    assert layout.source.tolist() == expected
+    assert layout.full_length == len(expected) == full_length(F, H, W, newline_position)
+    assert layout.original_offsets.tolist() == list(range(len(expected)))
+
+
+KEPT = torch.tensor([1, 2, 9, 14, 30, 35])  # frame 0 rows 0 and 2; frame 1 row 0; frame 2 rows 1 and 2
+
+
+def test_grid_frame_newlines() -> None:
+    layout = build_layout(KEPT, F, H, W, "grid", "frame")
+    assert layout.source.tolist() == [1, 2, 9, NL, 14, NL, 30, 35, NL]
+    # newline offsets: the last row's newline of each frame in the uncompressed grid layout
+    assert layout.original_offsets[layout.source == NL].tolist() == [14, 29, 44]
+    assert layout.stats()["achieved_retention_with_newlines"] == pytest.approx(9 / 45)
+    assert layout.stats()["achieved_retention_without_newlines"] == pytest.approx(6 / 36)
+
+
+def test_grid_row_newlines() -> None:
+    layout = build_layout(KEPT, F, H, W, "grid", "rows")
+    assert layout.source.tolist() == [1, 2, NL, 9, NL, 14, NL, 30, NL, 35, NL]
+    assert layout.original_offsets.tolist() == [1, 2, 4, 11, 14, 17, 19, 37, 39, 43, 44]
+
+
+def test_grid_all_row_newlines_regrouped_after_the_frame() -> None:
+    layout = build_layout(KEPT, F, H, W, "grid", "all_rows")
+    assert layout.source.tolist() == [1, 2, 9, NL, NL, NL, 14, NL, NL, NL, 30, 35, NL, NL, NL]
+
+
+def test_one_token_keeps_one_newline() -> None:
+    layout = build_layout(KEPT, F, H, W, "one_token")
+    assert layout.source.tolist() == KEPT.tolist() + [NL]
+    assert layout.original_offsets.tolist() == KEPT.tolist() + [NL]
+
+
+def test_bad_choice_raises() -> None:
+    with pytest.raises(ValueError, match="grid_newlines"):
+        build_layout(KEPT, F, H, W, "grid", "some")
