@@ -32,6 +32,7 @@ class GenerationOptions:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -135,9 +136,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _import_families() -> None:
     """Import the modules that register families (kept lazy: they pull in transformers)."""
-    import transformers_patched.families  # noqa: F401  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
-
     import llava.model.families  # noqa: F401  (LLaVA-OneVision, LLaVA-Video)
+    import transformers_patched.families  # noqa: F401  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
 
 
 TinyBuilder = Callable[..., Path]  # (out_dir, *, seed, fmt) -> out_dir

@@ -171,7 +171,8 @@ class LlavaVideoLLM:
             batch = self.model.build_inputs(prompts, self.position_mode)
             logits, cache = prefill(self.model.language_model, batch)
         with timer.stage("decode"):
-            decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, self.stop_ids)
+            stop_ids = [] if generation.ignore_eos else self.stop_ids
+            decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, stop_ids)
         results = []
         for (_, block, _), info, ids, text in zip(prompts, infos, decoded.output_ids, decoded.texts, strict=True):
             layout = block.layout

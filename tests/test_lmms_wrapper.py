@@ -1,0 +1,119 @@
+"""Wrapper behaviour in process (fake model): answers, token counts, failure paths, resume, chat API."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import vidcom2_lmms_eval.wrappers as wrappers
+from lmms_eval.api.instance import Instance
+from vidcom2_lmms_eval.synthetic_task import build_task, doc_to_text, doc_to_visual
+
+from llava.synthetic_videos import make_videos
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lmms_helpers"))
+from fake_model import FakeVideoLLM, fake_loader  # noqa: E402
+
+GEN = {"max_new_tokens": 4, "temperature": 0, "until": ["\n"]}
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    import json
+
+    root = tmp_path_factory.mktemp("synth")
+    make_videos(root / "videos")
+    task = build_task(root / "task", root / "videos", broken=True)
+    return [json.loads(line) for line in (task / "docs.jsonl").read_text().splitlines()]
+
+
+def _wrapper(monkeypatch, tmp_path, chat=False, **args):
+    monkeypatch.setattr(wrappers, "load_video_llm", fake_loader)
+    cls = wrappers.Qwen3VLChat if chat else wrappers.LlavaOneVision
+    w = cls(pretrained="fake", meter_dir=str(tmp_path / "meter"), **args)
+    return w
+
+
+def _requests(w, docs, ids, chat=False):
+    w.task_dict = {"synth": {"test": {d["doc_id"]: d for d in docs}}}
+    reqs = []
+    for i in ids:
+        if chat:
+
+            def to_messages(doc):
+                return [
+                    {
+                        "role": "user",
+                        "content": [{"type": "video", "url": doc["video"]}, {"type": "text", "text": doc_to_text(doc)}],
+                    }
+                ]
+
+            args = ("ctx", to_messages, dict(GEN), i, "synth", "test")
+        else:
+            args = (doc_to_text(docs[i]), dict(GEN), doc_to_visual, i, "synth", "test")
+        reqs.append(Instance("generate_until", args, 0, metadata={"task": "synth", "doc_id": i, "repeats": 1}))
+    return reqs
+
+
+def test_answers_with_token_counts_and_meter(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, compressor="vidcom2", retention=0.25, max_frames_num=4)
+    out = w.generate_until(_requests(w, docs, [0, 3]))
+    assert [o.text for o in out] == ["A", "A"]
+    assert out[0].token_counts.input_tokens == 16 and out[0].token_counts.output_tokens == 1  # 4 frames*16*0.25
+    assert len(w.meter.records) == 2 and w.meter.records[0].tokens_before == 64
+    path = w.finalize_meter()
+    assert path is not None and path.parent == tmp_path / "meter"
+
+
+def test_missing_and_corrupt_video_raise_with_doc_id_and_path(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path)
+    missing, corrupt = len(docs) - 2, len(docs) - 1
+    with pytest.raises(
+        wrappers.VideoSampleError, match=f"synth doc_id={missing}: cannot read video .*does_not_exist.mp4"
+    ):
+        w.generate_until(_requests(w, docs, [0, missing]))
+    with pytest.raises(wrappers.VideoSampleError, match=f"synth doc_id={corrupt}: cannot read video .*corrupt.mp4"):
+        w.generate_until(_requests(w, docs, [corrupt]))
+
+
+def test_on_video_error_record_counts_failed_samples(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, on_video_error="record", batch_size=2)
+    ids = [0, len(docs) - 2, len(docs) - 1, 1]
+    out = w.generate_until(_requests(w, docs, ids))
+    assert [o.text for o in out] == ["A", "", "", "A"]  # nothing dropped, order kept
+    statuses = [(r.doc_id, r.status) for r in w.meter.records]
+    assert sorted(statuses) == sorted([(0, "ok"), (ids[1], "failed"), (ids[2], "failed"), (1, "ok")])
+    assert all(r.error and str(r.doc_id) in r.error for r in w.meter.records if r.status == "failed")
+
+
+def test_resume_skips_finished_samples(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, resume_dir=str(tmp_path / "resume"))
+    w.generate_until(_requests(w, docs, [0, 1]))
+    w2 = _wrapper(monkeypatch, tmp_path, resume_dir=str(tmp_path / "resume"))
+    out = w2.generate_until(_requests(w2, docs, [0, 1, 2]))
+    assert [o.text for o in out] == ["A", "A", "A"]
+    assert len(w2.model.calls) == 1  # only doc 2 ran
+    assert [r.status for r in w2.meter.records] == ["cached", "cached", "ok"]
+    w3 = _wrapper(monkeypatch, tmp_path, resume_dir=str(tmp_path / "resume"), compressor="vidcom2", retention=0.5)
+    w3.generate_until(_requests(w3, docs, [0]))
+    assert len(w3.model.calls) == 1  # another compression is another run signature
+
+
+def test_padding_requests_are_not_metered(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path)
+    reqs = _requests(w, docs, [0, 0])
+    reqs[1].metadata["__padding_only__"] = True
+    assert len(w.generate_until(reqs)) == 2 and len(w.meter.records) == 1
+
+
+def test_chat_api_and_batch_without_answer_batch(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, chat=True)
+    out = w.generate_until(_requests(w, docs, [4], chat=True))
+    assert out[0].text == "A" and w.model.calls[0][0] == docs[4]["video"]
+    monkeypatch.delattr(FakeVideoLLM, "answer_batch")
+    with pytest.raises(ValueError, match="batch_size=2.*no answer_batch"):
+        _wrapper(monkeypatch, tmp_path, batch_size=2)
+
+
+def test_adapter_mismatch_is_an_error(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="conv_template='vicuna_v1'"):
+        _wrapper(monkeypatch, tmp_path, conv_template="vicuna_v1")
