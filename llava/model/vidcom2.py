@@ -164,11 +164,9 @@ def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre: torch.Tensor, cf
     centre_sq = centre.pow(2).sum(-1, keepdim=True)  # (1,) or (F, 1)
     if cfg.similarity == "cosine":
         return dots / centre_sq.sqrt().clamp_min(1e-12)
-    sq_dist = (sq_norms + centre_sq - 2.0 * dots).clamp_min(0.0)
-    out = torch.zeros_like(sq_dist)
-    for alpha in cfg.alphas:  # a handful of bandwidths, not frames or tokens
-        out = out + torch.exp(sq_dist / (-2.0 * alpha))
-    return out
+    sq_dist = (sq_norms + centre_sq).sub_(dots, alpha=2.0).clamp_min_(0.0)
+    scales = torch.tensor([-0.5 / a for a in cfg.alphas], dtype=sq_dist.dtype, device=sq_dist.device)
+    return torch.exp(sq_dist.unsqueeze(-1) * scales).sum(-1)  # all bandwidths in one pass
 
 
 def similarity_to_centres(
@@ -184,8 +182,9 @@ def similarity_to_centres(
     variance = channel_variance(x)
     x = select_low_variance_channels(x, variance, cfg.channel_ratio)
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (F, P, 1)
-    x = x / norms.clamp_min(1e-12)
-    sq_norms = (norms / norms.clamp_min(1e-12)).squeeze(-1).pow(2)  # 1, or 0 for an all-zero token
+    inverse = norms.clamp_min(1e-12).reciprocal_()
+    x = x * inverse
+    sq_norms = (norms * inverse).squeeze(-1).square()  # 1, or 0 for an all-zero token
     video_centre = x.mean(dim=(0, 1))  # (C,)
     frame_centre = x.mean(dim=1)  # (F, C)
     v = _kernel(x @ video_centre, sq_norms, video_centre, cfg)

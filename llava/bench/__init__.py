@@ -1,0 +1,85 @@
+"""`vidcom2 bench`: GPU efficiency of full-size models with random weights (see efficiency.py)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from llava.cli import register_subcommand
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="llava_ov_7b", help="comma list of: " + ", ".join(_model_names()))
+    p.add_argument("--compressors", default="none,vidcom2,random,uniform")
+    p.add_argument("--retentions", default="1.0,0.5,0.25,0.15,0.10", type=_floats)
+    p.add_argument("--frames", default="32,8,64,128", type=_ints, help="the first is the main sweep's")
+    p.add_argument("--batch-sizes", default="1,4,8", type=_ints, help="the first is the main sweep's")
+    p.add_argument("--full", action="store_true", help="the whole cross product instead of the three sweeps")
+    p.add_argument("--decode-tokens", type=int, default=16, help="fixed number of generated tokens (EOS ignored)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attn", default=None, help="default: flash_attention_2 when installed, else sdpa")
+    p.add_argument("--out", type=Path, default=Path("results/efficiency_h100.csv"))
+    p.add_argument("--append", action="store_true", help="append rows to --out instead of replacing it")
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG of TTFT and peak memory vs retention")
+
+
+def _model_names() -> list[str]:
+    from llava.bench.models import BENCH_MODELS
+
+    return list(BENCH_MODELS)
+
+
+def _default_attn() -> str:
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llava.bench.efficiency import bench_model, sweep_cases, write_rows
+    from llava.bench.models import get_bench_model
+    from llava.model.compression import get_compressor
+
+    models = [get_bench_model(name) for name in args.models.split(",") if name]
+    compressors = [c for c in args.compressors.split(",") if c]
+    for name in compressors:
+        get_compressor(name)
+    if any(not 0 < r <= 1 for r in args.retentions):
+        raise ValueError(f"--retentions must lie in (0, 1], got {args.retentions}")
+    if args.decode_tokens < 2:
+        raise ValueError("--decode-tokens must be >= 2 (the first token comes from prefill)")
+    cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
+    command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    attn = args.attn or _default_attn()
+    append = args.append
+    with tempfile.TemporaryDirectory() as work:
+        for model in models:
+            rows = bench_model(
+                model, cases, device=args.device, dtype=args.dtype, attn=attn, decode_tokens=args.decode_tokens,
+                repeats=args.repeats, warmup=args.warmup, work_dir=Path(work), command=command,
+            )
+            write_rows(rows, args.out, append=append)
+            append = True  # later models add to the file this run started
+    if args.plot is not None:
+        from llava.bench.plot import plot_efficiency
+
+        plot_efficiency(args.out, args.plot)
+    print(f"wrote {args.out}")
+    return 0
+
+
+register_subcommand("bench", _add_arguments, _run, help="GPU efficiency benchmark of full-size random-weight models")

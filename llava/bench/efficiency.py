@@ -1,0 +1,271 @@
+"""Where the time goes: per-stage timings of full-size models on one GPU, against the ideal.
+
+Each case runs the adapter's own ``answer_batch`` (the path `vidcom2 infer` and lmms-eval use) on a
+synthetic mp4, after warm-up, and keeps the median of the repeats per stage. Stage times come from
+the adapters' StageTimer, which synchronises the device around each stage. The 'ideal' of a case is
+the same language model run on the kept length with no compression step: vision time of the
+uncompressed run + prefill of a sequence as long as the compressed prompt. A row then states the
+fraction of that ideal speedup it achieved.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llava.bench.models import BenchModel, text_prefill
+from llava.model.compression import CompressionSpec
+from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
+
+STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Case:
+    compressor: str
+    retention: float
+    frames: int
+    batch: int
+
+
+def sweep_cases(
+    compressors: Iterable[str],
+    retentions: Iterable[float],
+    frames: Iterable[int],
+    batches: Iterable[int],
+    *,
+    full: bool = False,
+) -> list[Case]:
+    """The cases to run. ``full`` is the whole cross product; otherwise the retention x compressor
+    sweep runs at the first frame count and batch size, and the frame and batch sweeps compare only
+    the uncompressed run with the first compressor at R = 0.25 (or the first retention below 1)."""
+    compressors, retentions, frames, batches = list(compressors), list(retentions), list(frames), list(batches)
+    methods = [c for c in compressors if c != "none"]
+    below_one = [r for r in retentions if r < 1.0]
+    cases: list[Case] = []
+
+    def add(compressor: str, retention: float, n_frames: int, batch: int) -> None:
+        case = Case(compressor, 1.0 if compressor == "none" else retention, n_frames, batch)
+        if case not in cases:
+            cases.append(case)
+
+    grid_frames = frames if full else frames[:1]
+    grid_batches = batches if full else batches[:1]
+    for n_frames in grid_frames:
+        for batch in grid_batches:
+            add("none", 1.0, n_frames, batch)
+            for compressor in methods:
+                for retention in below_one:
+                    add(compressor, retention, n_frames, batch)
+    if not full and methods and below_one:
+        anchor = 0.25 if 0.25 in below_one else below_one[0]
+        for n_frames in frames[1:]:
+            add("none", 1.0, n_frames, batches[0])
+            add(methods[0], anchor, n_frames, batches[0])
+        for batch in batches[1:]:
+            add("none", 1.0, frames[0], batch)
+            add(methods[0], anchor, frames[0], batch)
+    return cases
+
+
+def write_bench_video(path: Path, frames: int, size: int = 384, fps: int = 4) -> Path:
+    """A moving-pattern mp4 of ``frames`` frames (content does not matter for speed; decoding does)."""
+    from llava.synthetic_videos import write_mp4
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    t = np.arange(frames)[:, None, None]
+    base = ((xx[None] + 3 * t) % 64 < 32) ^ ((yy[None] + 2 * t) % 48 < 24)
+    video = np.stack([base * 200, (xx[None] + t) % 256 * np.ones_like(base), yy[None] * np.ones_like(base)], -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(video.astype(np.uint8), path, fps)
+    return path
+
+
+def _memory(device: torch.device) -> tuple[float, float]:
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    return torch.cuda.max_memory_allocated(device) / 2**20, torch.cuda.max_memory_reserved(device) / 2**20
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_case(
+    llm: VideoLLM,
+    model: BenchModel,
+    video: Path,
+    case: Case,
+    *,
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[str, float], InferenceResult, float, float]:
+    """Median seconds per stage over ``repeats`` runs after ``warmup``; peak memory over the timed runs."""
+    spec = CompressionSpec(case.compressor, case.retention)
+    generation = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True)
+    sampling = model.sampling(case.frames)
+    device = torch.device(llm.device)
+
+    def once() -> tuple[list[InferenceResult], float]:
+        start = time.perf_counter()
+        out = llm.answer_batch(
+            [video] * case.batch, ["Describe the video."] * case.batch,
+            compression=spec, generation=generation, sampling=sampling,
+        )
+        return out, time.perf_counter() - start
+
+    for _ in range(warmup):
+        once()
+    _reset_memory(device)
+    runs = [once() for _ in range(repeats)]
+    peak_alloc, peak_reserved = _memory(device)
+    medians = {stage: statistics.median(r[0][0].timings.get(stage, 0.0) for r in runs) for stage in STAGES}
+    medians["wall"] = statistics.median(r[1] for r in runs)
+    return medians, runs[-1][0][0], peak_alloc, peak_reserved
+
+
+@torch.inference_mode()
+def ideal_prefill_seconds(llm: VideoLLM, length: int, batch: int, *, repeats: int, warmup: int) -> float:
+    """Median seconds of the bare LM prefill on ``length`` tokens (random embeddings), CUDA events."""
+    from llava.bench.models import hidden_size
+
+    forward = text_prefill(llm)
+    device = torch.device(llm.device)
+    dtype = next(llm.model.parameters()).dtype
+    embeds = torch.randn(batch, length, hidden_size(llm), device=device, dtype=dtype) * 0.02
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device)[None].expand(batch, -1)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            forward(embeds, mask, positions)
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            forward(embeds, mask, positions)
+            elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def environment(device: torch.device, attn: str, dtype: str) -> dict[str, Any]:
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attn_implementation": attn,
+        "dtype": dtype,
+    }
+
+
+def bench_model(
+    model: BenchModel,
+    cases: list[Case],
+    *,
+    device: str,
+    dtype: str,
+    attn: str,
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+    work_dir: Path,
+    command: str,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Build one model, run its cases, and return one CSV row per case (ideal columns included)."""
+    llm = model.build(device, dtype, attn)
+    env = environment(torch.device(llm.device), attn, dtype)
+    videos = {n: write_bench_video(work_dir / f"bench_{n}f.mp4", n) for n in sorted({c.frames for c in cases})}
+    baseline: dict[tuple[int, int], dict[str, float]] = {}
+    rows = []
+    for case in sorted(cases, key=lambda c: (c.frames, c.batch, c.compressor != "none", -c.retention)):
+        stages, result, alloc, reserved = run_case(
+            llm, model, videos[case.frames], case, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup
+        )
+        ttft = stages["preprocess"] + stages["vision"] + stages["compress"] + stages["prefill"]
+        total = sum(stages[s] for s in STAGES)
+        prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
+        ideal_prefill = ideal_prefill_seconds(llm, prompt_tokens, case.batch, repeats=repeats, warmup=1)
+        key = (case.frames, case.batch)
+        if case.compressor == "none":
+            baseline[key] = {"ttft": ttft, "prefill": stages["prefill"], "alloc": alloc}
+        base = baseline.get(key)
+        ideal_ttft = stages["preprocess"] + stages["vision"] + ideal_prefill
+        row: dict[str, Any] = {
+            "model": model.name,
+            "compressor": case.compressor,
+            "retention": case.retention,
+            "frames": case.frames,
+            "batch": case.batch,
+            "visual_tokens_before": result.visual_tokens_before,
+            "visual_tokens_after": result.visual_tokens_after,
+            "achieved_retention": round(result.achieved_retention, 4),
+            "prompt_tokens": prompt_tokens,
+            **{f"{s}_ms": round(stages[s] * 1e3, 3) for s in STAGES},
+            "decode_ms_per_token": round(stages["decode"] * 1e3 / max(1, decode_tokens - 1), 3),
+            "ttft_ms": round(ttft * 1e3, 3),
+            "end_to_end_ms": round(total * 1e3, 3),
+            "samples_per_s": round(case.batch / total, 4),
+            "compress_pct_of_ttft": round(100 * stages["compress"] / ttft, 3),
+            "ideal_prefill_ms": round(ideal_prefill * 1e3, 3),
+            "ideal_ttft_ms": round(ideal_ttft * 1e3, 3),
+            "prefill_speedup": round(base["prefill"] / stages["prefill"], 3) if base else "",
+            "ttft_speedup": round(base["ttft"] / ttft, 3) if base else "",
+            "ideal_ttft_speedup": round(base["ttft"] / ideal_ttft, 3) if base else "",
+            "fraction_of_ideal_speedup": (
+                round((base["ttft"] - ttft) / (base["ttft"] - ideal_ttft), 3)
+                if base and base["ttft"] - ideal_ttft > 1e-9
+                else ""
+            ),
+            "peak_allocated_mib": round(alloc, 1),
+            "peak_reserved_mib": round(reserved, 1),
+            "peak_vs_uncompressed": round(alloc / base["alloc"], 4) if base and base["alloc"] == base["alloc"] else "",
+            "decode_tokens": decode_tokens,
+            "repeats": repeats,
+            **env,
+            "command": command,
+        }
+        rows.append(row)
+        log(
+            f"{model.name} {case.compressor}@{case.retention:g} f={case.frames} b={case.batch}: "
+            f"vision {row['vision_ms']:.1f} compress {row['compress_ms']:.2f} prefill {row['prefill_ms']:.1f} "
+            f"(ideal {row['ideal_prefill_ms']:.1f}) ttft {row['ttft_ms']:.1f} decode/tok "
+            f"{row['decode_ms_per_token']:.1f} peak {row['peak_allocated_mib']:.0f} MiB "
+            f"kept {row['visual_tokens_after']}/{row['visual_tokens_before']}"
+        )
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, *, append: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exists = append and path.exists()
+    with path.open("a" if exists else "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if not exists:
+            writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,38 @@
+"""Registers the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families and their tiny checkpoint builders.
+
+Imported lazily by :func:`llava.runtime._import_families`; detection is by config.json ``model_type``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from llava.runtime import ModelFamily, register_family, register_tiny_builder
+from transformers_patched.qwen_arch import ARCHS
+from transformers_patched.qwen_tiny import build_tiny_qwen
+
+
+def _load(
+    arch: str, path: str | Path, *, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"
+) -> Any:
+    from transformers_patched.qwen_adapter import QwenVideoLLM
+
+    llm = QwenVideoLLM.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    if llm.arch.name != arch:
+        raise ValueError(f"{path} is a {llm.arch.name} checkpoint, not {arch}")
+    return llm
+
+
+def _detect(arch: str, config: dict[str, Any]) -> bool:
+    return config.get("model_type") == arch
+
+
+def _tiny(arch: str, out_dir: Path, *, seed: int = 0, fmt: str | None = None) -> Path:
+    return build_tiny_qwen(arch, out_dir, seed=seed, fmt=fmt)
+
+
+for _name in ARCHS:
+    register_family(ModelFamily(name=_name, detect=partial(_detect, _name), load=partial(_load, _name)))
+    register_tiny_builder(_name, partial(_tiny, _name))

@@ -1,0 +1,152 @@
+"""The three Qwen video architectures we support and how to load or build each one.
+
+An :class:`QwenArch` says only what differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL for our
+integration: the transformers class, whether the rope index wants ``second_per_grid_ts`` (absolute
+time, Qwen2.5-VL), whether the LM takes DeepStack features (Qwen3-VL), and the per-frame pixel budget
+semantics of its video processor. Everything else goes through the public transformers classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class QwenArch:
+    """What our integration needs to know about one Qwen video architecture.
+
+    name: family / ``--arch`` name, also config.json ``model_type``.
+    model_class: transformers class name (public, from ``transformers``).
+    hub_id: the instruct checkpoint the full-size config describes.
+    timed_rope: get_rope_index takes ``second_per_grid_ts`` (temporal positions in absolute time).
+    deepstack: the LM adds vision features of early ViT layers at visual positions (DeepStack).
+    total_pixel_budget: the video processor's size is a budget for ALL frames (Qwen3-VL), not per frame.
+    """
+
+    name: str
+    model_class: str
+    hub_id: str
+    timed_rope: bool = False
+    deepstack: bool = False
+    total_pixel_budget: bool = False
+
+    def transformers_class(self) -> type[PreTrainedModel]:
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+
+ARCHS: dict[str, QwenArch] = {
+    "qwen2_vl": QwenArch("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen/Qwen2-VL-7B-Instruct"),
+    "qwen2_5_vl": QwenArch(
+        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen/Qwen2.5-VL-7B-Instruct", timed_rope=True
+    ),
+    "qwen3_vl": QwenArch(
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        deepstack=True,
+        total_pixel_budget=True,
+    ),
+}
+
+
+def get_arch(name: str) -> QwenArch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ValueError(f"unknown Qwen architecture {name!r}; valid: {', '.join(ARCHS)}") from None
+
+
+def arch_of_config(config: PretrainedConfig | dict[str, Any]) -> QwenArch:
+    """The architecture of a config (object or config.json dict), by ``model_type``."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(f"model_type {model_type!r} is not a supported Qwen video model; valid: {', '.join(ARCHS)}")
+    return ARCHS[model_type]
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def check_attn_implementation(attn_implementation: str) -> str:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU")
+    return attn_implementation
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``."""
+    config = AutoConfig.from_pretrained(str(path))
+    arch = arch_of_config(config)
+    model = arch.transformers_class().from_pretrained(
+        str(path),
+        dtype=resolve_dtype(dtype),
+        attn_implementation=check_attn_implementation(attn_implementation),
+    )
+    return model.to(device).eval()
+
+
+def full_size_config(arch: str) -> PretrainedConfig:
+    """The published config of the architecture's instruct checkpoint (stored here: no network needed)."""
+    get_arch(arch)
+    data = json.loads((CONFIG_DIR / f"{arch}.json").read_text())
+    return AutoConfig.for_model(**{k: v for k, v in data.items() if not k.startswith("_")})
+
+
+def build_random_model(
+    config: str | Path | dict[str, Any] | PretrainedConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "bfloat16",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """The full architecture with random weights, allocated directly on ``device`` (for speed benchmarks).
+
+    ``config`` is an architecture name (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``: the stored full-size
+    config), a config object or dict, or a checkpoint directory / cached hub id whose config.json is read.
+    """
+    if isinstance(config, str) and config in ARCHS:
+        config = full_size_config(config)
+    elif isinstance(config, dict):
+        config = AutoConfig.for_model(**config)
+    elif not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(str(config))
+    arch = arch_of_config(config)
+    config._attn_implementation = check_attn_implementation(attn_implementation)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = arch.transformers_class()._from_config(
+            config, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+        )
+    return model.eval()

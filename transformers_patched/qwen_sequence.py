@@ -1,0 +1,120 @@
+"""Shortening a Qwen multimodal token sequence to the kept video tokens: pure tensor functions.
+
+The layout rule (VidCom2 on M-RoPE models): positions are computed on the UNCOMPRESSED sequence and
+then gathered, so every kept token - video or text - keeps its original (t, h, w) position; text after
+a video keeps its original position, and decoding continues from the last prompt position + 1, exactly
+as if nothing had been dropped. The KV cache and the 2-D attention mask use the compacted indices.
+
+Rows of a batch keep different numbers of tokens, so the kept tokens of every row are re-packed to the
+right of a fresh left-padded layout (length = the longest row). Everything here is vectorised over
+tokens and rows; the only host syncs are the packed length and the token-count checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """Where each kept token of a (B, L) layout goes in the packed (B, length) layout.
+
+    rows, src, dst: (K,) int64 - token (rows[k], src[k]) moves to (rows[k], dst[k]).
+    counts: (B,) kept tokens per row. length: max(counts).
+    """
+
+    rows: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    counts: torch.Tensor
+    length: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.counts.shape[0])
+
+
+def pack_left(keep: torch.Tensor) -> PackIndex:
+    """(B, L) bool of kept tokens -> the index moving them, in order, to the right end of each row."""
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a (B, L) bool tensor, got {tuple(keep.shape)} {keep.dtype}")
+    counts = keep.sum(dim=1)
+    length = int(counts.max().item()) if keep.numel() else 0
+    rank = keep.long().cumsum(dim=1) - 1
+    rows, src = keep.nonzero(as_tuple=True)
+    dst = (length - counts)[rows] + rank[rows, src]
+    return PackIndex(rows=rows, src=src, dst=dst, counts=counts, length=length)
+
+
+def gather_packed(values: torch.Tensor, index: PackIndex, fill: float | bool = 0) -> torch.Tensor:
+    """(B, L, *rest) -> (B, index.length, *rest): kept entries moved, the rest ``fill`` (left padding)."""
+    out = values.new_full((index.batch_size, index.length, *values.shape[2:]), fill)
+    out[index.rows, index.dst] = values[index.rows, index.src]
+    return out
+
+
+def packed_attention_mask(index: PackIndex, device: torch.device) -> torch.Tensor:
+    """(B, length) int64: 1 on the packed tokens, 0 on the left padding."""
+    cols = torch.arange(index.length, device=device)
+    return (cols[None, :] >= (index.length - index.counts.to(device))[:, None]).long()
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B, L) plain running positions of the real tokens (0 on padding).
+
+    Passed as the first row of the 4-row position ids: attention kernels that detect packed sequences
+    from position ids (flash-attention without a mask) must see contiguous positions, never the gapped
+    M-RoPE ones.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0) * attention_mask.long()
+
+
+def video_keep_flags(keep_indices: list[torch.Tensor], sizes: list[int], device: torch.device) -> torch.Tensor:
+    """Per-video kept indices -> one (sum sizes,) bool over all video tokens, in video order."""
+    if len(keep_indices) != len(sizes):
+        raise ValueError(f"got keep indices for {len(keep_indices)} videos but the batch has {len(sizes)}")
+    flags = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
+    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0).tolist() if sizes else []
+    if keep_indices:
+        flat = torch.cat([idx.to(device) + off for idx, off in zip(keep_indices, offsets, strict=True)])
+        flags[flat] = True
+    return flags
+
+
+def token_keep_mask(
+    attention_mask: torch.Tensor, video_positions: torch.Tensor, video_flags: torch.Tensor
+) -> torch.Tensor:
+    """(B, L) real tokens, (B, L) video placeholders, (N,) kept video tokens -> (B, L) kept tokens.
+
+    Padding is dropped (the packed layout re-pads); non-video tokens are always kept.
+    """
+    n_placeholders = int(video_positions.sum().item())
+    if n_placeholders != video_flags.numel():
+        raise ValueError(
+            f"the prompt holds {n_placeholders} video placeholder tokens but the videos give "
+            f"{video_flags.numel()} tokens: the processor output and the vision features disagree"
+        )
+    keep = attention_mask.bool().clone()
+    keep[video_positions] = video_flags
+    return keep
+
+
+def joint_visual_features(
+    image_positions: torch.Tensor,
+    video_positions: torch.Tensor,
+    image_features: torch.Tensor | None,
+    video_features: torch.Tensor | None,
+) -> torch.Tensor:
+    """One (N_visual, D) tensor over the image and video placeholders in sequence order (row major)."""
+    visual = image_positions | video_positions
+    sample = image_features if image_features is not None else video_features
+    if sample is None:
+        raise ValueError("joint_visual_features needs image or video features")
+    joint = sample.new_zeros(int(visual.sum().item()), sample.shape[-1])
+    if image_features is not None:
+        joint[image_positions[visual]] = image_features.to(joint.dtype)
+    if video_features is not None:
+        joint[video_positions[visual]] = video_features.to(joint.dtype)
+    return joint

@@ -1,0 +1,320 @@
+"""The stages of one Qwen-VL request, each callable on its own (the GPU benchmark times them separately).
+
+    inputs (processor output) -> encode_vision -> select_video_tokens -> build_prefill -> prefill
+                              -> decode_step ... (generate runs the loop)
+
+We drive the stock transformers modules ourselves (vision tower through ``get_video_features`` /
+``get_image_features``, positions through ``get_rope_index``, then ``model.model.language_model`` and
+``lm_head``) instead of patching their forward: the LM simply receives the shortened sequence with
+gathered M-RoPE positions and an explicit 2-D mask. No transformers code is copied or modified.
+
+``inputs`` is a mapping with the processor's keys: input_ids, attention_mask, mm_token_type_ids and,
+when present, pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw, second_per_grid_ts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from llava.model.compression import CompressionSpec
+from llava.runtime import GenerationOptions
+from transformers_patched.qwen_arch import QwenArch, arch_of_config
+from transformers_patched.qwen_sequence import (
+    gather_packed,
+    joint_visual_features,
+    pack_left,
+    packed_attention_mask,
+    text_positions,
+    token_keep_mask,
+    video_keep_flags,
+)
+
+
+@dataclass
+class VisionOutputs:
+    """Vision tower outputs (after the 2x2 merger) of a batch, in processor order.
+
+    video_embeds / image_embeds: one (N, D) tensor per video / image.
+    video_deepstack / image_deepstack (Qwen3-VL): one (sum N, D) tensor per DeepStack layer.
+    """
+
+    video_embeds: list[torch.Tensor] = field(default_factory=list)
+    image_embeds: list[torch.Tensor] = field(default_factory=list)
+    video_deepstack: list[torch.Tensor] | None = None
+    image_deepstack: list[torch.Tensor] | None = None
+
+
+@dataclass
+class PrefillInputs:
+    """The shortened LM input of a batch (left padded to the longest row).
+
+    inputs_embeds (B, L', D); position_ids (4, B, L'): a plain running text row, then the gathered
+    temporal / height / width M-RoPE rows; attention_mask (B, L') int64; visual_pos_masks (B, L') and
+    deepstack_embeds (one (N_visual_kept, D) per layer) for Qwen3-VL.
+    tokens_before / tokens_after: (B,) video tokens per row before and after compression.
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    tokens_before: torch.Tensor
+    tokens_after: torch.Tensor
+    visual_pos_masks: torch.Tensor | None = None
+    deepstack_embeds: list[torch.Tensor] | None = None
+
+
+@dataclass
+class DecodeState:
+    """What a decode step needs: the KV cache, the growing 2-D mask and the next (4, B, 1) positions."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_position_ids: torch.Tensor
+
+
+def _arch(model: PreTrainedModel) -> QwenArch:
+    return arch_of_config(model.config)
+
+
+def merge_size(model: PreTrainedModel) -> int:
+    return int(model.config.vision_config.spatial_merge_size)
+
+
+def video_token_counts(model: PreTrainedModel, video_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+    """(F, P) per video: F temporal patches ("frames"), P = h * w / merge^2 tokens per frame."""
+    m2 = merge_size(model) ** 2
+    return [(int(t), int(h) * int(w) // m2) for t, h, w in video_grid_thw.tolist()]
+
+
+@torch.inference_mode()
+def encode_vision(model: PreTrainedModel, inputs: Mapping[str, Any]) -> VisionOutputs:
+    """Run the vision tower (and merger) on the batch's videos and images."""
+    out = VisionOutputs()
+    if inputs.get("pixel_values_videos") is not None:
+        res = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+        out.video_embeds = list(res.pooler_output)
+        out.video_deepstack = getattr(res, "deepstack_features", None)
+    if inputs.get("pixel_values") is not None:
+        res = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        out.image_embeds = list(res.pooler_output)
+        out.image_deepstack = getattr(res, "deepstack_features", None)
+    return out
+
+
+@torch.inference_mode()
+def select_video_tokens(
+    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, compression: CompressionSpec
+) -> list[torch.Tensor]:
+    """Kept flat token indices (K,) of every video, each video compressed on its own budget."""
+    if not vision.video_embeds:
+        return []
+    counts = video_token_counts(model, inputs["video_grid_thw"])
+    kept = []
+    for embeds, (frames, per_frame) in zip(vision.video_embeds, counts, strict=True):
+        if embeds.shape[0] != frames * per_frame:
+            raise ValueError(f"video features have {embeds.shape[0]} tokens, video_grid_thw says {frames}x{per_frame}")
+        if compression.is_identity:
+            kept.append(torch.arange(frames * per_frame, device=embeds.device))
+            continue
+        indices = compression.keep_indices(embeds.reshape(frames, per_frame, embeds.shape[-1]))
+        if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() == 0:
+            raise ValueError(
+                f"compressor {compression.compressor!r} returned {tuple(indices.shape)} {indices.dtype}; "
+                "expected a non-empty (K,) int64 tensor"
+            )
+        kept.append(indices.to(embeds.device))
+    return kept
+
+
+def _rope_kwargs(arch: QwenArch, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs = {
+        "mm_token_type_ids": inputs["mm_token_type_ids"],
+        "image_grid_thw": inputs.get("image_grid_thw"),
+        "video_grid_thw": inputs.get("video_grid_thw"),
+        "attention_mask": inputs["attention_mask"],
+    }
+    if arch.timed_rope:
+        seconds = inputs.get("second_per_grid_ts")
+        if seconds is not None and not torch.is_tensor(seconds):
+            seconds = torch.tensor(seconds, dtype=torch.float32)
+        kwargs["second_per_grid_ts"] = seconds
+    return kwargs
+
+
+@torch.inference_mode()
+def build_prefill(
+    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, kept: list[torch.Tensor]
+) -> PrefillInputs:
+    """Assemble the full sequence, compute M-RoPE positions on it, then keep only the kept tokens."""
+    if inputs.get("mm_token_type_ids") is None:
+        raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
+    arch = _arch(model)
+    config = model.config
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs["attention_mask"]
+    device = input_ids.device
+    embeds = model.get_input_embeddings()(input_ids)
+    image_pos = input_ids == config.image_token_id
+    video_pos = input_ids == config.video_token_id
+    for name, pos, feats in (("image", image_pos, vision.image_embeds), ("video", video_pos, vision.video_embeds)):
+        n_features = sum(int(f.shape[0]) for f in feats)
+        n_tokens = int(pos.sum().item())
+        if n_tokens != n_features:
+            raise ValueError(f"the prompt holds {n_tokens} {name} placeholder tokens but the {name}s give {n_features}")
+        if feats:
+            embeds[pos] = torch.cat(feats).to(embeds.dtype)
+
+    has_visual = bool(vision.video_embeds or vision.image_embeds)
+    if has_visual:
+        mrope, _ = model.model.get_rope_index(input_ids, **_rope_kwargs(arch, inputs))
+    else:  # text only: plain positions on every M-RoPE row
+        mrope = text_positions(attention_mask)[None].expand(3, -1, -1)
+    positions = torch.cat([text_positions(attention_mask)[None], mrope.to(device)], dim=0)  # (4, B, L)
+
+    sizes = [int(f.shape[0]) for f in vision.video_embeds]
+    flags = video_keep_flags(kept, sizes, device)
+    keep = token_keep_mask(attention_mask, video_pos, flags)
+    index = pack_left(keep)
+    packed_mask = packed_attention_mask(index, device)
+    packed_positions = gather_packed(positions.permute(1, 2, 0), index).permute(2, 0, 1)
+    packed_positions[0] = text_positions(packed_mask)
+
+    visual_pos_masks = deepstack = None
+    if arch.deepstack and has_visual:
+        visual = image_pos | video_pos
+        keep_visual = keep[visual]
+        image_ds = vision.image_deepstack or [None] * len(vision.video_deepstack or [])
+        video_ds = vision.video_deepstack or [None] * len(image_ds)
+        deepstack = [
+            joint_visual_features(image_pos, video_pos, img, vid)[keep_visual]
+            for img, vid in zip(image_ds, video_ds, strict=True)
+        ]
+        visual_pos_masks = gather_packed(visual, index, False)
+    return PrefillInputs(
+        inputs_embeds=gather_packed(embeds, index),
+        position_ids=packed_positions,
+        attention_mask=packed_mask,
+        tokens_before=video_pos.sum(dim=1),
+        tokens_after=(video_pos & keep).sum(dim=1),
+        visual_pos_masks=visual_pos_masks,
+        deepstack_embeds=deepstack,
+    )
+
+
+def _language_model(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
+    """Hidden state of the last position, (B, D)."""
+    out = model.model.language_model(input_ids=None, use_cache=True, **kwargs)
+    return out.last_hidden_state[:, -1]
+
+
+@torch.inference_mode()
+def prefill(model: PreTrainedModel, prepared: PrefillInputs) -> tuple[torch.Tensor, DecodeState]:
+    """Run the LM over the shortened prompt: next-token logits (B, V) float32 and the decode state."""
+    cache = DynamicCache(config=model.config.text_config)
+    extra: dict[str, Any] = {}
+    if prepared.deepstack_embeds is not None:
+        extra = {"visual_pos_masks": prepared.visual_pos_masks, "deepstack_visual_embeds": prepared.deepstack_embeds}
+    hidden = _language_model(
+        model,
+        inputs_embeds=prepared.inputs_embeds,
+        attention_mask=prepared.attention_mask,
+        position_ids=prepared.position_ids,
+        past_key_values=cache,
+        **extra,
+    )
+    state = DecodeState(cache, prepared.attention_mask, prepared.position_ids[:, :, -1:] + 1)
+    return model.lm_head(hidden).float(), state
+
+
+@torch.inference_mode()
+def decode_step(model: PreTrainedModel, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (B,) and return the next logits (B, V) float32; ``state`` advances."""
+    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], dim=1)
+    hidden = _language_model(
+        model,
+        inputs_embeds=model.get_input_embeddings()(tokens[:, None]),
+        attention_mask=mask,
+        position_ids=state.next_position_ids,
+        past_key_values=state.cache,
+    )
+    state.attention_mask = mask
+    state.next_position_ids = state.next_position_ids + 1
+    return model.lm_head(hidden).float()
+
+
+def _choose(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or temperature / top-p sampling, (B, V) -> (B,)."""
+    if not options.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / max(float(options.temperature), 1e-5), dim=-1)
+    if options.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > options.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def eos_token_ids(model: PreTrainedModel) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    prepared: PrefillInputs,
+    options: GenerationOptions = GenerationOptions(),
+    *,
+    stop_check: Any = None,
+    timer: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill then decode until every row emitted EOS (or ``stop_check(ids) -> (B,) bool`` fires).
+
+    ``options.ignore_eos`` (benchmarks) generates exactly max_new_tokens unless a stop string fires.
+
+    Returns (generated ids (B, T) with finished rows padded, prefill logits (B, V)). ``timer`` is an
+    optional :class:`llava.runtime.StageTimer` charged with "prefill" and "decode".
+    """
+    eos = torch.tensor(eos_token_ids(model), device=prepared.inputs_embeds.device)
+    pad = model.generation_config.pad_token_id
+    pad = int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0
+    generator = None
+    if options.do_sample and options.seed is not None:
+        generator = torch.Generator(device=prepared.inputs_embeds.device).manual_seed(int(options.seed))
+    with maybe_stage(timer, "prefill"):
+        first_logits, state = prefill(model, prepared)
+    with maybe_stage(timer, "decode"):
+        logits = first_logits
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        steps = []
+        for step in range(options.max_new_tokens):
+            token = _choose(logits, options, generator).masked_fill(finished, pad)
+            steps.append(token)
+            if not getattr(options, "ignore_eos", False):
+                finished = finished | torch.isin(token, eos)
+            if stop_check is not None:
+                finished = finished | stop_check(torch.stack(steps, dim=1))
+            if bool(finished.all()) or step + 1 == options.max_new_tokens:
+                break
+            logits = decode_step(model, state, token)
+    return torch.stack(steps, dim=1), first_logits
+
+
+class _NullStage:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def maybe_stage(timer: Any, name: str) -> Any:
+    """``timer.stage(name)``, or a no-op context when no timer is given."""
+    return timer.stage(name) if timer is not None else _NullStage()
