@@ -241,6 +241,7 @@ def test_nan_features_rejected():
         ({"temperature": 0}, "temperature"),
         ({"alphas": ()}, "alphas"),
         ({"exact_count": "maybe"}, "exact_count"),
+        ({"cuda_graphs": "sometimes"}, "cuda_graphs"),
         ({"tau": 0.1}, "unknown VidCom2 option"),
     ],
 )
@@ -250,6 +251,17 @@ def test_bad_config(options, match):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu_and_graphs_match_eager():
     features = make_video(16, 49, 32, seed=11)
-    assert torch.equal(vidcom2_keep_indices(features, 0.25), vidcom2_keep_indices(features.cuda(), 0.25).cpu())
+    cpu = vidcom2_keep_indices(features, 0.25)
+    assert torch.equal(cpu, vidcom2_keep_indices(features.cuda(), 0.25, {"cuda_graphs": False}).cpu())
+    for seed in range(3):  # replays with new inputs of the same shape, and exact counts
+        x = make_video(16, 49, 32, seed=seed).cuda()
+        for options in ({}, {"exact_count": True}, {"frame_score": "equal"}):
+            graphed = vidcom2_keep_indices(x, 0.25, options)
+            eager = vidcom2_keep_indices(x, 0.25, {**options, "cuda_graphs": False})
+            assert torch.equal(graphed, eager)
+    bad = make_video(16, 49, 32).cuda()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vidcom2_keep_indices(bad, 0.25)
