@@ -127,6 +127,14 @@ def test_exact_count_changes_only_the_marginal_tokens():
     assert len(loose ^ exact) == abs(len(loose) - len(exact))
 
 
+def test_works_inside_and_outside_inference_mode_with_grad_features():
+    features = make_video(4, 10, 8, seed=12)
+    with torch.inference_mode():
+        inside = vidcom2_keep_indices(features, 0.3)  # caches constants while in inference mode
+    outside = vidcom2_keep_indices(features.clone().requires_grad_(True), 0.3)
+    assert torch.equal(inside, outside)
+
+
 def test_retention_one_keeps_everything():
     features = make_video(5, 12, 8)
     assert vidcom2_keep_indices(features, 1.0).tolist() == list(range(60))

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from llava.model.compression import CompressionSpec
+from llava.model.generate import choose_next_tokens
 from llava.runtime import GenerationOptions
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
@@ -247,18 +248,6 @@ def decode_step(model: PreTrainedModel, state: DecodeState, tokens: torch.Tensor
     return model.lm_head(hidden).float()
 
 
-def _choose(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy argmax, or temperature / top-p sampling, (B, V) -> (B,)."""
-    if not options.do_sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / max(float(options.temperature), 1e-5), dim=-1)
-    if options.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > options.top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
 def eos_token_ids(model: PreTrainedModel) -> list[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -295,7 +284,7 @@ def generate(
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         steps = []
         for step in range(options.max_new_tokens):
-            token = _choose(logits, options, generator).masked_fill(finished, pad)
+            token = choose_next_tokens(logits, options, generator).masked_fill(finished, pad)
             steps.append(token)
             if not getattr(options, "ignore_eos", False):
                 finished = finished | torch.isin(token, eos)

@@ -61,8 +61,10 @@ def prefill(lm: PreTrainedModel, batch: BatchInputs) -> tuple[torch.Tensor, Dyna
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def _choose(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) next ids: argmax, or temperature + nucleus sampling."""
+def choose_next_tokens(
+    logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) next ids: argmax, or temperature + nucleus sampling (every family)."""
     if not options.do_sample:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / max(options.temperature, 1e-5), dim=-1)
@@ -114,7 +116,7 @@ def decode(
     logits = first_logits
     texts = [""] * rows
     for _ in range(options.max_new_tokens):
-        token = _choose(logits, options, generator)
+        token = choose_next_tokens(logits, options, generator)
         token = torch.where(finished, stop_tensor[0].clamp(min=0), token)
         steps.append(token)
         newly = torch.isin(token, stop_tensor) & ~finished

@@ -176,8 +176,12 @@ def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre: torch.Tensor, cf
 
 @lru_cache(maxsize=64)
 def _bandwidth_scales(alphas: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-1/(2a) per bandwidth, made once per device (no host-to-device copy on the hot path)."""
-    return torch.tensor([-0.5 / a for a in alphas], dtype=dtype, device=device)
+    """-1/(2a) per bandwidth, made once per device (no host-to-device copy on the hot path).
+
+    Made outside inference mode, so the cached tensor is usable whatever mode later calls run in.
+    """
+    with torch.inference_mode(False):
+        return torch.tensor([-0.5 / a for a in alphas], dtype=dtype, device=device)
 
 
 def similarity_to_centres(
@@ -321,10 +325,13 @@ def _keep_mask_and_variance(
     return _mask_from_scores(features, float(retention), cfg, token_scores_external)
 
 
+@torch.no_grad()
 def _mask_from_scores(
     features: torch.Tensor, retention: float, cfg: VidCom2Config, token_scores_external: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole selection up to the keep mask: pure tensor code with no host synchronisation."""
+    """The whole selection up to the keep mask: pure tensor code with no host synchronisation.
+
+    Selection is not differentiable, so no autograd graph is built even for features that need grad."""
     per_frame = features.shape[1]
     v, f, variance = similarity_to_centres(features, cfg)
     budgets = budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
