@@ -263,13 +263,27 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
     features = make_video(16, 49, 32, seed=11)
     cpu = vidcom2_keep_indices(features, 0.25)
     assert torch.equal(cpu, vidcom2_keep_indices(features.cuda(), 0.25, {"cuda_graphs": False}).cpu())
-    for seed in range(3):  # replays with new inputs of the same shape, and exact counts
+    for seed in range(3):  # replays with new inputs and retentions of the same shape, and exact counts
         x = make_video(16, 49, 32, seed=seed).cuda()
         for options in ({}, {"exact_count": True}, {"frame_score": "equal"}):
-            graphed = vidcom2_keep_indices(x, 0.25, options)
-            eager = vidcom2_keep_indices(x, 0.25, {**options, "cuda_graphs": False})
-            assert torch.equal(graphed, eager)
+            for retention in (0.25, 0.1, 0.5, 0.33):
+                graphed = vidcom2_keep_indices(x, retention, options)
+                eager = vidcom2_keep_indices(x, retention, {**options, "cuda_graphs": False})
+                assert torch.equal(graphed, eager)
     bad = make_video(16, 49, 32).cuda()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         vidcom2_keep_indices(bad, 0.25)
+
+
+@pytest.mark.parametrize("options", [{}, {"exact_count": True}, {"frame_score": "equal"}])
+@pytest.mark.parametrize("retention", [0.1, 0.25, 0.33, 0.5])
+def test_retention_as_tensor_equals_retention_as_number(options, retention):
+    # The CUDA-graph path feeds R as a float64 0-d tensor; on CPU the same maths must give the same mask.
+    from llava.model.vidcom2 import _mask_from_scores
+
+    features = make_video(10, 49, 16, seed=13)
+    cfg = VidCom2Config.from_options(options)
+    number, _ = _mask_from_scores(features, retention, cfg, None)
+    tensor, _ = _mask_from_scores(features, torch.tensor(retention, dtype=torch.float64), cfg, None)
+    assert torch.equal(number, tensor)

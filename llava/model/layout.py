@@ -86,14 +86,14 @@ def build_layout(
     kept = kept.to(torch.int64)
     per_frame, total = h * w, frames * h * w
     newline_id = total
-    f, j = kept // per_frame, kept % per_frame
-    r, c = j // w, j % w
-    if newline_position in ("one_token", "no_token"):
+    if newline_position in ("one_token", "no_token"):  # no per-token arithmetic: the hot path of OV
         extra = newline_position == "one_token"
         source = torch.cat([kept, torch.full((int(extra),), newline_id, device=device)])
         offsets = torch.cat([kept, torch.full((int(extra),), total, device=device)])
         return VisualLayout(source, offsets, full_length(frames, h, w, newline_position), kept.numel(), total)
 
+    f, j = kept // per_frame, kept % per_frame
+    r, c = j // w, j % w
     if newline_position == "frame":
         stride = per_frame + 1
         tok_local, tok_offset = j, f * stride + j

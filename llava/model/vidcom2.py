@@ -207,11 +207,14 @@ def similarity_to_centres(
     return v, f, variance
 
 
-def frame_scales(v: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
-    """v (F, P) -> per-frame retention scale_t (F,), about R each, in [R(1-1/F), R(2-1/F)], <= 1."""
+def frame_scales(v: torch.Tensor, retention: float | torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
+    """v (F, P) -> per-frame retention scale_t (F,), about R each, in [R(1-1/F), R(2-1/F)], <= 1.
+
+    ``retention`` may be a 0-d tensor (the CUDA-graph path feeds it as an input of the graph).
+    """
     n_frames = v.shape[0]
     if cfg.frame_score == "equal":
-        return torch.full((n_frames,), float(retention), dtype=v.dtype, device=v.device)
+        return torch.ones(n_frames, dtype=v.dtype, device=v.device) * retention
     sign = -1.0 if cfg.frame_score.startswith("neg") else 1.0
     reduce = cfg.frame_score.split("_", 1)[1]
     if reduce == "mean":
@@ -256,12 +259,15 @@ def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
 
 
 def exact_total_budgets(
-    budgets: torch.Tensor, scores: torch.Tensor, ranks: torch.Tensor, retention: float
+    budgets: torch.Tensor, scores: torch.Tensor, ranks: torch.Tensor, retention: float | torch.Tensor
 ) -> torch.Tensor:
     """Keep mask (F, P) with exactly max(F, round(R*F*P)) tokens: the per-frame top-k, then the
     globally best extra tokens added (or the globally worst kept ones, never a frame's best, dropped)."""
     n_frames, per_frame = scores.shape
-    target = max(n_frames, int(round(retention * n_frames * per_frame)))
+    if isinstance(retention, torch.Tensor):  # float64, so the rounding matches Python's round() exactly
+        target = torch.round(retention.double() * (n_frames * per_frame)).clamp(min=n_frames).to(torch.int64)
+    else:
+        target = max(n_frames, round(retention * n_frames * per_frame))
     keep = ranks < budgets[:, None]
     # Order tokens globally by (score, frame, rank) through a stable sort of scores.
     flat_scores = scores.reshape(-1)
@@ -327,14 +333,17 @@ def _keep_mask_and_variance(
 
 @torch.no_grad()
 def _mask_from_scores(
-    features: torch.Tensor, retention: float, cfg: VidCom2Config, token_scores_external: torch.Tensor | None
+    features: torch.Tensor,
+    retention: float | torch.Tensor,
+    cfg: VidCom2Config,
+    token_scores_external: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole selection up to the keep mask: pure tensor code with no host synchronisation.
 
     Selection is not differentiable, so no autograd graph is built even for features that need grad."""
     per_frame = features.shape[1]
     v, f, variance = similarity_to_centres(features, cfg)
-    budgets = budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
+    budgets = budgets_from_scales(frame_scales(v, retention, cfg), per_frame)
     scores = token_scores(v, f, cfg, token_scores_external)
     ranks = rank_within_frame(scores)
     if cfg.exact_count:
@@ -343,21 +352,27 @@ def _mask_from_scores(
 
 
 class _CapturedSelection:
-    """_mask_from_scores captured once as a CUDA graph for one input shape, dtype, device and setting."""
+    """_mask_from_scores captured once as a CUDA graph for one input shape, dtype, device and config.
 
-    def __init__(self, example: torch.Tensor, retention: float, cfg: VidCom2Config) -> None:
+    Features and retention are inputs of the graph (static buffers), so one graph - and one memory
+    pool for its intermediates - serves every retention of a sweep.
+    """
+
+    def __init__(self, example: torch.Tensor, cfg: VidCom2Config) -> None:
         self.features = example.clone()
+        self.retention = torch.full((), 0.5, dtype=torch.float64, device=example.device)
         side = torch.cuda.Stream(example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, cached constants)
-            _mask_from_scores(self.features, retention, cfg, None)
+            _mask_from_scores(self.features, self.retention, cfg, None)
         torch.cuda.current_stream(example.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.mask, self.variance = _mask_from_scores(self.features, retention, cfg, None)
+            self.mask, self.variance = _mask_from_scores(self.features, self.retention, cfg, None)
 
-    def __call__(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, features: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.features.copy_(features)
+        self.retention.fill_(retention)
         self.graph.replay()
         return self.mask.clone(), self.variance.clone()
 
@@ -367,14 +382,14 @@ _MAX_GRAPHS = 4  # each holds its intermediates (~0.25 GB at 32x196x3584); evalu
 
 
 def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (tuple(features.shape), features.dtype, features.device, retention, cfg)
+    key = (tuple(features.shape), features.dtype, features.device, cfg)
     captured = _GRAPHS.pop(key, None)
     if captured is None:
-        captured = _CapturedSelection(features, retention, cfg)
+        captured = _CapturedSelection(features, cfg)
         while len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS[key] = captured  # most recently used last
-    return captured(features)
+    return captured(features, retention)
 
 
 def vidcom2_keep_mask(

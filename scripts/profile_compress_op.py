@@ -1,0 +1,70 @@
+"""Where the VidCom2 selection op spends its time on a GPU (issue 2/6 investigation, not a test).
+
+    python scripts/profile_compress_op.py [--frames 32 --tokens 196 --dim 3584]
+
+Prints: eager vs CUDA-graph median ms; the eager kernels by total GPU time (the floor a graph
+replay cannot go below); and, for comparison, torch.compile of the same function (checked for
+identical masks) - what fusing the ~70 kernels would buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llava.model.vidcom2 import VidCom2Config, _mask_from_scores, vidcom2_keep_indices
+
+
+def median_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=196)
+    parser.add_argument("--dim", type=int, default=3584)
+    args = parser.parse_args()
+    x = torch.randn(args.frames, args.tokens, args.dim, device="cuda").bfloat16()
+    eager_cfg = {"cuda_graphs": False}
+    print(f"eager keep_indices  {median_ms(lambda: vidcom2_keep_indices(x, 0.25, eager_cfg)):.3f} ms")
+    print(f"graph keep_indices  {median_ms(lambda: vidcom2_keep_indices(x, 0.25)):.3f} ms")
+    cfg = VidCom2Config()
+    print(f"eager mask only     {median_ms(lambda: _mask_from_scores(x, 0.25, cfg, None)):.3f} ms")
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            _mask_from_scores(x, 0.25, cfg, None)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / 10
+    print(f"GPU kernel time per call (eager): {total / 1e3:.3f} ms over {sum(e.count for e in events) // 10} kernels")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+        print(f"  {e.device_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<3d} {e.key[:90]}")
+
+    reference = _mask_from_scores(x, 0.25, cfg, None)[0]
+    for mode in ("default", "reduce-overhead"):
+        try:
+            compiled = torch.compile(lambda t: _mask_from_scores(t, 0.25, cfg, None), mode=mode, dynamic=False)
+            same = torch.equal(compiled(x)[0], reference)
+            print(f"compile[{mode}] mask  {median_ms(lambda c=compiled: c(x)):.3f} ms  identical={same}")
+        except Exception as exc:  # report, do not hide: this is an experiment
+            print(f"compile[{mode}] failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+if __name__ == "__main__":
+    main()
