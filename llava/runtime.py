@@ -79,26 +79,51 @@ class InferenceResult:
 
 
 class StageTimer:
-    """Wall-clock seconds per stage, synchronising the device around each stage so that
-    asynchronous GPU work is charged to the stage that launched it."""
+    """Seconds per stage of one request; a stage entered twice accumulates.
+
+    On CUDA each stage is bracketed by two CUDA events on the current stream, read (one synchronize)
+    only when ``seconds`` is asked for: asynchronous GPU work is charged to the stage that launched
+    it, and timing adds no synchronisation of its own inside the request. Elsewhere: perf_counter.
+    """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
-        self.seconds: dict[str, float] = {}
-
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._cuda = self.device is not None and self.device.type == "cuda"
+        self._done: dict[str, float] = {}
+        self._pending: list[tuple[str, Any, Any]] = []
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
+        if self._cuda:
+            stream = torch.cuda.current_stream(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(stream)
+                self._pending.append((name, start, end))
+            return
+        start_s = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.add(name, time.perf_counter() - start_s)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Charge ``seconds`` to a stage (e.g. 0.0 for a stage a request skips)."""
+        self._done[name] = self._done.get(name, 0.0) + seconds
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Stage -> seconds so far (synchronises once if CUDA events are pending)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for name, start, end in self._pending:
+                self.add(name, start.elapsed_time(end) / 1e3)
+            self._pending.clear()
+        return dict(self._done)
 
 
 class VideoLLM(Protocol):

@@ -40,16 +40,17 @@ def time_once(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench(shape, dtype, device, compressor, retention, repeats, warmup, buffers=4) -> dict:
+def bench(shape, dtype, device, compressor, retention, repeats, warmup, options=None, buffers=4) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     inputs = [torch.randn(*shape, generator=g).to(device=device, dtype=dtype) for _ in range(buffers)]
-    spec = CompressionSpec(compressor, retention)
+    spec = CompressionSpec(compressor, retention, dict(options or {}))
     for i in range(warmup):
         spec.keep_indices(inputs[i % buffers])
     times = [time_once(lambda x=inputs[i % buffers]: spec.keep_indices(x), device) for i in range(repeats)]
     kept = spec.keep_indices(inputs[0]).numel()
     return {
         "compressor": compressor,
+        "options": ";".join(f"{k}={v}" for k, v in sorted((options or {}).items())),
         "frames": shape[0],
         "tokens_per_frame": shape[1],
         "dim": shape[2],
@@ -70,25 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="compressor option, e.g. execution=compiled (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--append", action="store_true", help="add rows to --out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    options = dict(pair.split("=", 1) for pair in args.option)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     rows = []
     for compressor in args.compressors.split(","):
         for dtype_name in args.dtypes.split(","):
             for shape in SHAPES:
                 row = bench(shape, getattr(torch, dtype_name), device, compressor, args.retention,
-                            args.repeats, args.warmup)
+                            args.repeats, args.warmup, options)
                 row.update(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
                            command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]))
                 rows.append(row)
                 print(f"{compressor:8s} {dtype_name:9s} {shape}: {row['median_ms']:.3f} ms (kept {row['kept']})",
                       flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as fh:
+    append = args.append and args.out.exists()
+    with args.out.open("a" if append else "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         writer.writerows(rows)
     return 0
 

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=3584)
     args = parser.parse_args()
     x = torch.randn(args.frames, args.tokens, args.dim, device="cuda").bfloat16()
-    eager_cfg = {"cuda_graphs": False}
+    eager_cfg = {"execution": "eager"}
     print(f"eager keep_indices  {median_ms(lambda: vidcom2_keep_indices(x, 0.25, eager_cfg)):.3f} ms")
     print(f"graph keep_indices  {median_ms(lambda: vidcom2_keep_indices(x, 0.25)):.3f} ms")
     cfg = VidCom2Config()

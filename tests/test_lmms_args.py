@@ -21,12 +21,12 @@ def test_every_vidcom2_knob_reaches_the_config():
         "similarity": "cosine",
         "score_dtype": "model",
         "exact_count": "true",
-        "cuda_graphs": "false",
+        "execution": "eager",
     }
     assert set(values) == {f.name for f in fields(VidCom2Config)}, "a new VidCom2Config field needs a test value"
     s = parse_model_args("llava_onevision", {**P, "compressor": "vidcom2", "retention": 0.25, **values}, environ={})
     cfg = VidCom2Config.from_options(s.compression.options)
-    assert cfg == VidCom2Config(0.25, (0.5, 1.0), 0.02, "equal", "-f", "cosine", "model", True, False)
+    assert cfg == VidCom2Config(0.25, (0.5, 1.0), 0.02, "equal", "-f", "cosine", "model", True, "eager")
     assert s.compression.retention == 0.25 and s.compression_source == "model_args"
 
 

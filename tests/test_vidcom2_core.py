@@ -249,7 +249,7 @@ def test_nan_features_rejected():
         ({"temperature": 0}, "temperature"),
         ({"alphas": ()}, "alphas"),
         ({"exact_count": "maybe"}, "exact_count"),
-        ({"cuda_graphs": "sometimes"}, "cuda_graphs"),
+        ({"execution": "sometimes"}, "execution"),
         ({"tau": 0.1}, "unknown VidCom2 option"),
     ],
 )
@@ -262,14 +262,16 @@ def test_bad_config(options, match):
 def test_cuda_matches_cpu_and_graphs_match_eager():
     features = make_video(16, 49, 32, seed=11)
     cpu = vidcom2_keep_indices(features, 0.25)
-    assert torch.equal(cpu, vidcom2_keep_indices(features.cuda(), 0.25, {"cuda_graphs": False}).cpu())
+    assert torch.equal(cpu, vidcom2_keep_indices(features.cuda(), 0.25, {"execution": "eager"}).cpu())
     for seed in range(3):  # replays with new inputs and retentions of the same shape, and exact counts
         x = make_video(16, 49, 32, seed=seed).cuda()
         for options in ({}, {"exact_count": True}, {"frame_score": "equal"}):
             for retention in (0.25, 0.1, 0.5, 0.33):
-                graphed = vidcom2_keep_indices(x, retention, options)
-                eager = vidcom2_keep_indices(x, retention, {**options, "cuda_graphs": False})
-                assert torch.equal(graphed, eager)
+                eager = vidcom2_keep_indices(x, retention, {**options, "execution": "eager"})
+                assert torch.equal(vidcom2_keep_indices(x, retention, options), eager)
+                if not options:  # compiling costs seconds per config: the default one suffices
+                    compiled = vidcom2_keep_indices(x, retention, {"execution": "compiled"})
+                    assert torch.equal(compiled, eager)
     bad = make_video(16, 49, 32).cuda()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

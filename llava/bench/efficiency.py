@@ -2,7 +2,7 @@
 
 Each case runs the adapter's own ``answer_batch`` (the path `vidcom2 infer` and lmms-eval use) on a
 synthetic mp4, after warm-up, and keeps the median of the repeats per stage. Stage times come from
-the adapters' StageTimer, which synchronises the device around each stage. The 'ideal' of a case is
+the adapters' StageTimer (CUDA events around each stage, read once per request). The 'ideal' of a case is
 the same language model run on the kept length with no compression step: vision time of the
 uncompressed run + prefill of a sequence as long as the compressed prompt. A row then states the
 fraction of that ideal speedup it achieved.

@@ -155,7 +155,7 @@ class LlavaVideoLLM:
             pixels = self.model.preprocess(array[None])
         with torch.inference_mode(), timer.stage("vision"):
             block = self.model.image_block(pixels)
-        timer.seconds["compress"] = 0.0
+        timer.add("compress", 0.0)
         before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
         return self._generate([(before, block, after)], [{"image": True}], timer, CompressionSpec(), generation)[0]
 
