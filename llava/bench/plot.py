@@ -32,7 +32,7 @@ def plot_efficiency(csv_path: Path, png_path: Path, *, frames: int | None = None
         for compressor in sorted({r["compressor"] for r in mine} - {"none"}):
             pts = sorted(((float(r["retention"]), r) for r in mine if r["compressor"] == compressor),
                          key=lambda p: p[0])
-            pts = [(1.0, none[0])] + pts if none else pts
+            pts = pts + [(1.0, none[0])] if none else pts  # ascending R, uncompressed last
             xs = [p[0] for p in pts]
             axes[0, col].plot(xs, [float(p[1]["ttft_ms"]) for p in pts], "o-", label=compressor)
             axes[1, col].plot(xs, [float(p[1]["peak_allocated_mib"]) / 1024 for p in pts], "o-", label=compressor)
