@@ -295,6 +295,23 @@ def test_pixel_budget_changes_the_token_count(qwen, videos):
     assert grid_small[0, 1:].prod() < grid_large[0, 1:].prod()
 
 
+def test_preprocess_device_reaches_the_video_processor(qwen, videos, monkeypatch):
+    sampling = FrameSampling(num_frames=4)
+    default = qwen.prepare([conversation(videos, "q", "mixed.mp4")], sampling).inputs["pixel_values_videos"]
+    seen = []
+    original = type(qwen.processor.video_processor).preprocess
+
+    def spy(self, videos_in, **kwargs):
+        seen.append(kwargs.get("device"))
+        return original(self, videos_in, **kwargs)
+
+    monkeypatch.setattr(type(qwen.processor.video_processor), "preprocess", spy)
+    monkeypatch.setattr(qwen, "preprocess_device", "cpu")
+    moved = qwen.prepare([conversation(videos, "q", "mixed.mp4")], sampling).inputs["pixel_values_videos"]
+    assert seen == ["cpu"]
+    assert torch.equal(default, moved)
+
+
 def test_bfloat16_runs(qwen, videos):
     model = AutoModelForImageTextToText.from_pretrained(qwen.path, dtype=torch.bfloat16)
     llm = QwenVideoLLM(model, qwen.processor)

@@ -91,6 +91,10 @@ class QwenVideoLLM:
         self.arch: QwenArch = arch_of_config(model.config)
         self.family = family or self.arch.name
         self.processor.tokenizer.padding_side = "left"
+        # Where the HF video processor resizes and normalises frames. None = on the CPU, as the stock
+        # pipeline (and lmms-eval) does; "cuda" moves that work to the GPU (much faster, but resampling
+        # kernels differ, so pixel values may differ in the last bits from the CPU path).
+        self.preprocess_device: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -121,6 +125,8 @@ class QwenVideoLLM:
         processor's total lower bound ``shortest_edge``.
         """
         kwargs: dict[str, Any] = {"do_sample_frames": False}
+        if self.preprocess_device is not None:
+            kwargs["device"] = self.preprocess_device
         processor = self.processor
         if sampling.min_pixels is None and sampling.max_pixels is None:
             return processor, kwargs

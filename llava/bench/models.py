@@ -41,7 +41,9 @@ def _build_llava(reference: str) -> Callable[[str, str, str], VideoLLM]:
     return build
 
 
-def _build_qwen(arch: str, config_source: Any = None) -> Callable[[str, str, str], VideoLLM]:
+def _build_qwen(
+    arch: str, config_source: Any = None, preprocess_device: str | None = None
+) -> Callable[[str, str, str], VideoLLM]:
     def build(device: str, dtype: str, attn: str) -> VideoLLM:
         from transformers_patched.qwen_adapter import QwenVideoLLM
         from transformers_patched.qwen_arch import build_random_model, full_size_config
@@ -52,7 +54,9 @@ def _build_qwen(arch: str, config_source: Any = None) -> Callable[[str, str, str
         for key, value in token_ids.items():  # the stand-in tokenizer's ids for the vision tokens
             setattr(config, key, value)
         model = build_random_model(config, device=device, dtype=dtype, attn_implementation=attn)
-        return QwenVideoLLM(model, processor, family=arch)
+        llm = QwenVideoLLM(model, processor, family=arch)
+        llm.preprocess_device = preprocess_device
+        return llm
 
     return build
 
@@ -73,6 +77,10 @@ BENCH_MODELS: dict[str, BenchModel] = {
     "qwen2_vl_7b": BenchModel("qwen2_vl_7b", _build_qwen("qwen2_vl"), _qwen),
     "qwen2_5_vl_7b": BenchModel("qwen2_5_vl_7b", _build_qwen("qwen2_5_vl"), _qwen),
     "qwen3_vl_8b": BenchModel("qwen3_vl_8b", _build_qwen("qwen3_vl"), _qwen),
+    # The same with the HF video processor run on the GPU (QwenVideoLLM.preprocess_device).
+    "qwen2_vl_7b_gpu_preprocess": BenchModel(
+        "qwen2_vl_7b_gpu_preprocess", _build_qwen("qwen2_vl", None, "cuda"), _qwen
+    ),
 }
 
 
