@@ -6,6 +6,8 @@
 #   WORK_DIR=work/eval_default ARCH=llava_ov NPROC=1 FRAMES=8 RETENTIONS=1.0,0.25 bash scripts/run_default.sh
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# A fresh machine: create .venv and install the package first (idempotent; skipped when PYTHON is given).
+[[ -n "${PYTHON:-}" ]] || bash "$repo_root/scripts/bootstrap.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 args=(eval-default --work-dir "${WORK_DIR:-work/eval_default}" --arch "${ARCH:-llava_ov}"
   --nproc "${NPROC:-1}" --frames "${FRAMES:-8}" --retentions "${RETENTIONS:-1.0,0.25}")
