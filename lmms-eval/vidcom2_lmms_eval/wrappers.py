@@ -20,6 +20,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 from llava.runtime import GenerationOptions, InferenceResult, load_video_llm
+from llava.video_io import VideoReadError
 from vidcom2_lmms_eval.args import WrapperSettings, parse_model_args
 from vidcom2_lmms_eval.meter import EfficiencyMeter, SampleRecord
 from vidcom2_lmms_eval.resume import ResumeCache, sample_key
@@ -27,14 +28,6 @@ from vidcom2_lmms_eval.resume import ResumeCache, sample_key
 
 class VideoSampleError(ValueError):
     """A request's video is missing or unreadable; the message names the task, doc id and path."""
-
-
-def _video_read_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from llava.video_io import VideoReadError
-    except ImportError:  # adapters not installed yet
-        return (FileNotFoundError,)
-    return (VideoReadError, FileNotFoundError)
 
 
 def _cli_value(flag: str) -> str | None:
@@ -267,7 +260,7 @@ class VidCom2Wrapper(lmms):
                     generation=generation,
                     sampling=s.sampling,
                 )
-        except _video_read_errors() as exc:
+        except (VideoReadError, FileNotFoundError) as exc:
             if len(items) == 1:
                 return [(exc, time.perf_counter() - start, self.meter.memory.read())]
             # a batch failed on one video: redo one by one so only that sample fails
