@@ -20,6 +20,22 @@ import torch
 from llava.model.compression import CompressionSpec
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """"bfloat16" (or a torch.dtype) -> torch.dtype; unknown names raise, listing the valid ones."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to (not including) the earliest of the stop strings, or all of it."""
+    hits = [text.index(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else text
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from transformers import AutoProcessor, PreTrainedModel
 from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
-from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer
+from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
 from llava.video_io import VideoClip, read_video
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
@@ -252,7 +252,7 @@ class QwenVideoLLM:
         seconds.update(timer.seconds)
         for row, row_ids in enumerate(ids.tolist()):
             out_ids = self._trim(row_ids)
-            answer = _cut_at_stop(self.processor.tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
+            answer = cut_at_stop(self.processor.tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
             results.append(
                 InferenceResult(
                     answer=answer,
@@ -341,11 +341,6 @@ class QwenVideoLLM:
 def video_question_messages(video: str | Path | VideoClip, question: str) -> Conversation:
     """The single-turn chat of one video and one question (video first, as Qwen's examples do)."""
     return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
-
-
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[: min(cuts)] if cuts else text
 
 
 def _last_user_text(conversation: Conversation) -> str:

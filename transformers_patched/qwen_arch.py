@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from llava.runtime import resolve_dtype
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -74,15 +75,6 @@ def arch_of_config(config: PretrainedConfig | dict[str, Any]) -> QwenArch:
     if model_type not in ARCHS:
         raise ValueError(f"model_type {model_type!r} is not a supported Qwen video model; valid: {', '.join(ARCHS)}")
     return ARCHS[model_type]
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}") from None
 
 
 def check_attn_implementation(attn_implementation: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from llava.runtime import GenerationOptions
+from llava.runtime import GenerationOptions, cut_at_stop
 
 
 @dataclass
@@ -82,11 +82,6 @@ class Decoded:
     texts: list[str]
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    hits = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 @torch.inference_mode()
 def decode(
     lm: PreTrainedModel,
@@ -126,7 +121,7 @@ def decode(
             for i in range(rows):  # host-side string check, per row and step (stop strings only)
                 if not finished[i]:
                     text = tokenizer.decode(ids[i], skip_special_tokens=True)
-                    if _cut_at_stop(text, options.stop)[1]:
+                    if cut_at_stop(text, options.stop) != text:
                         finished[i] = True
         if bool(finished.all()) or len(steps) == options.max_new_tokens:
             break
@@ -146,7 +141,7 @@ def decode(
     for i, ids in enumerate(generated):
         end = next((k + 1 for k, t in enumerate(ids) if t in stop_set), len(ids))
         ids = ids[:end]
-        text, _ = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), options.stop)
+        text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), options.stop)
         output_ids.append(ids)
         texts[i] = text
     return Decoded(output_ids, texts)

@@ -25,8 +25,7 @@ from safetensors import safe_open
 
 from llava.model.llava_arch import LlavaVideoModel
 from llava.model.llava_config import LlavaSpec, parse_spec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from llava.runtime import resolve_dtype
 
 _LMMS_LAB_RULES = [
     (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision."),
@@ -43,14 +42,6 @@ _HF_RULES = [
     (r"^(language_model\.)?lm_head\.", "language_model.lm_head."),
     (r"^(language_model\.model\.|model\.language_model\.)", "language_model.model."),
 ]
-
-
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def map_key(key: str, source_format: str) -> str | None:
@@ -124,7 +115,7 @@ def load_llava(
     directory = resolve_checkpoint(path)
     config = json.loads((directory / "config.json").read_text())
     spec = parse_spec(config, directory)
-    torch_device, torch_type = torch.device(device), torch_dtype(dtype)
+    torch_device, torch_type = torch.device(device), resolve_dtype(dtype)
     with torch.device("meta"):
         model = LlavaVideoModel(spec, attn_implementation=attn_implementation)
     load_weights(model, directory, torch_device, torch_type)
@@ -164,7 +155,7 @@ def build_random(
     spec = spec_or_config if isinstance(spec_or_config, LlavaSpec) else parse_spec(spec_or_config)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype(dtype))
+    torch.set_default_dtype(resolve_dtype(dtype))
     try:
         with torch.device(device):
             model = LlavaVideoModel(spec, attn_implementation=attn_implementation)
