@@ -97,6 +97,12 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
         "--grid-newlines", default=None, help="LLaVA-Video row newlines after compression: frame, rows, all_rows"
     )
     g.add_argument("--positions", default=None, help="positions after compression: contiguous (default) or original")
+    g = p.add_argument_group("preprocessing (Qwen families)")
+    g.add_argument(
+        "--preprocess-device",
+        default=None,
+        help="run the HF video processor on this device (e.g. cuda); default: the CPU, as the stock pipeline",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (InferenceResult)")
 
 
@@ -126,7 +132,11 @@ def _run_infer(args: argparse.Namespace) -> int:
     model = load_video_llm(
         args.model, family=args.family, device=args.device, dtype=args.dtype, attn_implementation=args.attn
     )
-    for flag, attribute in (("grid_newlines", "grid_newlines"), ("positions", "position_mode")):
+    for flag, attribute in (
+        ("grid_newlines", "grid_newlines"),
+        ("positions", "position_mode"),
+        ("preprocess_device", "preprocess_device"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             if not hasattr(model, attribute):

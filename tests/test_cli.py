@@ -96,6 +96,7 @@ def test_console_script_subprocess(workdir: Path) -> None:
         (("--compressor", "vidcom2", "--retention", "0.5", "--option", "tau=3"), "tau"),
         (("--option", "novalue"), "KEY=VALUE"),
         (("--grid-newlines", "cols"), "grid_newlines"),
+        (("--preprocess-device", "cuda"), "--preprocess-device is not supported by model family llava_video"),
     ],
 )
 def test_user_errors_are_one_line(

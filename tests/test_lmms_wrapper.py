@@ -117,3 +117,12 @@ def test_chat_api_and_batch_without_answer_batch(monkeypatch, tmp_path, docs):
 def test_adapter_mismatch_is_an_error(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="conv_template='vicuna_v1'"):
         _wrapper(monkeypatch, tmp_path, conv_template="vicuna_v1")
+
+
+def test_preprocess_device_reaches_an_adapter_that_has_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(FakeVideoLLM, "preprocess_device", None, raising=False)
+    w = _wrapper(monkeypatch, tmp_path, preprocess_device="cuda")
+    assert w.model.preprocess_device == "cuda"
+    monkeypatch.delattr(FakeVideoLLM, "preprocess_device")
+    with pytest.raises(ValueError, match="preprocess_device"):
+        _wrapper(monkeypatch, tmp_path, preprocess_device="cuda")

@@ -77,6 +77,7 @@ COMMON_KEYS = {
     "retention": "R in (0, 1]: fraction of video tokens kept",
     "on_video_error": "raise (default) or record: a failed sample scores as a wrong empty answer",
     "meter_dir": "where the efficiency meter writes (default: next to lmms-eval's results)",
+    "preprocess_device": "Qwen: run the HF video processor there (e.g. cuda); default the CPU, as the built-ins",
     "resume_dir": "per-sample answer cache; a rerun skips finished samples",
     "max_new_tokens": "default when the task's generation_kwargs do not set it",
 }
@@ -100,6 +101,7 @@ class WrapperSettings:
     mm_spatial_pool_mode: str | None = None
     on_video_error: str = "raise"
     meter_dir: str | None = None
+    preprocess_device: str | None = None
     resume_dir: str | None = None
     max_new_tokens: int = 1024
     compression_source: str = "model_args"
@@ -233,6 +235,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         mm_spatial_pool_mode=str(args.get("mm_spatial_pool_mode", d.mm_spatial_pool_mode) or "") or None,
         on_video_error=on_error,
         meter_dir=str(args["meter_dir"]) if "meter_dir" in args else None,
+        preprocess_device=str(args["preprocess_device"]) if "preprocess_device" in args else None,
         resume_dir=str(args["resume_dir"]) if "resume_dir" in args else None,
         max_new_tokens=_as_int("max_new_tokens", args.get("max_new_tokens", d.max_new_tokens)),
         compression_source=source,

@@ -105,6 +105,13 @@ class VidCom2Wrapper(lmms):
             s.pretrained, family=s.family, device=device, dtype=s.dtype, attn_implementation=s.attn_implementation
         )
         self._check_adapter_matches()
+        if s.preprocess_device is not None:
+            if not hasattr(self.model, "preprocess_device"):
+                raise ValueError(
+                    f"model_arg preprocess_device: the {getattr(self.model, 'family', '?')} adapter has no "
+                    "separate video processor to move"
+                )
+            self.model.preprocess_device = s.preprocess_device
         if s.batch_size > 1 and not hasattr(self.model, "answer_batch"):
             raise ValueError(
                 f"batch_size={s.batch_size}: the {getattr(self.model, 'family', '?')} adapter has no answer_batch; "
