@@ -99,3 +99,12 @@ def test_registry_refuses_duplicates_and_accepts_new_methods():
 
     kept, idx = compress_video(video(), CompressionSpec("_test_first_token", 0.5))
     assert idx.tolist() == [0, 25, 50, 75]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["vidcom2", "random", "uniform", "none"])
+def test_same_indices_on_cuda_and_on_the_device(name):
+    x = video(frames=8, tokens=49, dim=16, seed=4)
+    cpu = get_compressor(name)(x, 0.25, {})
+    gpu = get_compressor(name)(x.cuda(), 0.25, {})
+    assert gpu.is_cuda and torch.equal(cpu, gpu.cpu())

@@ -42,7 +42,10 @@ def random_keep_indices(features: torch.Tensor, retention: float, options: dict[
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
     noise = torch.rand(n_frames, per_frame, generator=generator)
     ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
-    return _mask_to_indices(ranks < k).to(features.device)
+    indices = _mask_to_indices(ranks < k)
+    if features.is_cuda:  # an asynchronous copy from pinned memory: no stall of the GPU stream
+        return indices.pin_memory().to(features.device, non_blocking=True)
+    return indices.to(features.device)
 
 
 def uniform_keep_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
@@ -51,9 +54,10 @@ def uniform_keep_indices(features: torch.Tensor, retention: float, options: dict
     _reject_options("uniform", options, ())
     n_frames, per_frame, _ = features.shape
     k = uniform_budget(retention, per_frame)
-    cols = ((torch.arange(k, dtype=torch.float64) + 0.5) * per_frame / k).floor().to(torch.int64)
-    rows = torch.arange(n_frames, dtype=torch.int64)[:, None] * per_frame
-    return (rows + cols[None, :]).reshape(-1).to(features.device)
+    device = features.device  # built where the features are: no host-to-device copy
+    cols = ((torch.arange(k, dtype=torch.float64, device=device) + 0.5) * per_frame / k).floor().to(torch.int64)
+    rows = torch.arange(n_frames, dtype=torch.int64, device=device)[:, None] * per_frame
+    return (rows + cols[None, :]).reshape(-1)
 
 
 def _reject_options(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
