@@ -272,6 +272,10 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
                 if not options:  # compiling costs seconds per config: the default one suffices
                     compiled = vidcom2_keep_indices(x, retention, {"execution": "compiled"})
                     assert torch.equal(compiled, eager)
+    with torch.inference_mode():  # a graph captured inside inference mode (new shape) is replayed outside
+        inside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25)
+    outside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25)
+    assert torch.equal(inside, outside)
     bad = make_video(16, 49, 32).cuda()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

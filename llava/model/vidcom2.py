@@ -364,8 +364,9 @@ class _CapturedSelection:
     """
 
     def __init__(self, example: torch.Tensor, cfg: VidCom2Config) -> None:
-        self.features = example.clone()
-        self.retention = torch.full((), 0.5, dtype=torch.float64, device=example.device)
+        with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
+            self.features = example.clone()
+            self.retention = torch.full((), 0.5, dtype=torch.float64, device=example.device)
         side = torch.cuda.Stream(example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, cached constants)
