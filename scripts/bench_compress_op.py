@@ -15,29 +15,15 @@ import csv
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import transformers
 
+from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec
 
 SHAPES = ((32, 196, 3584), (16, 600, 3584), (128, 196, 3584))
-
-
-def time_once(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def bench(shape, dtype, device, compressor, retention, repeats, warmup, options=None, buffers=4) -> dict:
@@ -46,7 +32,7 @@ def bench(shape, dtype, device, compressor, retention, repeats, warmup, options=
     spec = CompressionSpec(compressor, retention, dict(options or {}))
     for i in range(warmup):
         spec.keep_indices(inputs[i % buffers])
-    times = [time_once(lambda x=inputs[i % buffers]: spec.keep_indices(x), device) for i in range(repeats)]
+    times = [time_call_ms(lambda x=inputs[i % buffers]: spec.keep_indices(x), device) for i in range(repeats)]
     kept = spec.keep_indices(inputs[0]).numel()
     return {
         "compressor": compressor,

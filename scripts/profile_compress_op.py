@@ -15,22 +15,14 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from llava.bench.timing import time_call_ms
 from llava.model.vidcom2 import VidCom2Config, _mask_from_scores, vidcom2_keep_indices
 
 
 def median_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_call_ms(fn, "cuda") for _ in range(repeats))
 
 
 def main() -> None:

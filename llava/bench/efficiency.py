@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llava.bench.models import BenchModel, text_prefill
+from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec
 from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
 
@@ -148,22 +149,9 @@ def ideal_prefill_seconds(llm: VideoLLM, length: int, batch: int, *, repeats: in
     embeds = torch.randn(batch, length, hidden_size(llm), device=device, dtype=dtype) * 0.02
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
     positions = torch.arange(length, device=device)[None].expand(batch, -1)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            forward(embeds, mask, positions)
-            end.record()
-            torch.cuda.synchronize(device)
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            forward(embeds, mask, positions)
-            elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
+    for _ in range(warmup):
+        forward(embeds, mask, positions)
+    times = [time_call_ms(lambda: forward(embeds, mask, positions), device) / 1e3 for _ in range(repeats)]
     return statistics.median(times)
 
 
