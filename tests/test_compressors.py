@@ -108,3 +108,21 @@ def test_same_indices_on_cuda_and_on_the_device(name):
     cpu = get_compressor(name)(x, 0.25, {})
     gpu = get_compressor(name)(x.cuda(), 0.25, {})
     assert gpu.is_cuda and torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("name", ["vidcom2", "random", "uniform", "none"])
+def test_keep_mask_marks_exactly_the_kept_indices(name):
+    x = video(frames=6, tokens=30, dim=16, seed=5)
+    spec = CompressionSpec(name, 0.3)
+    mask = spec.keep_mask(x)
+    assert mask.shape == (6, 30) and mask.dtype == torch.bool
+    assert mask.reshape(-1).nonzero().squeeze(1).tolist() == spec.keep_indices(x).tolist()
+
+
+def test_keep_mask_of_non_finite_features_is_empty_and_indices_raise():
+    x = video(frames=4, tokens=20, dim=8, seed=6)
+    x[2, 3, 1] = float("inf")
+    for retention in (0.25, 1.0):
+        assert not CompressionSpec("vidcom2", retention).keep_mask(x).any()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            CompressionSpec("vidcom2", retention).keep_indices(x)

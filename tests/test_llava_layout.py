@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.model.layout import GRID_NEWLINES, build_layout, full_length
+from llava.model.layout import (
+    GRID_NEWLINES,
+    block_keep_mask,
+    block_sources,
+    build_layout,
+    full_length,
+    layout_from_mask,
+)
 
 F, H, W = 3, 3, 4
 NL = F * H * W  # the newline's source id
@@ -65,3 +72,42 @@ def test_one_token_keeps_one_newline() -> None:
 def test_bad_choice_raises() -> None:
     with pytest.raises(ValueError, match="grid_newlines"):
         build_layout(KEPT, F, H, W, "grid", "some")
+
+
+def _layouts_agree(mask: torch.Tensor, newline_position: str, grid_newlines: str) -> None:
+    kept = mask.reshape(-1).nonzero().squeeze(1)
+    expected = build_layout(kept, F, H, W, newline_position, grid_newlines)
+    block = block_keep_mask(mask, H, W, newline_position, grid_newlines)
+    got = layout_from_mask(block & mask.any(), F, H, W, newline_position)
+    assert got.source.tolist() == expected.source.tolist()
+    assert got.original_offsets.tolist() == expected.original_offsets.tolist()
+    assert (got.full_length, got.total_tokens, got.kept_tokens) == (
+        expected.full_length, expected.total_tokens, expected.kept_tokens
+    )
+
+
+MASK_CHOICES = [("one_token", "frame"), ("no_token", "frame"), ("frame", "frame"), ("grid", "frame"), ("grid", "rows")]
+
+
+@pytest.mark.parametrize(("newline_position", "grid_newlines"), MASK_CHOICES)
+def test_layout_from_mask_equals_build_layout(newline_position: str, grid_newlines: str) -> None:
+    """The sync-free construction keeps the same entries in the same order as the sort-based one,
+    for random masks (some frames and rows empty), the all-kept mask and a single kept token."""
+    generator = torch.Generator().manual_seed(0)
+    masks = [torch.rand(F, H * W, generator=generator) < p for p in (0.1, 0.3, 0.6, 0.9) for _ in range(5)]
+    masks.append(torch.ones(F, H * W, dtype=torch.bool))
+    one = torch.zeros(F, H * W, dtype=torch.bool)
+    one[1, 5] = True
+    masks.append(one)
+    for mask in masks:
+        _layouts_agree(mask, newline_position, grid_newlines)
+
+
+def test_block_mask_of_a_refused_selection_is_empty_and_all_rows_falls_back() -> None:
+    nothing = torch.zeros(F, H * W, dtype=torch.bool)
+    for newline_position, grid_newlines in MASK_CHOICES:
+        block = block_keep_mask(nothing, H, W, newline_position, grid_newlines)
+        assert layout_from_mask(block & nothing.any(), F, H, W, newline_position).length == 0
+    assert block_keep_mask(nothing, H, W, "grid", "all_rows") is None
+    assert block_sources(F, H, W, "grid", torch.device("cpu")).tolist() == uncompressed("grid")
+    assert block_sources(F, H, W, "frame", torch.device("cpu")).tolist() == uncompressed("frame")

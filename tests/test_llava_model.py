@@ -243,6 +243,12 @@ def test_errors_name_the_problem(ckpts: dict[str, Path], tmp_path: Path) -> None
         llm.answer(np.zeros((2, 8, 8, 3), np.uint8), "<image> and <image>")
     with pytest.raises(ValueError, match="llava_ov"):
         write_tiny_llava(tmp_path / "x", arch="llava_vid", fmt="hf")
+    vid = adapter(ckpts["vid"])
+    for model, grid_newlines in ((llm.model, "frame"), (vid.model, "frame"), (vid.model, "all_rows")):
+        features = torch.randn(2, 3, 3, model.spec.text_config.hidden_size)
+        features[1, 0, 2, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"vidcom2@0.5 kept no video token: features contain NaN"):
+            model.compress_video(features, CompressionSpec("vidcom2", 0.5), grid_newlines)
 
 
 def test_same_seed_same_weights_and_build_random() -> None:

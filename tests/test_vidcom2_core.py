@@ -290,6 +290,6 @@ def test_retention_as_tensor_equals_retention_as_number(options, retention):
 
     features = make_video(10, 49, 16, seed=13)
     cfg = VidCom2Config.from_options(options)
-    number, _ = _mask_from_scores(features, retention, cfg, None)
-    tensor, _ = _mask_from_scores(features, torch.tensor(retention, dtype=torch.float64), cfg, None)
+    number = _mask_from_scores(features, retention, cfg, None)
+    tensor = _mask_from_scores(features, torch.tensor(retention, dtype=torch.float64), cfg, None)
     assert torch.equal(number, tensor)

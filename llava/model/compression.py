@@ -4,6 +4,11 @@ A compressor maps one video's tokens ``features`` (F, P, D), a retention R in (0
 options to the kept flat indices into F*P (int64, sorted ascending). Model adapters only say where
 their video tokens are and call :func:`compress_video`; they never name a method. New baselines
 register with :func:`register_compressor` and slot in without touching any caller.
+
+A compressor may also register a mask form (``mask=``): the same selection as an (F, P) boolean
+mask computed without a host synchronisation, which lets an adapter fold the one unavoidable sync
+(the kept count) into its own layout work. Without one, :meth:`CompressionSpec.keep_mask` builds
+the mask from the indices on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from llava.model import baselines
-from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices
+from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices, vidcom2_keep_mask
 
 
 class Compressor(Protocol):
@@ -23,16 +28,24 @@ class Compressor(Protocol):
         """(F, P, D), R, options -> kept flat indices (K,) int64, ascending."""
 
 
+class MaskCompressor(Protocol):
+    def __call__(self, features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+        """(F, P, D), R, options -> keep mask (F, P) bool, no host sync; all False = invalid input."""
+
+
 _REGISTRY: dict[str, Compressor] = {}
+_MASKS: dict[str, MaskCompressor] = {}
 
 
-def register_compressor(name: str) -> Callable[[Compressor], Compressor]:
-    """Decorator: make ``fn`` available under ``name`` (unique)."""
+def register_compressor(name: str, *, mask: MaskCompressor | None = None) -> Callable[[Compressor], Compressor]:
+    """Decorator: make ``fn`` available under ``name`` (unique); ``mask`` is its optional mask form."""
 
     def wrap(fn: Compressor) -> Compressor:
         if name in _REGISTRY:
             raise ValueError(f"compressor {name!r} is already registered")
         _REGISTRY[name] = fn
+        if mask is not None:
+            _MASKS[name] = mask
         return fn
 
     return wrap
@@ -76,6 +89,20 @@ class CompressionSpec:
         """(F, P, D) of one video -> kept flat indices (K,) int64 ascending."""
         return get_compressor(self.compressor)(features, float(self.retention), dict(self.options))
 
+    def keep_mask(self, features: torch.Tensor) -> torch.Tensor:
+        """(F, P, D) of one video -> keep mask (F, P) bool, without a host synchronisation.
+
+        An all-False mask means the compressor refused the input (VidCom2: non-finite features).
+        """
+        get_compressor(self.compressor)  # the registry's error for an unknown name
+        n_frames, per_frame = features.shape[0], features.shape[1]
+        mask_fn = _MASKS.get(self.compressor)
+        if mask_fn is not None:
+            return mask_fn(features, float(self.retention), dict(self.options))
+        indices = self.keep_indices(features)  # the index-only compressors build them on the device
+        mask = torch.zeros(n_frames * per_frame, dtype=torch.bool, device=features.device)
+        return mask.index_fill_(0, indices.to(features.device), True).view(n_frames, per_frame)
+
     def describe(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.compressor}@{self.retention:g}" + (f"[{opts}]" if opts else "")
@@ -87,7 +114,11 @@ def compress_video(features: torch.Tensor, spec: CompressionSpec) -> tuple[torch
     return features.reshape(-1, features.shape[-1]).index_select(0, indices), indices
 
 
-@register_compressor("vidcom2")
+def _vidcom2_mask(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+    return vidcom2_keep_mask(features, retention, VidCom2Config.from_options(options))
+
+
+@register_compressor("vidcom2", mask=_vidcom2_mask)
 def _vidcom2(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
     return vidcom2_keep_indices(features, retention, VidCom2Config.from_options(options))
 

@@ -18,12 +18,19 @@ When every token is kept (identity compression) every choice gives the exact unc
 
 Positions: each layout entry carries its offset in the UNCOMPRESSED visual block, so a caller can
 use contiguous positions (the default, as the paper's code does) or the original ones.
-Everything is vectorised: one sort over K + (number of newlines) entries.
+
+Two equivalent constructions, both vectorised:
+- :func:`build_layout` from kept indices: one sort over K + (number of newlines) entries;
+- :func:`layout_from_mask` from the token keep mask, for every choice whose entries stay in
+  uncompressed order (all but ``all_rows``): the kept entries are the True positions of a mask over
+  the uncompressed block, so the only host synchronisation is reading their count, and nothing is
+  launched after it (the pipeline's GPU waits on the host at that point).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -43,12 +50,19 @@ class VisualLayout:
     source: torch.Tensor
     original_offsets: torch.Tensor
     full_length: int
-    kept_tokens: int
     total_tokens: int
+    _kept: int | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
         return int(self.source.numel())
+
+    @property
+    def kept_tokens(self) -> int:
+        """Video tokens kept (newlines excluded); counted on first use, after the timed stages."""
+        if self._kept is None:
+            self._kept = int((self.source < self.total_tokens).sum())
+        return self._kept
 
     @property
     def newlines(self) -> int:
@@ -90,7 +104,7 @@ def build_layout(
         extra = newline_position == "one_token"
         source = torch.cat([kept, torch.full((int(extra),), newline_id, device=device)])
         offsets = torch.cat([kept, torch.full((int(extra),), total, device=device)])
-        return VisualLayout(source, offsets, full_length(frames, h, w, newline_position), kept.numel(), total)
+        return VisualLayout(source, offsets, full_length(frames, h, w, newline_position), total, kept.numel())
 
     f, j = kept // per_frame, kept % per_frame
     r, c = j // w, j % w
@@ -124,4 +138,66 @@ def build_layout(
     order = torch.argsort(keys, stable=True)
     source = torch.cat([kept, torch.full_like(nl_frame, newline_id)])[order]
     offsets = torch.cat([tok_offset, nl_offset])[order]
-    return VisualLayout(source, offsets, full_length(frames, h, w, newline_position), kept.numel(), total)
+    return VisualLayout(source, offsets, full_length(frames, h, w, newline_position), total, kept.numel())
+
+
+def block_keep_mask(
+    mask: torch.Tensor, h: int, w: int, newline_position: str, grid_newlines: str = "frame"
+) -> torch.Tensor | None:
+    """Token keep mask (F, h*w) -> keep mask over the uncompressed block (full_length,), no host sync.
+
+    Marks the same entries :func:`build_layout` keeps. None for ``grid`` with ``all_rows``, whose
+    newlines leave uncompressed order (use build_layout there).
+    """
+    frames = mask.shape[0]
+    if newline_position == "no_token":
+        return mask.reshape(-1)
+    if newline_position == "one_token":
+        return torch.cat([mask.reshape(-1), mask.new_ones(1)])
+    if newline_position == "frame":
+        return torch.cat([mask, mask.any(dim=1, keepdim=True)], dim=1).reshape(-1)
+    if newline_position != "grid":
+        raise ValueError(f"unknown newline_position {newline_position!r}")
+    if grid_newlines not in GRID_NEWLINES:
+        raise ValueError(f"grid_newlines must be one of {', '.join(GRID_NEWLINES)}, got {grid_newlines!r}")
+    if grid_newlines == "all_rows":
+        return None
+    grid = mask.reshape(frames, h, w)
+    rows = grid.any(dim=2, keepdim=True)  # a newline after every row with a kept token
+    if grid_newlines == "frame":  # one newline, in the slot of the frame's last row newline
+        last = grid.any(dim=(1, 2)).reshape(frames, 1, 1)
+        per_frame = torch.cat([rows.new_zeros(frames, h - 1, 1), last], dim=1)
+        rows = torch.where(mask.all(), rows, per_frame)  # everything kept: the uncompressed layout
+    return torch.cat([grid, rows], dim=2).reshape(-1)
+
+
+@lru_cache(maxsize=32)
+def block_sources(frames: int, h: int, w: int, newline_position: str, device: torch.device) -> torch.Tensor:
+    """(full_length,) row of ``[video tokens; newline]`` for each entry of the uncompressed block.
+
+    Made once per shape, outside inference mode (usable in and out of it)."""
+    total = frames * h * w
+    with torch.inference_mode(False):
+        tokens = torch.arange(total, device=device)
+        if newline_position in ("one_token", "no_token"):
+            return torch.arange(total + int(newline_position == "one_token"), device=device)
+        if newline_position == "frame":
+            grid, pad = tokens.reshape(frames, h * w), (frames, 1)
+        else:
+            grid, pad = tokens.reshape(frames, h, w), (frames, h, 1)
+        return torch.cat([grid, torch.full(pad, total, device=device)], dim=-1).reshape(-1)
+
+
+def layout_from_mask(block_mask: torch.Tensor, frames: int, h: int, w: int, newline_position: str) -> VisualLayout:
+    """The layout of the True entries of :func:`block_keep_mask`, in uncompressed order.
+
+    Offsets and sources are computed for the whole block before the one host synchronisation, the
+    kept count, and are then cut to it: no kernel runs after the sync.
+    """
+    total = frames * h * w
+    size = block_mask.numel()
+    count = block_mask.sum()
+    offsets = torch.nonzero_static(block_mask, size=size, fill_value=0).squeeze(1)
+    sources = block_sources(frames, h, w, newline_position, block_mask.device).index_select(0, offsets)
+    kept = int(count)  # the one host sync
+    return VisualLayout(sources[:kept], offsets[:kept], size, total)

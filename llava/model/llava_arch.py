@@ -23,8 +23,16 @@ from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from llava.model.compression import CompressionSpec
 from llava.model.generate import BatchInputs, pad_left
-from llava.model.layout import VisualLayout, build_layout
+from llava.model.layout import (
+    VisualLayout,
+    block_keep_mask,
+    block_sources,
+    build_layout,
+    full_length,
+    layout_from_mask,
+)
 from llava.model.llava_config import LlavaSpec
+from llava.model.vidcom2 import NON_FINITE_MESSAGE
 
 POSITION_MODES = ("contiguous", "original")
 
@@ -126,15 +134,29 @@ class LlavaVideoModel(nn.Module):
     def compress_video(
         self, features: torch.Tensor, compression: CompressionSpec, grid_newlines: str = "frame"
     ) -> VisualBlock:
-        """(F, h, w, D) -> the visual block: kept tokens (compressor chosen by name) with newlines."""
+        """(F, h, w, D) -> the visual block: kept tokens (compressor chosen by name) with newlines.
+
+        Everything but the final row gather is queued before the stage's one host synchronisation
+        (the kept count): in the pipeline the GPU is still busy with the vision tower then, so that
+        work costs no host latency (see llava.model.layout).
+        """
         frames, h, w, dim = features.shape
+        position = self.spec.newline_position
         flat = features.reshape(frames, h * w, dim)
-        if compression.is_identity:
-            kept = torch.arange(frames * h * w, device=features.device)
-        else:
-            kept = compression.keep_indices(flat).to(features.device)
-        layout = build_layout(kept, frames, h, w, self.spec.newline_position, grid_newlines)
         table = torch.cat([flat.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        if compression.is_identity:
+            size = full_length(frames, h, w, position)
+            sources = block_sources(frames, h, w, position, features.device)
+            layout = VisualLayout(sources, torch.arange(size, device=features.device), size, frames * h * w)
+            return VisualBlock(table.index_select(0, layout.source), layout)
+        mask = compression.keep_mask(flat)
+        block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
+        if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
+            layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
+        else:
+            layout = layout_from_mask(block_mask & mask.any(), frames, h, w, position)
+        if layout.length == 0:  # every selection keeps a token: an empty one means non-finite features
+            raise ValueError(f"{compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
         return VisualBlock(table.index_select(0, layout.source), layout)
 
     def image_block(self, pixels: torch.Tensor) -> VisualBlock:

@@ -7,7 +7,7 @@ a parameter change, never an edit of this file.
 
 Shapes: ``features`` is (F, P, D) - F frames, P tokens per frame, D channels. Everything here is
 vectorised over frames and tokens; the only host synchronisation is the final ``nonzero`` (the kept
-count is data dependent), which also carries the finite-input check.
+count is data dependent), which also carries the finite-input check (non-finite input keeps nothing).
 
 This module is the bottom of the stack: it imports nothing from models or evaluation.
 """
@@ -314,17 +314,19 @@ def vidcom2_frame_budgets(
     return budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
 
 
-def _keep_mask_and_variance(
+def _checked_keep_mask(
     features: torch.Tensor,
     retention: float,
     config: VidCom2Config | dict[str, Any] | None,
     token_scores_external: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
+    """The keep mask (F, P), all False when the features are not finite; no host synchronisation."""
     cfg = VidCom2Config.from_options(config)
     check_video_features(features, retention)
     n_frames, per_frame, _ = features.shape
     if float(retention) >= 1.0:
-        return torch.ones(n_frames, per_frame, dtype=torch.bool, device=features.device), None
+        finite = torch.isfinite(features).all()
+        return finite.expand(n_frames, per_frame).clone()
     if (
         cfg.execution != "eager"
         and features.is_cuda
@@ -342,9 +344,12 @@ def _mask_from_scores(
     retention: float | torch.Tensor,
     cfg: VidCom2Config,
     token_scores_external: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The whole selection up to the keep mask: pure tensor code with no host synchronisation.
 
+    Non-finite features give an all-False mask (a valid selection keeps >= 1 token per frame), so
+    the caller's one synchronisation, on the kept count, also carries the NaN check. The check reads
+    the channel variance, which any non-finite feature makes non-finite: no second pass.
     Selection is not differentiable, so no autograd graph is built even for features that need grad."""
     per_frame = features.shape[1]
     v, f, variance = similarity_to_centres(features, cfg)
@@ -352,8 +357,10 @@ def _mask_from_scores(
     scores = token_scores(v, f, cfg, token_scores_external)
     ranks = rank_within_frame(scores)
     if cfg.exact_count:
-        return exact_total_budgets(budgets, scores, ranks, retention), variance
-    return ranks < budgets[:, None], variance
+        keep = exact_total_budgets(budgets, scores, ranks, retention)
+    else:
+        keep = ranks < budgets[:, None]
+    return keep & torch.isfinite(variance).all()
 
 
 class _CapturedSelection:
@@ -374,20 +381,20 @@ class _CapturedSelection:
         torch.cuda.current_stream(example.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.mask, self.variance = _mask_from_scores(self.features, self.retention, cfg, None)
+            self.mask = _mask_from_scores(self.features, self.retention, cfg, None)
 
-    def __call__(self, features: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, features: torch.Tensor, retention: float) -> torch.Tensor:
         self.features.copy_(features)
         self.retention.fill_(retention)
         self.graph.replay()
-        return self.mask.clone(), self.variance.clone()
+        return self.mask.clone()  # the next replay overwrites the graph's own output
 
 
 _GRAPHS: OrderedDict[tuple, _CapturedSelection] = OrderedDict()
 _MAX_GRAPHS = 4  # each holds its intermediates (~0.25 GB at 32x196x3584); evaluations reuse one shape
 
 
-def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> tuple[torch.Tensor, torch.Tensor]:
+def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
     key = (tuple(features.shape), features.dtype, features.device, cfg)
     captured = _GRAPHS.pop(key, None)
     if captured is None:
@@ -401,7 +408,7 @@ def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> tu
 _COMPILED: dict[VidCom2Config, Any] = {}
 
 
-def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> tuple[torch.Tensor, torch.Tensor]:
+def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
     """_mask_from_scores fused by torch.compile and replayed through its own CUDA graphs."""
     fn = _COMPILED.get(cfg)
     if fn is None:
@@ -409,8 +416,7 @@ def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> t
                            mode="reduce-overhead", dynamic=False)
         _COMPILED[cfg] = fn
     r = torch.full((), retention, dtype=torch.float64, device=features.device)
-    mask, variance = fn(features, r)
-    return mask.clone(), variance.clone()  # the graph's outputs are overwritten by its next replay
+    return fn(features, r).clone()  # the graph's output is overwritten by its next replay
 
 
 def vidcom2_keep_mask(
@@ -419,8 +425,15 @@ def vidcom2_keep_mask(
     config: VidCom2Config | dict[str, Any] | None = None,
     token_scores_external: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(F, P, D) -> boolean keep mask (F, P), computed without any host synchronisation."""
-    return _keep_mask_and_variance(features, retention, config, token_scores_external)[0]
+    """(F, P, D) -> boolean keep mask (F, P), computed without any host synchronisation.
+
+    Every frame keeps at least one token; an all-False mask means the features were not finite
+    (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
+    """
+    return _checked_keep_mask(features, retention, config, token_scores_external)
+
+
+NON_FINITE_MESSAGE = "features contain NaN or Inf; refusing to select tokens from them"
 
 
 def vidcom2_keep_indices(
@@ -434,9 +447,8 @@ def vidcom2_keep_indices(
     Raises ValueError for a retention outside (0, 1], a wrong rank, an empty dimension or
     non-finite features.
     """
-    mask, variance = _keep_mask_and_variance(features, retention, config, token_scores_external)
-    finite = torch.isfinite(variance if variance is not None else features).all()
+    mask = _checked_keep_mask(features, retention, config, token_scores_external)
     indices = mask.reshape(-1).nonzero().squeeze(1)  # the one host sync
-    if not bool(finite):  # already synchronised by nonzero: free
-        raise ValueError("features contain NaN or Inf; refusing to select tokens from them")
+    if indices.numel() == 0:  # known on the host once nonzero returns: no second sync
+        raise ValueError(NON_FINITE_MESSAGE)
     return indices
