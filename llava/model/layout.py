@@ -188,16 +188,25 @@ def block_sources(frames: int, h: int, w: int, newline_position: str, device: to
         return torch.cat([grid, torch.full(pad, total, device=device)], dim=-1).reshape(-1)
 
 
-def layout_from_mask(block_mask: torch.Tensor, frames: int, h: int, w: int, newline_position: str) -> VisualLayout:
-    """The layout of the True entries of :func:`block_keep_mask`, in uncompressed order.
+def layout_from_mask(
+    block_mask: torch.Tensor,
+    frames: int,
+    h: int,
+    w: int,
+    newline_position: str,
+    table: torch.Tensor | None = None,
+) -> tuple[VisualLayout, torch.Tensor | None]:
+    """The layout of the True entries of :func:`block_keep_mask`, in uncompressed order, and (when
+    ``table`` = rows of ``[video tokens; newline]`` is given) its rows: the visual block's embeddings.
 
-    Offsets and sources are computed for the whole block before the one host synchronisation, the
-    kept count, and are then cut to it: no kernel runs after the sync.
+    Everything is computed for the whole block before the one host synchronisation, the kept count,
+    and then cut to it: no kernel is launched after the sync, when the GPU would wait for the host.
     """
     total = frames * h * w
     size = block_mask.numel()
     count = block_mask.sum()
     offsets = torch.nonzero_static(block_mask, size=size, fill_value=0).squeeze(1)
     sources = block_sources(frames, h, w, newline_position, block_mask.device).index_select(0, offsets)
+    rows = table.index_select(0, sources) if table is not None else None
     kept = int(count)  # the one host sync
-    return VisualLayout(sources[:kept], offsets[:kept], size, total)
+    return VisualLayout(sources[:kept], offsets[:kept], size, total), (rows[:kept] if rows is not None else None)

@@ -136,9 +136,10 @@ class LlavaVideoModel(nn.Module):
     ) -> VisualBlock:
         """(F, h, w, D) -> the visual block: kept tokens (compressor chosen by name) with newlines.
 
-        Everything but the final row gather is queued before the stage's one host synchronisation
-        (the kept count): in the pipeline the GPU is still busy with the vision tower then, so that
-        work costs no host latency (see llava.model.layout).
+        Everything, the row gather included, is queued before the stage's one host synchronisation
+        (the kept count), after which only views are taken: in the pipeline the GPU is still busy with
+        the vision tower while the host queues this work, and nothing waits on the host after the
+        sync (see llava.model.layout).
         """
         frames, h, w, dim = features.shape
         position = self.spec.newline_position
@@ -153,11 +154,12 @@ class LlavaVideoModel(nn.Module):
         block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
         if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
             layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
+            embeds = table.index_select(0, layout.source)
         else:
-            layout = layout_from_mask(block_mask & mask.any(), frames, h, w, position)
+            layout, embeds = layout_from_mask(block_mask & mask.any(), frames, h, w, position, table)
         if layout.length == 0:  # every selection keeps a token: an empty one means non-finite features
             raise ValueError(f"{compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
-        return VisualBlock(table.index_select(0, layout.source), layout)
+        return VisualBlock(embeds, layout)
 
     def image_block(self, pixels: torch.Tensor) -> VisualBlock:
         """One image (1, 3, S, S): all h*w unpooled tokens then one newline, never compressed."""

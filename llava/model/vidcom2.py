@@ -197,9 +197,9 @@ def similarity_to_centres(
     L2-normalised on the selected channels; centres are plain means, not re-normalised.
     """
     dtype = torch.float32 if cfg.score_dtype == "float32" else features.dtype
-    x = features.to(dtype)
-    variance = channel_variance(x)
-    x = select_low_variance_channels(x, variance, cfg.channel_ratio)
+    variance = channel_variance(features.to(dtype))
+    # channels picked from the input before the cast: the same values, half the bytes moved
+    x = select_low_variance_channels(features, variance, cfg.channel_ratio).to(dtype)
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (F, P, 1)
     inverse = norms.clamp_min(1e-12).reciprocal_()
     x = x * inverse
