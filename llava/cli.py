@@ -88,6 +88,12 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--decode-mode",
+        default="eager",
+        help="eager (default); static: static KV cache; compiled: static cache + torch.compile'd step "
+        "(CUDA graphs on CUDA; the first use of a shape compiles, seconds to a minute; needs --attn sdpa or eager)",
+    )
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -126,7 +132,12 @@ def _run_infer(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         stop=tuple(args.stop or ()),
         seed=args.seed,
+        decode_mode=args.decode_mode,
     )
+    if generation.decode_mode != "eager":
+        from llava.model.static_decode import check_attention
+
+        check_attention(args.attn, generation.decode_mode)
     if not Path(args.video).exists():
         raise FileNotFoundError(f"video not found: {args.video}")
     model = load_video_llm(
@@ -230,4 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m llava.cli`: extensions register into the imported module llava.cli, not into this
+    # __main__ copy of it, so run that module's main.
+    from llava.cli import main as package_main
+
+    sys.exit(package_main())

@@ -21,6 +21,9 @@ from llava.model.compression import CompressionSpec
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# eager: DynamicCache, one eager forward per token (the default). static: a StaticCache filled from the
+# prefill, steps still eager. compiled: the static cache plus a torch.compile'd step (CUDA graphs on CUDA).
+DECODE_MODES = ("eager", "static", "compiled")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -49,10 +52,13 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
+    decode_mode: str = "eager"  # one of DECODE_MODES; see llava.model.static_decode
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
 #   FRAMES=<model default>  MODEL=<hub id or dir>  OUTPUT_DIR=./logs/<name>  RESULTS_DIR=results
 #   EXTRA_MODEL_ARGS="temperature=0.02,frame_score=equal"  SKIP_BASELINE=1  DRY_RUN=1
 #   LAUNCHER="accelerate launch --num_processes=$GPUS -m"   (e.g. "python -m" for one process)
+#   INCLUDE_PATH=<dir of local task YAMLs>   (lmms-eval --include_path, e.g. a synthetic task)
 set -euo pipefail
 
 run_paper_table() {
@@ -46,6 +47,7 @@ run_paper_table() {
     fi
     local cmd=($launcher lmms_eval --model "$model_id" --model_args "$model_args" --tasks "$tasks"
       --batch_size 1 --log_samples --log_samples_suffix "$model_id" --output_path "$run_dir")
+    [[ -z "${INCLUDE_PATH:-}" ]] || cmd+=(--include_path "$INCLUDE_PATH")
     echo "eval: ${cmd[*]}"
     [[ "${DRY_RUN:-0}" == "1" ]] && continue
     mkdir -p "$run_dir"

@@ -251,6 +251,20 @@ def test_errors_name_the_problem(ckpts: dict[str, Path], tmp_path: Path) -> None
             model.compress_video(features, CompressionSpec("vidcom2", 0.5), grid_newlines)
 
 
+def test_adapter_template_and_pool_mode_override(ckpts: dict[str, Path], videos: Path) -> None:
+    """What the lmms-eval wrapper checks (conv_template) and sets (mm_spatial_pool_mode) on the adapter."""
+    llm = adapter(ckpts["ov"])
+    assert llm.conv_template == "qwen_1_5" and llm.mm_spatial_pool_mode == "bilinear"
+    pixels = llm.model.preprocess(read_video(videos / "mixed.mp4", FRAMES).frames)
+    with torch.inference_mode():
+        bilinear = llm.model.encode_video(pixels)
+        llm.mm_spatial_pool_mode = "average"
+        average = llm.model.encode_video(pixels)
+    assert llm.model.spec.pool_mode == "average" and not torch.equal(bilinear, average)
+    with pytest.raises(ValueError, match="mm_spatial_pool_mode='mean'"):
+        llm.mm_spatial_pool_mode = "mean"
+
+
 def test_same_seed_same_weights_and_build_random() -> None:
     from llava.model.llava_config import parse_spec
 

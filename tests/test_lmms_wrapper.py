@@ -126,3 +126,12 @@ def test_preprocess_device_reaches_an_adapter_that_has_one(monkeypatch, tmp_path
     monkeypatch.delattr(FakeVideoLLM, "preprocess_device")
     with pytest.raises(ValueError, match="preprocess_device"):
         _wrapper(monkeypatch, tmp_path, preprocess_device="cuda")
+
+
+def test_pool_mode_is_applied_like_the_builtin_wrappers(monkeypatch, tmp_path):
+    """lmms-eval's LLaVA wrappers override the checkpoint's pooling with their default or the given value."""
+    paper_args = {"conv_template": "qwen_1_5", "model_name": "llava_qwen", "mm_spatial_pool_mode": "average"}
+    w = _wrapper(monkeypatch, tmp_path, **paper_args)
+    assert w.model.mm_spatial_pool_mode == "average"
+    monkeypatch.setattr(FakeVideoLLM, "mm_spatial_pool_mode", "max")
+    assert _wrapper(monkeypatch, tmp_path).model.mm_spatial_pool_mode == "bilinear"  # llava_onevision's default

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from llava.model.compression import CompressionSpec
 from llava.model.generate import choose_next_tokens
+from llava.model.static_decode import StaticDecoder, start_static_decode
 from llava.runtime import GenerationOptions
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
@@ -71,11 +72,16 @@ class PrefillInputs:
 
 @dataclass
 class DecodeState:
-    """What a decode step needs: the KV cache, the growing 2-D mask and the next (4, B, 1) positions."""
+    """What a decode step needs: the KV cache, the growing 2-D mask and the next (4, B, 1) positions.
 
-    cache: DynamicCache
+    After :func:`use_static_cache`, ``static`` decodes on a static cache (which then is ``cache``) and
+    keeps its own (B, cache length) mask; ``attention_mask`` stays the prompt's.
+    """
+
+    cache: Cache
     attention_mask: torch.Tensor
     next_position_ids: torch.Tensor
+    static: StaticDecoder | None = None
 
 
 def _arch(model: PreTrainedModel) -> QwenArch:
@@ -232,9 +238,39 @@ def prefill(model: PreTrainedModel, prepared: PrefillInputs) -> tuple[torch.Tens
     return model.lm_head(hidden).float(), state
 
 
+def static_step(
+    model: PreTrainedModel, cache: Cache, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode token per row on a static cache: the forward the static / compiled decode modes run
+    (module level, so a compiled step is keyed by it). positions (4, B, 1); returns (B, V) float32."""
+    hidden = _language_model(
+        model,
+        inputs_embeds=model.get_input_embeddings()(tokens[:, None]),
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+    )
+    return model.lm_head(hidden).float()
+
+
+@torch.inference_mode()
+def use_static_cache(model: PreTrainedModel, state: DecodeState, max_new_tokens: int, mode: str) -> DecodeState:
+    """Move a prefilled ``state`` onto a static cache (``mode`` "static" or "compiled", see
+    llava.model.static_decode) with room for ``max_new_tokens``; later decode steps use it."""
+    state.static = start_static_decode(
+        model, static_step, model.config.text_config, state.cache, state.attention_mask, max_new_tokens, mode
+    )
+    state.cache = state.static.cache  # the prefill's DynamicCache can be freed
+    return state
+
+
 @torch.inference_mode()
 def decode_step(model: PreTrainedModel, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one token per row (B,) and return the next logits (B, V) float32; ``state`` advances."""
+    if state.static is not None:
+        logits = state.static.step(tokens, state.next_position_ids)
+        state.next_position_ids = state.next_position_ids + 1
+        return logits
     mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], dim=1)
     hidden = _language_model(
         model,
@@ -267,6 +303,7 @@ def generate(
     """Prefill then decode until every row emitted EOS (or ``stop_check(ids) -> (B,) bool`` fires).
 
     ``options.ignore_eos`` (benchmarks) generates exactly max_new_tokens unless a stop string fires.
+    ``options.decode_mode`` static / compiled decodes on a static cache filled from the (unchanged) prefill.
 
     Returns (generated ids (B, T) with finished rows padded, prefill logits (B, V)). ``timer`` is an
     optional :class:`llava.runtime.StageTimer` charged with "prefill" and "decode".
@@ -280,6 +317,8 @@ def generate(
     with maybe_stage(timer, "prefill"):
         first_logits, state = prefill(model, prepared)
     with maybe_stage(timer, "decode"):
+        if options.decode_mode != "eager" and options.max_new_tokens > 1:
+            use_static_cache(model, state, options.max_new_tokens, options.decode_mode)
         logits = first_logits
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         steps = []

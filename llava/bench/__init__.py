@@ -31,10 +31,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--attn", default=None, help="default: flash_attention_2 when installed, else sdpa")
+    p.add_argument(
+        "--attn",
+        default=None,
+        help="default: flash_attention_2 when installed, else sdpa (always sdpa with --decode-mode static/compiled)",
+    )
+    p.add_argument(
+        "--decode-mode",
+        default="eager",
+        help="eager (default), static (static KV cache) or compiled (static cache + CUDA graphs; "
+        "warm-up runs absorb the compile)",
+    )
+    p.add_argument(
+        "--vidcom2-option", action="append", default=[], metavar="KEY=VALUE",
+        help="VidCom2Config field for the vidcom2 cases, e.g. execution=compiled (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=Path("results/efficiency_h100.csv"))
     p.add_argument("--append", action="store_true", help="append rows to --out instead of replacing it")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of TTFT and peak memory vs retention")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--vidcom2-option expects KEY=VALUE, got {item!r}")
+    return key.strip(), value.strip()
 
 
 def _model_names() -> list[str]:
@@ -53,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     from llava.bench.efficiency import bench_model, sweep_cases, write_rows
     from llava.bench.models import get_bench_model
     from llava.model.compression import get_compressor
+    from llava.model.vidcom2 import VidCom2Config
 
     models = [get_bench_model(name) for name in args.models.split(",") if name]
     compressors = [c for c in args.compressors.split(",") if c]
@@ -62,18 +84,34 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--retentions must lie in (0, 1], got {args.retentions}")
     if args.decode_tokens < 2:
         raise ValueError("--decode-tokens must be >= 2 (the first token comes from prefill)")
+    from llava.runtime import DECODE_MODES
+
+    if args.decode_mode not in DECODE_MODES:
+        raise ValueError(f"--decode-mode must be one of {', '.join(DECODE_MODES)}, got {args.decode_mode!r}")
+    if args.decode_mode != "eager" and args.warmup < 1:
+        raise ValueError(f"--decode-mode {args.decode_mode} needs --warmup >= 1 (the first run compiles)")
+    vidcom2_options = dict(_key_value(item) for item in args.vidcom2_option)
+    VidCom2Config.from_options(vidcom2_options)  # a typo fails before any model is built
     cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
     command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    attn = args.attn or _default_attn()
-    append = args.append
+    attn = args.attn or ("sdpa" if args.decode_mode != "eager" else _default_attn())
+    if args.decode_mode != "eager":
+        from llava.model.static_decode import check_attention
+
+        check_attention(attn, args.decode_mode)
+    append = [args.append]
+
+    def write_now(row: dict) -> None:  # each row as soon as it is measured; later rows append
+        write_rows([row], args.out, append=append[0])
+        append[0] = True
+
     with tempfile.TemporaryDirectory() as work:
         for model in models:
-            rows = bench_model(
+            bench_model(
                 model, cases, device=args.device, dtype=args.dtype, attn=attn, decode_tokens=args.decode_tokens,
                 repeats=args.repeats, warmup=args.warmup, work_dir=Path(work), command=command,
+                decode_mode=args.decode_mode, vidcom2_options=vidcom2_options, on_row=write_now,
             )
-            write_rows(rows, args.out, append=append)
-            append = True  # later models add to the file this run started
     if args.plot is not None:
         from llava.bench.plot import plot_efficiency
 

@@ -25,6 +25,7 @@ import torch
 from llava.bench.models import BenchModel, text_prefill
 from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec
+from llava.model.static_decode import release_static_decode
 from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
@@ -113,10 +114,16 @@ def run_case(
     decode_tokens: int,
     repeats: int,
     warmup: int,
+    decode_mode: str = "eager",
+    vidcom2_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], InferenceResult, float, float]:
-    """Median seconds per stage over ``repeats`` runs after ``warmup``; peak memory over the timed runs."""
-    spec = CompressionSpec(case.compressor, case.retention)
-    generation = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True)
+    """Median seconds per stage over ``repeats`` runs after ``warmup``; peak memory over the timed runs.
+
+    ``decode_mode`` "compiled" compiles on the first run of a shape: keep ``warmup`` >= 1 so it is not timed.
+    """
+    options = dict(vidcom2_options or {}) if case.compressor == "vidcom2" else {}
+    spec = CompressionSpec(case.compressor, case.retention, options)
+    generation = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True, decode_mode=decode_mode)
     sampling = model.sampling(case.frames)
     device = torch.device(llm.device)
 
@@ -155,7 +162,7 @@ def ideal_prefill_seconds(llm: VideoLLM, length: int, batch: int, *, repeats: in
     return statistics.median(times)
 
 
-def environment(device: torch.device, attn: str, dtype: str) -> dict[str, Any]:
+def environment(device: torch.device, attn: str, dtype: str, decode_mode: str = "eager") -> dict[str, Any]:
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -165,6 +172,7 @@ def environment(device: torch.device, attn: str, dtype: str) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "attn_implementation": attn,
         "dtype": dtype,
+        "decode_mode": decode_mode,
     }
 
 
@@ -181,17 +189,23 @@ def bench_model(
     work_dir: Path,
     command: str,
     log: Any = print,
+    on_row: Any = None,
+    decode_mode: str = "eager",
+    vidcom2_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Build one model, run its cases, and return one CSV row per case (ideal columns included)."""
     llm = model.build(device, dtype, attn)
-    env = environment(torch.device(llm.device), attn, dtype)
+    env = environment(torch.device(llm.device), attn, dtype, decode_mode)
     videos = {n: write_bench_video(work_dir / f"bench_{n}f.mp4", n) for n in sorted({c.frames for c in cases})}
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []
     for case in sorted(cases, key=lambda c: (c.frames, c.batch, c.compressor != "none", -c.retention)):
         stages, result, alloc, reserved = run_case(
-            llm, model, videos[case.frames], case, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup
+            llm, model, videos[case.frames], case, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
+            decode_mode=decode_mode, vidcom2_options=vidcom2_options,
         )
+        if isinstance(getattr(llm, "model", None), torch.nn.Module):
+            release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
         ttft = stages["preprocess"] + stages["vision"] + stages["compress"] + stages["prefill"]
         total = sum(stages[s] for s in STAGES)
         prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
@@ -204,6 +218,10 @@ def bench_model(
         row: dict[str, Any] = {
             "model": model.name,
             "compressor": case.compressor,
+            "compressor_options": (
+                ";".join(f"{k}={v}" for k, v in sorted((vidcom2_options or {}).items()))
+                if case.compressor == "vidcom2" else ""
+            ),
             "retention": case.retention,
             "frames": case.frames,
             "batch": case.batch,
@@ -236,6 +254,8 @@ def bench_model(
             "command": command,
         }
         rows.append(row)
+        if on_row is not None:  # e.g. write it now: a run cut short keeps the rows it finished
+            on_row(row)
         log(
             f"{model.name} {case.compressor}@{case.retention:g} f={case.frames} b={case.batch}: "
             f"vision {row['vision_ms']:.1f} compress {row['compress_ms']:.2f} prefill {row['prefill_ms']:.1f} "
@@ -250,8 +270,17 @@ def bench_model(
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path, *, append: bool = False) -> None:
+    """Write (or append) CSV rows; appending to a file whose header has other columns raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    exists = append and path.exists()
+    exists = append and path.exists() and path.stat().st_size > 0
+    if exists:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != list(rows[0]):
+            raise ValueError(
+                f"cannot append to {path}: its columns differ (missing {sorted(set(rows[0]) - set(header))}, "
+                f"extra {sorted(set(header) - set(rows[0]))}); write a new file"
+            )
     with path.open("a" if exists else "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         if not exists:

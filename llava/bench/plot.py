@@ -24,6 +24,8 @@ def plot_efficiency(csv_path: Path, png_path: Path, *, frames: int | None = None
             counts[int(r["frames"])] += 1
         frames = max(counts, key=counts.get)
     rows = [r for r in rows if int(r["frames"]) == frames]
+    for r in rows:  # a compressor run with options (e.g. execution=compiled) is its own line
+        r["compressor"] += f"[{r['compressor_options']}]" if r.get("compressor_options") else ""
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(2, len(models), figsize=(4 * len(models), 6.5), squeeze=False)
     for col, model in enumerate(models):

@@ -23,9 +23,9 @@ from llava.model.compression import CompressionSpec
 from llava.model.generate import decode, prefill
 from llava.model.layout import GRID_NEWLINES
 from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
-from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, is_lmms_lab_config, lmms_lab_family
+from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
 from llava.model.loading import load_llava
-from llava.model.prompt import split_prompt, stop_token_ids
+from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
 from llava.model.tiny import tiny_builder
 from llava.runtime import (
     FrameSampling,
@@ -71,6 +71,22 @@ class LlavaVideoLLM:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def conv_template(self) -> str:
+        """The prompt template both families were trained with, the only one implemented (prompt.py)."""
+        return CONV_TEMPLATE
+
+    @property
+    def mm_spatial_pool_mode(self) -> str:
+        return self.model.spec.pool_mode
+
+    @mm_spatial_pool_mode.setter
+    def mm_spatial_pool_mode(self, mode: str) -> None:
+        """Override the checkpoint's pooling, as lmms-eval's LLaVA wrappers do through overwrite_config."""
+        if mode not in POOL_MODES:
+            raise ValueError(f"mm_spatial_pool_mode={mode!r} is not one of {', '.join(POOL_MODES)}")
+        self.model.spec.pool_mode = mode
 
     def _check_settings(self) -> None:
         if self.grid_newlines not in GRID_NEWLINES:

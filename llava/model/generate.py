@@ -4,7 +4,8 @@ Our own loop instead of ``generate``: the visual block is spliced into ``inputs_
 may skip (original-position mode), and the prefill and decode stages are timed separately. It uses
 only the public forward of a transformers causal LM (inputs_embeds / input_ids, a 2-D attention
 mask, position_ids, a DynamicCache). A mask is always passed, so masking never guesses packed
-sequences from the positions.
+sequences from the positions. ``GenerationOptions.decode_mode`` "static" / "compiled" moves decoding
+onto a static cache (and a compiled step) after the unchanged prefill: see llava.model.static_decode.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from llava.model.static_decode import start_static_decode
 from llava.runtime import GenerationOptions, cut_at_stop
 
 
@@ -76,6 +78,17 @@ def choose_next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def static_step(
+    lm: PreTrainedModel, cache: Cache, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode token per row on a static cache: the forward the static / compiled decode modes run
+    (module level, so a compiled step is keyed by it). positions (B, 1); returns (B, V) float32."""
+    out = lm(
+        input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    return out.logits[:, -1].float()
+
+
 @dataclass
 class Decoded:
     output_ids: list[list[int]]
@@ -96,6 +109,7 @@ def decode(
 
     Output ids include the final stop id; the text excludes special tokens and is cut before the
     first stop string. Finished rows keep feeding a stop id (ignored) so the batch stays rectangular.
+    With ``options.decode_mode`` static / compiled the prefill ``cache`` is copied into a static cache first.
     """
     device = first_logits.device
     generator = None
@@ -110,6 +124,11 @@ def decode(
     steps: list[torch.Tensor] = []
     logits = first_logits
     texts = [""] * rows
+    static = None
+    if options.decode_mode != "eager" and options.max_new_tokens > 1:
+        static = start_static_decode(
+            lm, static_step, lm.config, cache, batch.attention_mask, options.max_new_tokens, options.decode_mode
+        )
     for _ in range(options.max_new_tokens):
         token = choose_next_tokens(logits, options, generator)
         token = torch.where(finished, stop_tensor[0].clamp(min=0), token)
@@ -125,6 +144,10 @@ def decode(
                         finished[i] = True
         if bool(finished.all()) or len(steps) == options.max_new_tokens:
             break
+        if static is not None:
+            logits = static.step(token, position[:, None])
+            position = position + 1
+            continue
         mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
         out = lm(
             input_ids=token[:, None],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+CONV_TEMPLATE = "qwen_1_5"  # the name LLaVA-NeXT and lmms-eval give this template
 SYSTEM_PROMPT = "You are a helpful assistant."
 PLACEHOLDERS = ("<image>", "<video>")
 

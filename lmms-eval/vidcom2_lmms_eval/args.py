@@ -16,7 +16,7 @@ from typing import Any
 
 from llava.model.compression import CompressionSpec, available_compressors
 from llava.model.vidcom2 import VidCom2Config
-from llava.runtime import FrameSampling
+from llava.runtime import DECODE_MODES, FrameSampling
 
 VIDCOM2_KEYS = tuple(f.name for f in fields(VidCom2Config))
 OTHER_COMPRESSOR_KEYS = ("seed",)  # options of the reference baselines (random)
@@ -80,6 +80,8 @@ COMMON_KEYS = {
     "preprocess_device": "Qwen: run the HF video processor there (e.g. cuda); default the CPU, as the built-ins",
     "resume_dir": "per-sample answer cache; a rerun skips finished samples",
     "max_new_tokens": "default when the task's generation_kwargs do not set it",
+    "decode_mode": f"one of {', '.join(DECODE_MODES)}: eager (default) or a static KV cache, compiled with CUDA "
+    "graphs (same outputs, faster decoding; the first request of a shape compiles)",
 }
 
 
@@ -104,6 +106,7 @@ class WrapperSettings:
     preprocess_device: str | None = None
     resume_dir: str | None = None
     max_new_tokens: int = 1024
+    decode_mode: str = "eager"
     compression_source: str = "model_args"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -220,6 +223,13 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     compression, source = compression_from(args, environ)
+    decode_mode = str(args.get("decode_mode", "eager")).strip().lower()
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"model_arg decode_mode={args['decode_mode']!r} is not one of {', '.join(DECODE_MODES)}")
+    if decode_mode != "eager" and attn == "flash_attention_2":
+        raise ValueError(
+            f"model_arg decode_mode={decode_mode} needs attn_implementation sdpa or eager, not flash_attention_2"
+        )
     return WrapperSettings(
         model_id=model_id,
         pretrained=str(args["pretrained"]),
@@ -238,6 +248,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         preprocess_device=str(args["preprocess_device"]) if "preprocess_device" in args else None,
         resume_dir=str(args["resume_dir"]) if "resume_dir" in args else None,
         max_new_tokens=_as_int("max_new_tokens", args.get("max_new_tokens", d.max_new_tokens)),
+        decode_mode=decode_mode,
         compression_source=source,
         raw=dict(args),
     )

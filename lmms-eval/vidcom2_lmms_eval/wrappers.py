@@ -53,8 +53,12 @@ def default_meter_dir(pretrained: str) -> Path | None:
     return Path(output_path) / sanitize_model_name(name or pretrained)
 
 
-def generation_options(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -> GenerationOptions:
-    """lmms-eval generation_kwargs -> GenerationOptions (temperature 0 means greedy, as in the built-ins)."""
+def generation_options(
+    gen_kwargs: dict[str, Any], default_max_new_tokens: int, decode_mode: str = "eager"
+) -> GenerationOptions:
+    """lmms-eval generation_kwargs -> GenerationOptions (temperature 0 means greedy, as in the built-ins).
+
+    ``decode_mode`` is a model_arg (how to run the model), not a task's generation kwarg."""
     gen = dict(gen_kwargs or {})
     until = gen.pop("until", None)
     stop = (until,) if isinstance(until, str) else tuple(until or ())
@@ -69,6 +73,7 @@ def generation_options(gen_kwargs: dict[str, Any], default_max_new_tokens: int) 
         temperature=temperature if do_sample else 1.0,
         top_p=float(gen.pop("top_p", 1.0) or 1.0),
         stop=stop,
+        decode_mode=decode_mode,
     )
 
 
@@ -127,21 +132,23 @@ class VidCom2Wrapper(lmms):
 
     # ------------------------------------------------------------------ setup helpers
     def _check_adapter_matches(self) -> None:
-        """conv_template / mm_spatial_pool_mode are properties of the adapter: refuse a silent mismatch."""
+        """Apply mm_spatial_pool_mode (the built-in LLaVA wrappers override the checkpoint's with their
+        own default or the given value) and refuse a conv_template the adapter does not use."""
         s = self.settings
-        for name in ("conv_template", "mm_spatial_pool_mode"):
-            wanted = getattr(s, name)
-            have = getattr(self.model, name, None)
-            explicit = name in s.raw
-            if wanted is None or (have is None and not explicit):
-                continue
+        family = getattr(self.model, "family", "?")
+        if s.mm_spatial_pool_mode is not None:
+            if hasattr(self.model, "mm_spatial_pool_mode"):
+                self.model.mm_spatial_pool_mode = s.mm_spatial_pool_mode
+            elif "mm_spatial_pool_mode" in s.raw:
+                raise ValueError(f"model_arg mm_spatial_pool_mode: the {family} adapter has no spatial pooling to set")
+        if s.conv_template is not None:
+            have = getattr(self.model, "conv_template", None)
             if have is None:
+                raise ValueError(f"model_arg conv_template={s.conv_template!r}: the {family} adapter has no template")
+            if str(have) != s.conv_template:
                 raise ValueError(
-                    f"model_arg {name}={wanted!r}: the {getattr(self.model, 'family', '?')} adapter "
-                    f"does not expose {name}"
+                    f"model_arg conv_template={s.conv_template!r} but the {family} adapter implements {have!r} only"
                 )
-            if str(have) != str(wanted):
-                raise ValueError(f"model_arg {name}={wanted!r} but the adapter for {s.pretrained} uses {have!r}")
 
     def _run_info(self) -> dict[str, Any]:
         s = self.settings
@@ -160,6 +167,7 @@ class VidCom2Wrapper(lmms):
             "attn_implementation": s.attn_implementation,
             "device": str(self._device),
             "batch_size": s.batch_size,
+            "decode_mode": s.decode_mode,
         }
 
     def _signature(self) -> dict[str, Any]:
@@ -222,7 +230,7 @@ class VidCom2Wrapper(lmms):
         """Answer one batch; a missing/corrupt video raises (naming doc and path) or is recorded as failed."""
         s = self.settings
         items = [u for _, u, _ in chunk]
-        generation = generation_options(items[0][1], s.max_new_tokens)
+        generation = generation_options(items[0][1], s.max_new_tokens, s.decode_mode)
         ok_items, outputs = [], []
         for item in items:
             question, _, video, doc_id, task, _split, padding = item
