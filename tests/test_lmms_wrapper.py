@@ -96,6 +96,9 @@ def test_resume_skips_finished_samples(monkeypatch, tmp_path, docs):
     w3 = _wrapper(monkeypatch, tmp_path, resume_dir=str(tmp_path / "resume"), compressor="vidcom2", retention=0.5)
     w3.generate_until(_requests(w3, docs, [0]))
     assert len(w3.model.calls) == 1  # another compression is another run signature
+    w4 = _wrapper(monkeypatch, tmp_path, resume_dir=str(tmp_path / "resume"), decode_mode="static")
+    w4.generate_until(_requests(w4, docs, [0]))
+    assert len(w4.model.calls) == 1  # so is another decode mode
 
 
 def test_padding_requests_are_not_metered(monkeypatch, tmp_path, docs):

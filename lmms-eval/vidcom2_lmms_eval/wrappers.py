@@ -172,9 +172,8 @@ class VidCom2Wrapper(lmms):
 
     def _signature(self) -> dict[str, Any]:
         info = self._run_info()
-        return {
-            k: info[k] for k in ("model_id", "pretrained", "compression", "sampling", "dtype", "attn_implementation")
-        }
+        keys = ("model_id", "pretrained", "compression", "sampling", "dtype", "attn_implementation", "decode_mode")
+        return {k: info[k] for k in keys}  # decode_mode too: in bf16 it may change a near-tied greedy token
 
     @property
     def device(self) -> torch.device:
