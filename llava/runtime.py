@@ -26,6 +26,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DECODE_MODES = ("eager", "static", "compiled")
 
 
+def check_decode_mode(mode: str) -> str:
+    """``mode`` if valid; otherwise a ValueError naming decode_mode and the valid values."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    return mode
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """"bfloat16" (or a torch.dtype) -> torch.dtype; unknown names raise, listing the valid ones."""
     if isinstance(dtype, torch.dtype):
@@ -57,8 +64,7 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.decode_mode not in DECODE_MODES:
-            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
+        check_decode_mode(self.decode_mode)
 
 
 @dataclass(frozen=True)

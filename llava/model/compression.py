@@ -94,7 +94,6 @@ class CompressionSpec:
 
         An all-False mask means the compressor refused the input (VidCom2: non-finite features).
         """
-        get_compressor(self.compressor)  # the registry's error for an unknown name
         n_frames, per_frame = features.shape[0], features.shape[1]
         mask_fn = _MASKS.get(self.compressor)
         if mask_fn is not None:

@@ -37,7 +37,7 @@ import torch
 from transformers import Cache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from llava.runtime import DECODE_MODES
+from llava.runtime import check_decode_mode
 
 CACHE_BUCKET = 256  # static cache lengths are multiples of this
 MAX_SHAPES_PER_MODEL = 4  # cached (cache, compiled step) entries per model; the least recently used is dropped
@@ -56,13 +56,6 @@ def static_cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACH
     if prompt_len < 1 or max_new_tokens < 1 or bucket < 1:
         raise ValueError(f"need positive sizes, got prompt_len={prompt_len}, max_new_tokens={max_new_tokens}")
     return -(-(prompt_len + max_new_tokens) // bucket) * bucket
-
-
-def check_decode_mode(mode: str) -> str:
-    """``mode`` if valid; otherwise a ValueError naming decode_mode and the valid values."""
-    if mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-    return mode
 
 
 def check_attention(attn_implementation: str, mode: str) -> None:

@@ -314,30 +314,6 @@ def vidcom2_frame_budgets(
     return budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
 
 
-def _checked_keep_mask(
-    features: torch.Tensor,
-    retention: float,
-    config: VidCom2Config | dict[str, Any] | None,
-    token_scores_external: torch.Tensor | None,
-) -> torch.Tensor:
-    """The keep mask (F, P), all False when the features are not finite; no host synchronisation."""
-    cfg = VidCom2Config.from_options(config)
-    check_video_features(features, retention)
-    n_frames, per_frame, _ = features.shape
-    if float(retention) >= 1.0:
-        finite = torch.isfinite(features).all()
-        return finite.expand(n_frames, per_frame).clone()
-    if (
-        cfg.execution != "eager"
-        and features.is_cuda
-        and token_scores_external is None
-        and not torch.cuda.is_current_stream_capturing()
-    ):
-        run = _compiled if cfg.execution == "compiled" else _graphed
-        return run(features, float(retention), cfg)
-    return _mask_from_scores(features, float(retention), cfg, token_scores_external)
-
-
 @torch.no_grad()
 def _mask_from_scores(
     features: torch.Tensor,
@@ -430,7 +406,21 @@ def vidcom2_keep_mask(
     Every frame keeps at least one token; an all-False mask means the features were not finite
     (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
     """
-    return _checked_keep_mask(features, retention, config, token_scores_external)
+    cfg = VidCom2Config.from_options(config)
+    check_video_features(features, retention)
+    n_frames, per_frame, _ = features.shape
+    if float(retention) >= 1.0:
+        finite = torch.isfinite(features).all()
+        return finite.expand(n_frames, per_frame).clone()
+    if (
+        cfg.execution != "eager"
+        and features.is_cuda
+        and token_scores_external is None
+        and not torch.cuda.is_current_stream_capturing()
+    ):
+        run = _compiled if cfg.execution == "compiled" else _graphed
+        return run(features, float(retention), cfg)
+    return _mask_from_scores(features, float(retention), cfg, token_scores_external)
 
 
 NON_FINITE_MESSAGE = "features contain NaN or Inf; refusing to select tokens from them"
@@ -447,7 +437,7 @@ def vidcom2_keep_indices(
     Raises ValueError for a retention outside (0, 1], a wrong rank, an empty dimension or
     non-finite features.
     """
-    mask = _checked_keep_mask(features, retention, config, token_scores_external)
+    mask = vidcom2_keep_mask(features, retention, config, token_scores_external)
     indices = mask.reshape(-1).nonzero().squeeze(1)  # the one host sync
     if indices.numel() == 0:  # known on the host once nonzero returns: no second sync
         raise ValueError(NON_FINITE_MESSAGE)
