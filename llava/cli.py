@@ -97,7 +97,12 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    g.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
+    g.add_argument(
+        "--attn",
+        default="sdpa",
+        help="attention implementation: sdpa, eager, flash_attention_2, or sdpa_varlen (Qwen: the LM on sdpa, "
+        "the vision tower's attention packed into one PyTorch flash call per layer)",
+    )
     g = p.add_argument_group("layout (LLaVA families)")
     g.add_argument(
         "--grid-newlines", default=None, help="LLaVA-Video row newlines after compression: frame, rows, all_rows"

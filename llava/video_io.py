@@ -8,7 +8,9 @@ One entry point, :func:`read_video`, for every family, the CLI and the lmms-eval
   videos this way) is a video whose frames are the images sorted by file name, played at
   ``folder_fps`` frames per second (default 1.0: each image is one second);
 - every failure (missing path, undecodable file, zero frames) raises :class:`VideoReadError`, a
-  ``ValueError`` whose message names the path.
+  ``ValueError`` whose message names the path;
+- :func:`read_videos` reads the videos of one batch on threads (decord and PyAV release the GIL while
+  decoding), results in input order, the first failing item's error re-raised as is.
 
 Frame sampling (:func:`sample_frame_indices`, pure and deterministic), in this order of precedence:
 
@@ -22,8 +24,11 @@ Frame sampling (:func:`sample_frame_indices`, pure and deterministic), in this o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +36,7 @@ from llava.runtime import FrameSampling
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BACKENDS = ("auto", "decord", "pyav")
+MAX_READ_WORKERS = 8  # one batch's decodes in flight at once; more threads only contend for cores
 
 
 class VideoReadError(ValueError):
@@ -207,3 +213,39 @@ def read_video(
     if backend == "decord" or (backend == "auto" and decord_available()):
         return _read_decord(path, sampling)
     return _read_pyav(path, sampling)
+
+
+def _decoded(item: Any) -> bool:
+    return isinstance(item, (np.ndarray, VideoClip))
+
+
+def read_videos(
+    items: Sequence[Any],
+    sampling: FrameSampling = FrameSampling(),
+    *,
+    read: Callable[[Any, FrameSampling], Any] = read_video,
+    max_workers: int = MAX_READ_WORKERS,
+) -> list[Any]:
+    """Read a batch's videos on threads so it pays about one decode, not one per video.
+
+    ``read(item, sampling)`` is called once per item still to decode; items already decoded (an
+    ``np.ndarray`` of frames or a :class:`VideoClip`) come back as they are, without a thread. Results
+    are in input order. On failure the error of the first failing item (in input order) is re-raised
+    unchanged, so a :class:`VideoReadError` still names its file; reads not yet started are cancelled.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    results = list(items)
+    todo = [i for i, item in enumerate(results) if not _decoded(item)]
+    if len(todo) <= 1 or max_workers == 1:
+        for i in todo:
+            results[i] = read(results[i], sampling)
+        return results
+    pool = ThreadPoolExecutor(max_workers=min(len(todo), max_workers), thread_name_prefix="read_video")
+    try:
+        futures = [(i, pool.submit(read, results[i], sampling)) for i in todo]
+        for i, future in futures:
+            results[i] = future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results

@@ -45,7 +45,7 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / 10
     print(f"GPU kernel time per call (eager): {total / 1e3:.3f} ms over {sum(e.count for e in events) // 10} kernels")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:40]:
         print(f"  {e.device_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<3d} {e.key[:90]}")
 
     reference = _mask_from_scores(x, 0.25, cfg, None)

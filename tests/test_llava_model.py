@@ -233,6 +233,8 @@ def test_errors_name_the_problem(ckpts: dict[str, Path], tmp_path: Path) -> None
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     with pytest.raises(VideoReadError, match="broken.mp4"):
         llm.answer(bad, QUESTION)
+    with pytest.raises(VideoReadError, match="missing.mp4"):  # batch videos are read in parallel
+        llm.answer_batch([np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "missing.mp4", bad], [QUESTION] * 3)
     empty = tmp_path / "empty_frames"
     empty.mkdir()
     with pytest.raises(VideoReadError, match="empty_frames"):

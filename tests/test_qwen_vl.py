@@ -331,6 +331,8 @@ def test_errors_are_clear(qwen, videos, tmp_path):
     missing = tmp_path / "missing.mp4"
     with pytest.raises(VideoReadError, match="missing.mp4"):
         qwen.answer(missing, "What?")
+    with pytest.raises(VideoReadError, match="missing.mp4"):  # batch videos are read in parallel
+        qwen.answer_batch([videos / "mixed.mp4", missing], ["What?", "What?"], sampling=FRAMES)
     with pytest.raises(ValueError, match="2 videos but 1 questions"):
         qwen.answer_batch([videos / "mixed.mp4", videos / "static.mp4"], ["What?"])
     with pytest.raises(TypeError, match="CompressionSpec"):

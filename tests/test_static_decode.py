@@ -307,7 +307,7 @@ def test_cli_and_bench_pass_decode_mode(capsys: pytest.CaptureFixture, tmp_path:
         assert main([command, *extra, "--decode-mode", "compiled", "--attn", "flash_attention_2"]) == 2
         assert "needs attn_implementation sdpa or eager" in capsys.readouterr().err
     env = environment(torch.device("cpu"), "sdpa", "float32", "compiled")
-    assert list(env)[-2:] == ["dtype", "decode_mode"] and env["decode_mode"] == "compiled"
+    assert list(env)[-3:] == ["dtype", "decode_mode", "cuda_alloc_conf"] and env["decode_mode"] == "compiled"
 
     seen: list[GenerationOptions] = []
 

@@ -293,3 +293,33 @@ def test_retention_as_tensor_equals_retention_as_number(options, retention):
     number = _mask_from_scores(features, retention, cfg, None)
     tensor = _mask_from_scores(features, torch.tensor(retention, dtype=torch.float64), cfg, None)
     assert torch.equal(number, tensor)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.integers(1, 5),
+    per_frame=st.integers(1, 40),
+    levels=st.integers(1, 6),  # few distinct values: many ties
+    seed=st.integers(0, 2**16),
+)
+def test_pairwise_ranks_equal_the_stable_sort(frames, per_frame, levels, seed):
+    import llava.model.vidcom2 as core
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (frames, per_frame), generator=generator).float() / 3
+    pairwise = core.rank_within_frame(scores)
+    limit, core._PAIRWISE_RANK_LIMIT = core._PAIRWISE_RANK_LIMIT, 0  # force the sort
+    try:
+        sorted_ranks = core.rank_within_frame(scores)
+    finally:
+        core._PAIRWISE_RANK_LIMIT = limit
+    assert torch.equal(pairwise, sorted_ranks)
+    assert torch.equal(pairwise.sort(dim=1).values, torch.arange(per_frame).expand(frames, -1))  # a permutation
+
+
+def test_external_token_scores_must_be_finite():
+    features = make_video(2, 10, 8)
+    scores = torch.zeros(2, 10)
+    scores[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="token scores contain NaN or Inf"):
+        vidcom2_keep_indices(features, 0.2, {"token_score": "external"}, token_scores_external=scores)

@@ -1,8 +1,10 @@
-"""Frame sampling rules, both decoders, frame folders, synthetic videos and read errors."""
+"""Frame sampling rules, both decoders, frame folders, synthetic videos, read errors, parallel batch reads."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from llava.runtime import FrameSampling
 from llava.synthetic_videos import MANIFEST, make_videos
-from llava.video_io import VideoReadError, read_video, sample_frame_indices
+from llava.video_io import VideoReadError, read_video, read_videos, sample_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,86 @@ def test_zero_frames_raise(tmp_path: Path) -> None:
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="backend"):
         read_video("x.mp4", backend="opencv")
+
+
+# --------------------------------------------------------------------------- parallel batch reads
+
+
+def test_read_videos_keeps_input_order_when_later_items_finish_first() -> None:
+    finished: list[str] = []
+
+    def slow_first(item: str, sampling: FrameSampling) -> str:
+        time.sleep({"a": 0.3, "b": 0.15}.get(item, 0.0))
+        finished.append(item)
+        return item.upper()
+
+    assert read_videos(["a", "b", "c"], FrameSampling(), read=slow_first) == ["A", "B", "C"]
+    assert finished == ["c", "b", "a"]  # they did run out of order
+
+
+def test_read_videos_reads_really_overlap() -> None:
+    barrier = threading.Barrier(2, timeout=5)  # a sequential read would wait here alone and time out
+
+    def meet(item: int, sampling: FrameSampling) -> int:
+        barrier.wait()
+        return item * 10
+
+    assert read_videos([1, 2], FrameSampling(), read=meet) == [10, 20]
+
+
+def test_read_videos_caps_workers_and_reads_one_item_inline() -> None:
+    lock, running, peak, threads = threading.Lock(), [0], [0], []
+
+    def count(item: int, sampling: FrameSampling) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            threads.append(threading.current_thread())
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return item
+
+    assert read_videos(list(range(6)), FrameSampling(), read=count, max_workers=2) == list(range(6))
+    assert peak[0] == 2
+    threads.clear()
+    assert read_videos([7], FrameSampling(), read=count) == [7]
+    assert threads == [threading.main_thread()]  # one item: no thread pool
+    with pytest.raises(ValueError, match="max_workers"):
+        read_videos([1, 2], max_workers=0)
+
+
+def test_read_videos_passes_decoded_items_through(videos: tuple[Path, dict]) -> None:
+    out, _ = videos
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    clip = read_video(out / "mixed.mp4", FrameSampling(num_frames=3))
+    calls: list[object] = []
+
+    def record(item: object, sampling: FrameSampling) -> str:
+        calls.append(item)
+        return "read"
+
+    result = read_videos([frames, "x.mp4", clip], FrameSampling(), read=record)
+    assert result[0] is frames and result[1] == "read" and result[2] is clip
+    assert calls == ["x.mp4"]
+
+
+def test_read_videos_matches_one_by_one_reads(videos: tuple[Path, dict]) -> None:
+    out, manifest = videos
+    paths = [out / e["path"] for e in manifest["videos"]]
+    sampling = FrameSampling(num_frames=4)
+    clips = read_videos(paths, sampling)
+    assert [c.path for c in clips] == [str(p) for p in paths]
+    for path, clip in zip(paths, clips, strict=True):
+        np.testing.assert_array_equal(clip.frames, read_video(path, sampling).frames)
+
+
+def test_read_videos_error_names_the_file(videos: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = videos
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    good = out / "mixed.mp4"
+    with pytest.raises(VideoReadError, match="corrupt.mp4"):
+        read_videos([good, corrupt, good], FrameSampling(num_frames=2))
+    with pytest.raises(VideoReadError, match="video file not found: .*nope.mp4"):
+        read_videos([good, tmp_path / "nope.mp4", corrupt], FrameSampling(num_frames=2))  # the first failure wins

@@ -25,7 +25,7 @@ from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
 from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
-from llava.video_io import VideoClip, read_video
+from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
 
@@ -161,11 +161,11 @@ class QwenVideoLLM:
         kwargs["size"] = {"shortest_edge": int(low), "longest_edge": int(high)}
         return processor, kwargs
 
-    def _load_video(self, item: Any, sampling: FrameSampling) -> VideoClip:
-        if isinstance(item, VideoClip):
+    @staticmethod
+    def _video_source(item: Any) -> str | Path | VideoClip:
+        """Check a video item before the batch is decoded, so a wrong type fails before any decoding."""
+        if isinstance(item, (str, Path, VideoClip)):
             return item
-        if isinstance(item, (str, Path)):
-            return read_video(item, sampling)
         raise TypeError(f"a video item must be a path or a VideoClip, got {type(item).__name__}")
 
     def prepare(
@@ -176,7 +176,7 @@ class QwenVideoLLM:
         if not conversations:
             raise ValueError("conversations must hold at least one conversation")
         sampling = qwen_sampling(sampling)
-        clips: list[VideoClip] = []
+        sources: list[Any] = []  # video items in message order across the batch, decoded together below
         images: list[Any] = []
         videos_per_row: list[int] = []
         with stages.maybe_stage(timer, "read_video"):
@@ -188,12 +188,13 @@ class QwenVideoLLM:
                         if item.get("type") == "video":
                             if item.get("video") is None:
                                 raise ValueError("a video item of the messages has no 'video' (path or VideoClip)")
-                            clips.append(self._load_video(item["video"], sampling))
+                            sources.append(self._video_source(item["video"]))
                             videos_per_row[-1] += 1
                         elif item.get("type") == "image":
                             if item.get("image") is None:
                                 raise ValueError("an image item of the messages has no 'image'")
                             images.append(_load_image(item["image"]))
+            clips: list[VideoClip] = read_videos(sources, sampling)  # on threads, in order
         with stages.maybe_stage(timer, "preprocess"):
             texts = [
                 self.processor.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)

@@ -17,9 +17,11 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from llava.runtime import resolve_dtype
+from transformers_patched.vision_attention import SDPA_VARLEN, use_packed_vision_attention
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# sdpa_varlen: the LM on sdpa, the vision tower on PyTorch's packed flash kernel (vision_attention.py)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", SDPA_VARLEN)
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,14 @@ def load_model(
     """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``."""
     config = AutoConfig.from_pretrained(str(path))
     arch = arch_of_config(config)
+    packed = check_attn_implementation(attn_implementation) == SDPA_VARLEN
     model = arch.transformers_class().from_pretrained(
         str(path),
         dtype=resolve_dtype(dtype),
-        attn_implementation=check_attn_implementation(attn_implementation),
+        attn_implementation="sdpa" if packed else attn_implementation,
     )
+    if packed:
+        use_packed_vision_attention(model)
     return model.to(device).eval()
 
 
@@ -135,10 +140,12 @@ def build_random_model(
     elif not isinstance(config, PretrainedConfig):
         config = AutoConfig.from_pretrained(str(config))
     arch = arch_of_config(config)
-    config._attn_implementation = check_attn_implementation(attn_implementation)
+    packed = check_attn_implementation(attn_implementation) == SDPA_VARLEN
+    attn = "sdpa" if packed else attn_implementation
+    config._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):
-        model = arch.transformers_class()._from_config(
-            config, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-        )
+        model = arch.transformers_class()._from_config(config, dtype=resolve_dtype(dtype), attn_implementation=attn)
+    if packed:
+        use_packed_vision_attention(model)
     return model.eval()

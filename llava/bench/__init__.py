@@ -34,7 +34,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attn",
         default=None,
-        help="default: flash_attention_2 when installed, else sdpa (always sdpa with --decode-mode static/compiled)",
+        help="default: flash_attention_2 when installed, else sdpa (always sdpa with --decode-mode static/compiled); "
+        "sdpa_varlen: Qwen vision towers on PyTorch's packed flash kernel, LM on sdpa",
     )
     p.add_argument(
         "--decode-mode",
@@ -45,6 +46,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vidcom2-option", action="append", default=[], metavar="KEY=VALUE",
         help="VidCom2Config field for the vidcom2 cases, e.g. execution=compiled (repeatable)",
+    )
+    p.add_argument(
+        "--preprocess-device",
+        default=None,
+        help="Qwen models: run the HF video processor there (e.g. cuda) instead of on the CPU, as the "
+        "adapters' preprocess_device does",
     )
     p.add_argument("--out", type=Path, default=Path("results/efficiency_h100.csv"))
     p.add_argument("--append", action="store_true", help="append rows to --out instead of replacing it")
@@ -111,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
                 model, cases, device=args.device, dtype=args.dtype, attn=attn, decode_tokens=args.decode_tokens,
                 repeats=args.repeats, warmup=args.warmup, work_dir=Path(work), command=command,
                 decode_mode=args.decode_mode, vidcom2_options=vidcom2_options, on_row=write_now,
+                preprocess_device=args.preprocess_device,
             )
     if args.plot is not None:
         from llava.bench.plot import plot_efficiency

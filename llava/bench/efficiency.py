@@ -11,6 +11,7 @@ fraction of that ideal speedup it achieved.
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import statistics
 import time
@@ -26,6 +27,7 @@ from llava.bench.models import BenchModel, text_prefill
 from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec
 from llava.model.static_decode import release_static_decode
+from llava.model.vidcom2 import release_selection_graphs
 from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
@@ -130,8 +132,11 @@ def run_case(
     def once() -> tuple[list[InferenceResult], float]:
         start = time.perf_counter()
         out = llm.answer_batch(
-            [video] * case.batch, ["Describe the video."] * case.batch,
-            compression=spec, generation=generation, sampling=sampling,
+            [video] * case.batch,
+            ["Describe the video."] * case.batch,
+            compression=spec,
+            generation=generation,
+            sampling=sampling,
         )
         return out, time.perf_counter() - start
 
@@ -173,6 +178,8 @@ def environment(device: torch.device, attn: str, dtype: str, decode_mode: str = 
         "attn_implementation": attn,
         "dtype": dtype,
         "decode_mode": decode_mode,
+        # the caching allocator's settings change reserved memory (e.g. expandable_segments:True)
+        "cuda_alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
 
 
@@ -192,20 +199,39 @@ def bench_model(
     on_row: Any = None,
     decode_mode: str = "eager",
     vidcom2_options: dict[str, Any] | None = None,
+    preprocess_device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Build one model, run its cases, and return one CSV row per case (ideal columns included)."""
+    """Build one model, run its cases, and return one CSV row per case (ideal columns included).
+
+    ``preprocess_device`` moves a Qwen adapter's HF video processor there (QwenVideoLLM.preprocess_device);
+    a model without that knob raises rather than ignoring it."""
     llm = model.build(device, dtype, attn)
+    if preprocess_device is not None:
+        if not hasattr(llm, "preprocess_device"):
+            raise ValueError(f"--preprocess-device: {model.name} has no CPU video processor to move (Qwen models do)")
+        llm.preprocess_device = preprocess_device
     env = environment(torch.device(llm.device), attn, dtype, decode_mode)
+    env["preprocess_device"] = getattr(llm, "preprocess_device", None) or (
+        "cpu" if hasattr(llm, "preprocess_device") else str(llm.device)
+    )
     videos = {n: write_bench_video(work_dir / f"bench_{n}f.mp4", n) for n in sorted({c.frames for c in cases})}
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []
     for case in sorted(cases, key=lambda c: (c.frames, c.batch, c.compressor != "none", -c.retention)):
         stages, result, alloc, reserved = run_case(
-            llm, model, videos[case.frames], case, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
-            decode_mode=decode_mode, vidcom2_options=vidcom2_options,
+            llm,
+            model,
+            videos[case.frames],
+            case,
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            warmup=warmup,
+            decode_mode=decode_mode,
+            vidcom2_options=vidcom2_options,
         )
         if isinstance(getattr(llm, "model", None), torch.nn.Module):
             release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
+        release_selection_graphs()  # likewise the captured selection graphs of this case's shape
         ttft = stages["preprocess"] + stages["vision"] + stages["compress"] + stages["prefill"]
         total = sum(stages[s] for s in STAGES)
         prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
@@ -220,7 +246,8 @@ def bench_model(
             "compressor": case.compressor,
             "compressor_options": (
                 ";".join(f"{k}={v}" for k, v in sorted((vidcom2_options or {}).items()))
-                if case.compressor == "vidcom2" else ""
+                if case.compressor == "vidcom2"
+                else ""
             ),
             "retention": case.retention,
             "frames": case.frames,

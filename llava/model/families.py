@@ -36,7 +36,7 @@ from llava.runtime import (
     register_family,
     register_tiny_builder,
 )
-from llava.video_io import read_video
+from llava.video_io import VideoClip, read_videos
 
 DEFAULT_SAMPLING = {
     FAMILY_OV: FrameSampling(num_frames=32),
@@ -54,6 +54,13 @@ def resolve_sampling(sampling: FrameSampling, family: str) -> FrameSampling:
             return replace(default, num_frames=sampling.max_frames)
         return replace(default, max_frames=sampling.max_frames)
     return default
+
+
+def _frames_and_info(item: np.ndarray | VideoClip) -> tuple[np.ndarray, dict[str, Any]]:
+    """The frames of a decoded video and what the result's ``extra`` reports about it."""
+    if isinstance(item, np.ndarray):
+        return item, {"frames": int(item.shape[0])}
+    return item.frames, {"frames": item.num_frames, "source_fps": item.source_fps, "duration": item.duration}
 
 
 class LlavaVideoLLM:
@@ -95,6 +102,23 @@ class LlavaVideoLLM:
             raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}, got {self.position_mode!r}")
 
     # ------------------------------------------------------------------ stages for one video
+    def read_frames(
+        self, videos: list[str | Path | np.ndarray], sampling: FrameSampling
+    ) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        """(frames, info) per video: paths and folders decoded in parallel, frame arrays taken as they are."""
+        decoded = read_videos(videos, resolve_sampling(sampling, self.family))
+        return [_frames_and_info(item) for item in decoded]
+
+    def encode_frames(self, frames: np.ndarray, compression: CompressionSpec, timer: StageTimer) -> VisualBlock:
+        """Decoded (F, H, W, 3) frames -> the compressed visual block (preprocess, vision, compress)."""
+        with timer.stage("preprocess"):
+            pixels = self.model.preprocess(frames)
+        with torch.inference_mode():
+            with timer.stage("vision"):
+                features = self.model.encode_video(pixels)
+            with timer.stage("compress"):
+                return self.model.compress_video(features, compression, self.grid_newlines)
+
     def video_block(
         self,
         video: str | Path | np.ndarray,
@@ -104,20 +128,8 @@ class LlavaVideoLLM:
     ) -> tuple[VisualBlock, dict[str, Any]]:
         """Read (path) or take (frames array) one video and run it to its compressed visual block."""
         with timer.stage("read_video"):
-            if isinstance(video, np.ndarray):
-                frames, info = video, {"frames": int(video.shape[0])}
-            else:
-                clip = read_video(video, resolve_sampling(sampling, self.family))
-                frames = clip.frames
-                info = {"frames": clip.num_frames, "source_fps": clip.source_fps, "duration": clip.duration}
-        with timer.stage("preprocess"):
-            pixels = self.model.preprocess(frames)
-        with torch.inference_mode():
-            with timer.stage("vision"):
-                features = self.model.encode_video(pixels)
-            with timer.stage("compress"):
-                block = self.model.compress_video(features, compression, self.grid_newlines)
-        return block, info
+            [(frames, info)] = self.read_frames([video], sampling)
+        return self.encode_frames(frames, compression, timer), info
 
     def answer_batch(
         self,
@@ -136,9 +148,11 @@ class LlavaVideoLLM:
             raise ValueError("answer_batch needs at least one video")
         self._check_settings()
         timer = StageTimer(self.device)
+        with timer.stage("read_video"):  # all videos at once, decoded on threads
+            decoded = self.read_frames(list(videos), sampling)
         prompts, infos = [], []
-        for video, question in zip(videos, questions, strict=True):  # per request: videos differ in size
-            block, info = self.video_block(video, compression, sampling, timer)
+        for (frames, info), question in zip(decoded, questions, strict=True):  # per request: videos differ in size
+            block = self.encode_frames(frames, compression, timer)
             before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
             prompts.append((before, block, after))
             infos.append(info)

@@ -82,6 +82,11 @@ class LlavaVideoModel(nn.Module):
         super().__init__()
         self.spec = spec
         vision_config, text_config = spec.vision_config, spec.text_config
+        if attn_implementation == "sdpa_varlen":
+            raise ValueError(
+                "attn_implementation='sdpa_varlen' packs the Qwen vision towers' per-frame attention; LLaVA's "
+                "SigLIP already attends all frames in one batched call: use sdpa"
+            )
         vision_config._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
         text_config._attn_implementation = attn_implementation
         self.vision = SiglipVisionModel(vision_config)
@@ -193,10 +198,13 @@ class LlavaVideoModel(nn.Module):
             sequences.append(torch.cat([self.embed_ids(before), block.embeds.to(self.dtype), self.embed_ids(after)]))
             if position_mode == "contiguous":
                 pos = torch.arange(n0 + nv + n1, device=self.device)
+                next_positions.append(n0 + nv + n1)
             else:
                 visual = n0 + block.layout.original_offsets.to(self.device)
                 tail = n0 + block.layout.full_length + torch.arange(n1, device=self.device)
                 pos = torch.cat([torch.arange(n0, device=self.device), visual, tail])
+                # the last original offset is below full_length, so text after the video (or, with none,
+                # the first new token) continues from the uncompressed length; known on the host: no sync
+                next_positions.append(n0 + block.layout.full_length + n1)
             positions.append(pos)
-            next_positions.append(int(pos[-1]) + 1)
         return pad_left(sequences, positions, next_positions)

@@ -41,7 +41,8 @@ from llava.runtime import check_decode_mode
 
 CACHE_BUCKET = 256  # static cache lengths are multiples of this
 MAX_SHAPES_PER_MODEL = 4  # cached (cache, compiled step) entries per model; the least recently used is dropped
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # see check_attention
+# see check_attention; sdpa_varlen (Qwen) keeps its LM on sdpa
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "sdpa_varlen")
 
 # Test hook: a torch.compile backend (name or callable) instead of inductor with CUDA graphs, e.g. one that
 # records the captured graph. None in normal use.

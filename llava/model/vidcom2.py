@@ -165,15 +165,15 @@ def select_low_variance_channels(features: torch.Tensor, variance: torch.Tensor,
     return features.index_select(-1, channels)
 
 
-def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre: torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
-    """Similarity of tokens to a centre from their dot products (..., P) -> (..., P).
+def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre_sq: torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
+    """Similarity of tokens to centres from their dot products: (F, P, K) -> (F, P, K).
 
-    |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, so no (F, P, C) difference tensor is ever formed.
+    ``centre_sq`` (F, 1, K) is |c|^2 of each token's centres. |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, so no
+    (F, P, C) difference tensor is ever formed; the K centres (video, frame) share every kernel launch.
     """
-    centre_sq = centre.pow(2).sum(-1, keepdim=True)  # (1,) or (F, 1)
     if cfg.similarity == "cosine":
         return dots / centre_sq.sqrt().clamp_min(1e-12)
-    sq_dist = (sq_norms + centre_sq).sub_(dots, alpha=2.0).clamp_min_(0.0)
+    sq_dist = (sq_norms.unsqueeze(-1) + centre_sq).sub_(dots, alpha=2.0).clamp_min_(0.0)
     scales = _bandwidth_scales(cfg.alphas, sq_dist.dtype, sq_dist.device)
     return torch.exp(sq_dist.unsqueeze(-1) * scales).sum(-1)  # all bandwidths in one pass
 
@@ -206,9 +206,10 @@ def similarity_to_centres(
     sq_norms = (norms * inverse).squeeze(-1).square()  # 1, or 0 for an all-zero token
     video_centre = x.mean(dim=(0, 1))  # (C,)
     frame_centre = x.mean(dim=1)  # (F, C)
-    v = _kernel(x @ video_centre, sq_norms, video_centre, cfg)
-    f = _kernel(torch.bmm(x, frame_centre.unsqueeze(-1)).squeeze(-1), sq_norms, frame_centre, cfg)
-    return v, f, variance
+    # each frame's two centres side by side: one batched product and one kernel pass serve v and f
+    centres = torch.stack([video_centre.expand_as(frame_centre), frame_centre], dim=-1)  # (F, C, 2)
+    similarity = _kernel(torch.bmm(x, centres), sq_norms, centres.square().sum(1, keepdim=True), cfg)
+    return similarity[..., 0], similarity[..., 1], variance
 
 
 def frame_scales(v: torch.Tensor, retention: float | torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
@@ -246,6 +247,8 @@ def token_scores(
         if external is None or external.shape != v.shape:
             got = None if external is None else tuple(external.shape)
             raise ValueError(f"token_score='external' needs token_scores of shape {tuple(v.shape)}, got {got}")
+        if not bool(torch.isfinite(external).all()):  # eager path only: external scores are never graphed
+            raise ValueError("token_score='external': the token scores contain NaN or Inf")
         return external.to(v.dtype)
     name = cfg.token_score
     negate = name.startswith("-")
@@ -254,11 +257,25 @@ def token_scores(
     return -score if negate else score
 
 
+_PAIRWISE_RANK_LIMIT = 1 << 24  # F*P*P comparisons (16 MB of bools); beyond it, one stable sort
+
+
 def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
-    """(F, P) -> (F, P) int64 rank of each token in its frame by ascending score (ties: lower index)."""
+    """(F, P) -> (F, P) int64 rank of each token in its frame by ascending score (ties: lower index).
+
+    Up to ``_PAIRWISE_RANK_LIMIT`` comparisons the rank is counted directly (tokens with a lower score,
+    or an equal score and a lower index): a few elementwise kernels instead of a segmented sort and a
+    scatter, and the same ranks as the stable sort for finite scores (the only scores that reach it).
+    """
+    n_frames, per_frame = scores.shape
+    if n_frames * per_frame * per_frame <= _PAIRWISE_RANK_LIMIT:
+        mine, other = scores.unsqueeze(2), scores.unsqueeze(1)  # (F, P, 1) against (F, 1, P)
+        index = torch.arange(per_frame, device=scores.device)
+        earlier = index.unsqueeze(0) < index.unsqueeze(1)  # [i, j]: j comes before i
+        return ((other < mine) | ((other == mine) & earlier)).sum(dim=2)
     order = torch.argsort(scores, dim=1, stable=True)
     ranks = torch.empty_like(order)
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    positions = torch.arange(per_frame, device=scores.device).expand_as(order)
     return ranks.scatter_(1, order, positions)
 
 
@@ -379,6 +396,13 @@ def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> to
             _GRAPHS.popitem(last=False)
     _GRAPHS[key] = captured  # most recently used last
     return captured(features, retention)
+
+
+def release_selection_graphs() -> None:
+    """Drop the captured selection graphs (their static inputs and memory pools, freed by the next
+    ``torch.cuda.empty_cache()``): e.g. between benchmark cases, so one case's graphs are not charged
+    to the next case's memory. The next call of a shape captures again."""
+    _GRAPHS.clear()
 
 
 _COMPILED: dict[VidCom2Config, Any] = {}

@@ -66,7 +66,7 @@ COMMON_KEYS = {
     "device_map": "accepted for compatibility with the built-ins; only single-device maps",
     "dtype": "float32, float16 or bfloat16",
     "torch_dtype": "alias of dtype (llava_vid built-in name)",
-    "attn_implementation": "sdpa, eager or flash_attention_2",
+    "attn_implementation": "sdpa, eager, flash_attention_2, or sdpa_varlen (Qwen: packed vision attention)",
     "use_flash_attention_2": "qwen2_vl built-in switch; true means attn_implementation=flash_attention_2",
     "conv_template": "prompt template; must be the adapter's own (checked)",
     "model_name": "informational (llava_qwen); recorded",
