@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,8 +26,14 @@ def test_vidcom2_options_reach_the_vidcom2_cases_only(tmp_path: Path) -> None:
     model = SimpleNamespace(sampling=lambda frames: FrameSampling(num_frames=frames))
     for compressor in ("vidcom2", "uniform"):
         run_case(
-            FakeLLM(), model, tmp_path / "v.mp4", Case(compressor, 0.25, 4, 1),
-            decode_tokens=3, repeats=1, warmup=0, vidcom2_options={"execution": "compiled"},
+            FakeLLM(),
+            model,
+            tmp_path / "v.mp4",
+            Case(compressor, 0.25, 4, 1),
+            decode_tokens=3,
+            repeats=1,
+            warmup=0,
+            vidcom2_options={"execution": "compiled"},
         )
     assert [(s.compressor, s.options) for s in seen] == [("vidcom2", {"execution": "compiled"}), ("uniform", {})]
 
@@ -74,8 +81,17 @@ def test_rows_record_the_allocator_settings_and_each_case_releases_its_graphs(tm
         name="fake", build=lambda *a: FakeLLM(), sampling=lambda frames: FrameSampling(num_frames=frames)
     )
     rows = eff.bench_model(
-        model, [Case("none", 1.0, 4, 1), Case("vidcom2", 0.25, 4, 1)], device="cpu", dtype="float32", attn="sdpa",
-        decode_tokens=3, repeats=1, warmup=0, work_dir=tmp_path, command="test", log=lambda *_: None,
+        model,
+        [Case("none", 1.0, 4, 1), Case("vidcom2", 0.25, 4, 1)],
+        device="cpu",
+        dtype="float32",
+        attn="sdpa",
+        decode_tokens=3,
+        repeats=1,
+        warmup=0,
+        work_dir=tmp_path,
+        command="test",
+        log=lambda *_: None,
     )
     assert [row["cuda_alloc_conf"] for row in rows] == ["expandable_segments:True"] * 2
     assert len(released) == 2  # after every case, so no case is charged another's graphs
@@ -106,11 +122,62 @@ def test_preprocess_device_reaches_qwen_adapters_and_is_refused_elsewhere(tmp_pa
 
         model = SimpleNamespace(name="fake", build=build, sampling=lambda frames: FrameSampling(num_frames=frames))
         return eff.bench_model(
-            model, [Case("none", 1.0, 4, 1)], device="cpu", dtype="float32", attn="sdpa", decode_tokens=3,
-            repeats=1, warmup=0, work_dir=tmp_path, command="t", log=lambda *_: None, preprocess_device=device,
+            model,
+            [Case("none", 1.0, 4, 1)],
+            device="cpu",
+            dtype="float32",
+            attn="sdpa",
+            decode_tokens=3,
+            repeats=1,
+            warmup=0,
+            work_dir=tmp_path,
+            command="t",
+            log=lambda *_: None,
+            preprocess_device=device,
         )
 
     assert run(FakeQwen, "cuda")[0]["preprocess_device"] == "cuda" and built[-1].preprocess_device == "cuda"
     assert run(FakeQwen, None)[0]["preprocess_device"] == "cpu"
     with pytest.raises(ValueError, match="--preprocess-device: fake has no CPU video processor"):
         run(FakeLLM, "cuda")
+
+
+def test_plot_keeps_each_panel_to_one_run_and_splits_variants(tmp_path: Path) -> None:
+    from llava.bench.plot import _one_run_per_model, _variant, plot_efficiency
+
+    def row(run: str, compressor: str, retention: float, **extra: str) -> dict[str, str]:
+        base = {
+            "model": "m",
+            "compressor": compressor,
+            "compressor_options": "",
+            "retention": str(retention),
+            "frames": "32",
+            "batch": "1",
+            "ttft_ms": "10",
+            "ideal_ttft_ms": "9",
+            "peak_allocated_mib": "1024",
+            "attn_implementation": "sdpa",
+            "preprocess_device": "cuda:0",
+            "cuda_alloc_conf": "",
+            "run": run,
+        }
+        return {**base, **extra}
+
+    sweep = [row("2a: old", "none", 1.0)] + [row("2a: old", "vidcom2", r) for r in (0.5, 0.25, 0.1)]
+    later = [row("3b: new", "none", 1.0), row("3b: new", "vidcom2", 0.25)]  # no sweep: the 2a sweep is kept
+    newest = [row("3d: newer", "none", 1.0)] + [row("3d: newer", "vidcom2", r) for r in (0.5, 0.25, 0.1)]
+    assert {r["run"] for r in _one_run_per_model(sweep + later)} == {"2a: old"}
+    assert {r["run"] for r in _one_run_per_model(sweep + later + newest)} == {"3d: newer"}
+    assert (
+        _variant(
+            row("x", "none", 1.0, model="qwen2_vl_7b", attn_implementation="sdpa_varlen", preprocess_device="cuda")
+        )
+        == "qwen2_vl_7b (sdpa_varlen, GPU processor)"
+    )
+    assert _variant(row("x", "none", 1.0)) == "m"
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(sweep[0]))
+        writer.writeheader()
+        writer.writerows(sweep + later)
+    assert plot_efficiency(path, tmp_path / "plot.png").stat().st_size > 0

@@ -58,13 +58,14 @@ def packed_vision_attention(
     if query.is_cuda and query.dtype in _KERNEL_DTYPES:
         from torch.nn.attention.varlen import varlen_attn
 
-        if max_length_q is None or max_length_k is None:  # transformers passes them; computed once if not
-            lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max().item()
-            max_length_q = max_length_k = int(lengths)
+        if max_length_q is None:  # transformers passes them (computed once per forward); else one sync here
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max().item())
+        if max_length_k is None:
+            max_length_k = int((cu_k[1:] - cu_k[:-1]).max().item())
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, d)
         options = {}
         if scaling is not None and abs(scaling * query.shape[-1] ** 0.5 - 1.0) > 1e-9:
-            if not _takes_scale(varlen_attn):  # torch < 2.12 has only the default 1/sqrt(d)
+            if not _takes_scale(varlen_attn):  # early versions only scale by the default 1/sqrt(d)
                 raise ValueError(f"this torch's varlen_attn has no scale argument; the tower asks for {scaling}")
             options["scale"] = scaling
         out = varlen_attn(
@@ -78,10 +79,10 @@ def packed_vision_attention(
             **options,
         )
         return out.unsqueeze(0), None
-    bounds = cu_seq_lens_q.tolist()
+    q_bounds, k_bounds = cu_seq_lens_q.tolist(), cu_k.tolist()
     outputs = [
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, c:d], value[:, :, c:d], scale=scaling)
+        for a, b, c, d in zip(q_bounds[:-1], q_bounds[1:], k_bounds[:-1], k_bounds[1:], strict=True)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2), None
 

@@ -206,9 +206,17 @@ def similarity_to_centres(
     sq_norms = (norms * inverse).squeeze(-1).square()  # 1, or 0 for an all-zero token
     video_centre = x.mean(dim=(0, 1))  # (C,)
     frame_centre = x.mean(dim=1)  # (F, C)
-    # each frame's two centres side by side: one batched product and one kernel pass serve v and f
-    centres = torch.stack([video_centre.expand_as(frame_centre), frame_centre], dim=-1)  # (F, C, 2)
-    similarity = _kernel(torch.bmm(x, centres), sq_norms, centres.square().sum(1, keepdim=True), cfg)
+    # v and f side by side, (F, P, 2): one pass of the kernel's elementwise work serves both. The two
+    # products stay matrix-vector ones (a (C, 2) right-hand side picks a slow float32 GEMM on H100).
+    dots = torch.stack([x @ video_centre, torch.bmm(x, frame_centre.unsqueeze(-1)).squeeze(-1)], dim=-1)
+    centre_sq = torch.cat(
+        [
+            video_centre.pow(2).sum(-1, keepdim=True).expand(frame_centre.shape[0], 1),
+            frame_centre.pow(2).sum(-1, keepdim=True),
+        ],
+        dim=-1,
+    ).unsqueeze(1)  # (F, 1, 2)
+    similarity = _kernel(dots, sq_norms, centre_sq, cfg)
     return similarity[..., 0], similarity[..., 1], variance
 
 
@@ -265,7 +273,8 @@ def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
 
     Up to ``_PAIRWISE_RANK_LIMIT`` comparisons the rank is counted directly (tokens with a lower score,
     or an equal score and a lower index): a few elementwise kernels instead of a segmented sort and a
-    scatter, and the same ranks as the stable sort for finite scores (the only scores that reach it).
+    scatter, and the same ranks as the stable sort for finite scores (external scores must be finite;
+    features that are not finite give no selection at all, see ``_mask_from_scores``).
     """
     n_frames, per_frame = scores.shape
     if n_frames * per_frame * per_frame <= _PAIRWISE_RANK_LIMIT:
@@ -412,8 +421,9 @@ def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> t
     """_mask_from_scores fused by torch.compile and replayed through its own CUDA graphs."""
     fn = _COMPILED.get(cfg)
     if fn is None:
-        fn = torch.compile(partial(_mask_from_scores, cfg=cfg, token_scores_external=None),
-                           mode="reduce-overhead", dynamic=False)
+        fn = torch.compile(
+            partial(_mask_from_scores, cfg=cfg, token_scores_external=None), mode="reduce-overhead", dynamic=False
+        )
         _COMPILED[cfg] = fn
     r = torch.full((), retention, dtype=torch.float64, device=features.device)
     return fn(features, r).clone()  # the graph's output is overwritten by its next replay
