@@ -61,28 +61,25 @@ def test_python_dash_m_sees_the_extension_subcommands() -> None:
     assert out.returncode == 0 and "--vidcom2-option" in out.stdout
 
 
-def test_rows_record_the_allocator_settings_and_each_case_releases_its_graphs(tmp_path: Path, monkeypatch) -> None:
+class _FakeAdapter:
+    """answer_batch with fixed stage timings, for bench_model's bookkeeping on the CPU."""
+
+    device = "cpu"
+    TIMINGS = {"preprocess": 0.01, "vision": 0.02, "compress": 0.001, "prefill": 0.05, "decode": 0.1}
+
+    def answer_batch(self, videos, questions, **_):
+        return [InferenceResult("a", [1], 8, 2, timings=dict(self.TIMINGS), extra={"prompt_tokens": 5})] * len(videos)
+
+
+def _bench_fake(monkeypatch, tmp_path: Path, cases: list[Case], build, **options) -> list[dict]:
     import llava.bench.efficiency as eff
 
-    class FakeLLM:
-        device = "cpu"
-
-        def answer_batch(self, videos, questions, **_):
-            timings = {"preprocess": 0.01, "vision": 0.02, "compress": 0.001, "prefill": 0.05, "decode": 0.1}
-            return [InferenceResult("a", [1], 8, 2, timings=timings, extra={"prompt_tokens": 5})] * len(videos)
-
-    released: list[int] = []
-    monkeypatch.setattr(eff, "release_selection_graphs", lambda: released.append(1))
     monkeypatch.setattr(eff, "ideal_prefill_seconds", lambda *a, **k: 0.04)
     monkeypatch.setattr(eff, "write_bench_video", lambda path, frames: path)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    model = SimpleNamespace(
-        name="fake", build=lambda *a: FakeLLM(), sampling=lambda frames: FrameSampling(num_frames=frames)
-    )
-    rows = eff.bench_model(
+    model = SimpleNamespace(name="fake", build=build, sampling=lambda frames: FrameSampling(num_frames=frames))
+    return eff.bench_model(
         model,
-        [Case("none", 1.0, 4, 1), Case("vidcom2", 0.25, 4, 1)],
+        cases,
         device="cpu",
         dtype="float32",
         attn="sdpa",
@@ -92,54 +89,38 @@ def test_rows_record_the_allocator_settings_and_each_case_releases_its_graphs(tm
         work_dir=tmp_path,
         command="test",
         log=lambda *_: None,
+        **options,
     )
+
+
+def test_rows_record_the_allocator_settings_and_each_case_releases_its_graphs(tmp_path: Path, monkeypatch) -> None:
+    import llava.bench.efficiency as eff
+
+    released: list[int] = []
+    monkeypatch.setattr(eff, "release_selection_graphs", lambda: released.append(1))
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cases = [Case("none", 1.0, 4, 1), Case("vidcom2", 0.25, 4, 1)]
+    rows = _bench_fake(monkeypatch, tmp_path, cases, lambda *a: _FakeAdapter())
     assert [row["cuda_alloc_conf"] for row in rows] == ["expandable_segments:True"] * 2
     assert len(released) == 2  # after every case, so no case is charged another's graphs
     assert rows[1]["ttft_ms"] == pytest.approx(81.0) and rows[1]["compress_pct_of_ttft"] == pytest.approx(1.235)
 
 
 def test_preprocess_device_reaches_qwen_adapters_and_is_refused_elsewhere(tmp_path: Path, monkeypatch) -> None:
-    import llava.bench.efficiency as eff
-
-    class FakeLLM:
-        device = "cpu"
-
-        def answer_batch(self, videos, questions, **_):
-            timings = {"preprocess": 0.01, "vision": 0.02, "prefill": 0.05, "decode": 0.1}
-            return [InferenceResult("a", [1], 8, 8, timings=timings, extra={"prompt_tokens": 5})] * len(videos)
-
-    class FakeQwen(FakeLLM):
+    class FakeQwen(_FakeAdapter):
         preprocess_device = None
 
-    monkeypatch.setattr(eff, "ideal_prefill_seconds", lambda *a, **k: 0.04)
-    monkeypatch.setattr(eff, "write_bench_video", lambda path, frames: path)
-    built: list[FakeLLM] = []
+    built: list[_FakeAdapter] = []
 
     def run(cls: type, device: str | None) -> list[dict]:
-        def build(*_: object) -> FakeLLM:
-            built.append(cls())
-            return built[-1]
-
-        model = SimpleNamespace(name="fake", build=build, sampling=lambda frames: FrameSampling(num_frames=frames))
-        return eff.bench_model(
-            model,
-            [Case("none", 1.0, 4, 1)],
-            device="cpu",
-            dtype="float32",
-            attn="sdpa",
-            decode_tokens=3,
-            repeats=1,
-            warmup=0,
-            work_dir=tmp_path,
-            command="t",
-            log=lambda *_: None,
-            preprocess_device=device,
-        )
+        build = lambda *_: built.append(cls()) or built[-1]  # noqa: E731
+        return _bench_fake(monkeypatch, tmp_path, [Case("none", 1.0, 4, 1)], build, preprocess_device=device)
 
     assert run(FakeQwen, "cuda")[0]["preprocess_device"] == "cuda" and built[-1].preprocess_device == "cuda"
     assert run(FakeQwen, None)[0]["preprocess_device"] == "cpu"
     with pytest.raises(ValueError, match="--preprocess-device: fake has no CPU video processor"):
-        run(FakeLLM, "cuda")
+        run(_FakeAdapter, "cuda")
 
 
 def test_plot_keeps_each_panel_to_one_run_and_splits_variants(tmp_path: Path) -> None:
