@@ -94,8 +94,7 @@ def _takes_scale(fn: Any) -> bool:
 
 def register_vision_attention() -> str:
     """Make :data:`VISION_ATTENTION` known to transformers (idempotent); returns its name."""
-    if VISION_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(VISION_ATTENTION, packed_vision_attention)
+    AttentionInterface.register(VISION_ATTENTION, packed_vision_attention)
     return VISION_ATTENTION
 
 
