@@ -92,6 +92,17 @@ def check_attn_implementation(attn_implementation: str) -> str:
     return attn_implementation
 
 
+def _transformers_attention(attn_implementation: str) -> str:
+    """The implementation transformers builds the model with: sdpa_varlen builds as sdpa (its tower is
+    switched afterwards by :func:`_with_vision_attention`)."""
+    return "sdpa" if check_attn_implementation(attn_implementation) == SDPA_VARLEN else attn_implementation
+
+
+def _with_vision_attention(model: PreTrainedModel, attn_implementation: str) -> PreTrainedModel:
+    """Switch the vision tower to packed attention when sdpa_varlen was asked for."""
+    return use_packed_vision_attention(model) if attn_implementation == SDPA_VARLEN else model
+
+
 def load_model(
     path: str | Path,
     *,
@@ -102,15 +113,12 @@ def load_model(
     """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``."""
     config = AutoConfig.from_pretrained(str(path))
     arch = arch_of_config(config)
-    packed = check_attn_implementation(attn_implementation) == SDPA_VARLEN
     model = arch.transformers_class().from_pretrained(
         str(path),
         dtype=resolve_dtype(dtype),
-        attn_implementation="sdpa" if packed else attn_implementation,
+        attn_implementation=_transformers_attention(attn_implementation),
     )
-    if packed:
-        use_packed_vision_attention(model)
-    return model.to(device).eval()
+    return _with_vision_attention(model, attn_implementation).to(device).eval()
 
 
 def full_size_config(arch: str) -> PretrainedConfig:
@@ -140,12 +148,9 @@ def build_random_model(
     elif not isinstance(config, PretrainedConfig):
         config = AutoConfig.from_pretrained(str(config))
     arch = arch_of_config(config)
-    packed = check_attn_implementation(attn_implementation) == SDPA_VARLEN
-    attn = "sdpa" if packed else attn_implementation
+    attn = _transformers_attention(attn_implementation)
     config._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):
         model = arch.transformers_class()._from_config(config, dtype=resolve_dtype(dtype), attn_implementation=attn)
-    if packed:
-        use_packed_vision_attention(model)
-    return model.eval()
+    return _with_vision_attention(model, attn_implementation).eval()

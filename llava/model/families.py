@@ -109,7 +109,7 @@ class LlavaVideoLLM:
         decoded = read_videos(videos, resolve_sampling(sampling, self.family))
         return [_frames_and_info(item) for item in decoded]
 
-    def encode_frames(self, frames: np.ndarray, compression: CompressionSpec, timer: StageTimer) -> VisualBlock:
+    def block_from_frames(self, frames: np.ndarray, compression: CompressionSpec, timer: StageTimer) -> VisualBlock:
         """Decoded (F, H, W, 3) frames -> the compressed visual block (preprocess, vision, compress)."""
         with timer.stage("preprocess"):
             pixels = self.model.preprocess(frames)
@@ -129,7 +129,7 @@ class LlavaVideoLLM:
         """Read (path) or take (frames array) one video and run it to its compressed visual block."""
         with timer.stage("read_video"):
             [(frames, info)] = self.read_frames([video], sampling)
-        return self.encode_frames(frames, compression, timer), info
+        return self.block_from_frames(frames, compression, timer), info
 
     def answer_batch(
         self,
@@ -152,7 +152,7 @@ class LlavaVideoLLM:
             decoded = self.read_frames(list(videos), sampling)
         prompts, infos = [], []
         for (frames, info), question in zip(decoded, questions, strict=True):  # per request: videos differ in size
-            block = self.encode_frames(frames, compression, timer)
+            block = self.block_from_frames(frames, compression, timer)
             before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
             prompts.append((before, block, after))
             infos.append(info)
