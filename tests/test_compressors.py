@@ -126,3 +126,16 @@ def test_keep_mask_of_non_finite_features_is_empty_and_indices_raise():
         assert not CompressionSpec("vidcom2", retention).keep_mask(x).any()
         with pytest.raises(ValueError, match="NaN or Inf"):
             CompressionSpec("vidcom2", retention).keep_indices(x)
+
+
+@pytest.mark.parametrize("name", ["vidcom2", "random", "uniform", "none"])
+def test_keep_masks_of_mixed_shapes_equal_each_video_alone(name):
+    videos = [video(frames=6, tokens=30, dim=16, seed=1), video(frames=4, tokens=30, dim=16, seed=2)]
+    videos.append(video(frames=6, tokens=30, dim=16, seed=3))  # shares the first one's shape: selected with it
+    spec = CompressionSpec(name, 0.3)
+    masks = spec.keep_masks(videos)
+    assert [m.shape for m in masks] == [(6, 30), (4, 30), (6, 30)]
+    for got, one in zip(masks, videos, strict=True):
+        assert torch.equal(got, spec.keep_mask(one))
+    with pytest.raises(ValueError, match=r"video 1: features must be a \(F, P, D\) tensor"):
+        spec.keep_masks([videos[0], videos[0][0]])

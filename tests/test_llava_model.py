@@ -253,6 +253,26 @@ def test_errors_name_the_problem(ckpts: dict[str, Path], tmp_path: Path) -> None
             model.compress_video(features, CompressionSpec("vidcom2", 0.5), grid_newlines)
 
 
+@pytest.mark.parametrize("name,grid_newlines", [("ov", "frame"), ("vid", "frame"), ("vid", "all_rows")])
+def test_compressing_videos_together_equals_one_at_a_time(ckpts: dict[str, Path], name: str, grid_newlines: str):
+    model = adapter(ckpts[name]).model
+    generator = torch.Generator().manual_seed(0)
+    dim = model.spec.text_config.hidden_size
+    shapes = [(3, 4, 4), (2, 4, 4), (3, 4, 4)]  # two share a shape (one selection launch), one does not
+    features = [torch.randn(*shape, dim, generator=generator) * (1 + i) for i, shape in enumerate(shapes)]
+    for spec in (CompressionSpec("vidcom2", 0.3), CompressionSpec("uniform", 0.3), CompressionSpec()):
+        together = model.compress_videos(features, spec, grid_newlines)
+        for feats, block in zip(features, together, strict=True):
+            alone = model.compress_video(feats, spec, grid_newlines)
+            assert torch.equal(block.layout.source, alone.layout.source)
+            assert torch.equal(block.layout.original_offsets, alone.layout.original_offsets)
+            assert torch.equal(block.embeds, alone.embeds)
+    bad = [f.clone() for f in features]
+    bad[2][0, 1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"video 2 of 3: vidcom2@0.3 kept no video token"):
+        model.compress_videos(bad, CompressionSpec("vidcom2", 0.3), grid_newlines)
+
+
 def test_adapter_template_and_pool_mode_override(ckpts: dict[str, Path], videos: Path) -> None:
     """What the lmms-eval wrapper checks (conv_template) and sets (mm_spatial_pool_mode) on the adapter."""
     llm = adapter(ckpts["ov"])

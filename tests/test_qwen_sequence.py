@@ -37,11 +37,14 @@ def test_text_positions_run_over_real_tokens_only():
     assert text_positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_video_keep_flags_offset_each_video():
-    flags = video_keep_flags([torch.tensor([0, 2]), torch.tensor([1])], [3, 2], torch.device("cpu"))
+def test_video_keep_flags_concatenate_each_video():
+    cpu = torch.device("cpu")
+    flags = video_keep_flags([torch.tensor([True, False, True]), torch.tensor([False, True])], [3, 2], cpu)
     assert flags.tolist() == [True, False, True, False, True]
-    with pytest.raises(ValueError, match="keep indices for 1 videos but the batch has 2"):
-        video_keep_flags([torch.tensor([0])], [3, 2], torch.device("cpu"))
+    with pytest.raises(ValueError, match="keep flags for 1 videos but the batch has 2"):
+        video_keep_flags([torch.tensor([True, False, True])], [3, 2], cpu)
+    with pytest.raises(ValueError, match=r"video 1: keep flags must be \(2,\) bool"):
+        video_keep_flags([torch.tensor([True, False, True]), torch.tensor([0, 1])], [3, 2], cpu)
 
 
 def test_token_keep_mask_drops_padding_and_unkept_video_tokens():

@@ -290,8 +290,8 @@ def test_retention_as_tensor_equals_retention_as_number(options, retention):
 
     features = make_video(10, 49, 16, seed=13)
     cfg = VidCom2Config.from_options(options)
-    number = _mask_from_scores(features, retention, cfg, None)
-    tensor = _mask_from_scores(features, torch.tensor(retention, dtype=torch.float64), cfg, None)
+    number = _mask_from_scores(features[None], retention, cfg, None)
+    tensor = _mask_from_scores(features[None], torch.tensor(retention, dtype=torch.float64), cfg, None)
     assert torch.equal(number, tensor)
 
 
@@ -323,3 +323,73 @@ def test_external_token_scores_must_be_finite():
     scores[1, 3] = float("nan")
     with pytest.raises(ValueError, match="token scores contain NaN or Inf"):
         vidcom2_keep_indices(features, 0.2, {"token_score": "external"}, token_scores_external=scores)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"exact_count": True}, {"frame_score": "equal"}, {"similarity": "cosine", "token_score": "-f"}]
+)
+@pytest.mark.parametrize("retention", [0.1, 0.3, 1.0])
+def test_a_batch_selects_each_video_exactly_as_alone(options, retention):
+    from llava.model.vidcom2 import vidcom2_keep_mask, vidcom2_keep_masks
+
+    videos = [make_video(6, 25, 12, seed=seed) * (1 + seed) for seed in range(4)]  # different scales and budgets
+    alone = torch.stack([vidcom2_keep_mask(v, retention, options) for v in videos])
+    assert torch.equal(vidcom2_keep_masks(videos, retention, options), alone)
+    assert torch.equal(vidcom2_keep_masks(torch.stack(videos), retention, options), alone)
+    if retention < 1.0:  # the videos really differ, so a batch that mixed them up would show
+        assert len({tuple(m.reshape(-1).tolist()) for m in alone}) == len(videos)
+
+
+def test_a_non_finite_video_empties_only_its_own_mask_in_a_batch():
+    from llava.model.vidcom2 import vidcom2_keep_mask, vidcom2_keep_masks
+
+    videos = [make_video(4, 20, 8, seed=s) for s in range(3)]
+    videos[1][2, 3, 1] = float("nan")
+    for retention in (0.25, 1.0):
+        masks = vidcom2_keep_masks(videos, retention)
+        assert not masks[1].any()
+        assert torch.equal(masks[0], vidcom2_keep_mask(videos[0], retention))
+        assert torch.equal(masks[2], vidcom2_keep_mask(videos[2], retention))
+
+
+@pytest.mark.parametrize(
+    "videos,match",
+    [
+        ([], "at least one"),
+        (lambda: [make_video(4, 20, 8), make_video(5, 20, 8)], "share shape"),
+        (lambda: [make_video(4, 20, 8), make_video(4, 20, 8, dtype=torch.float64)], "share shape, dtype"),
+        (lambda: torch.zeros(4, 20, 8), r"\(B, F, P, D\)"),
+        (lambda: [torch.zeros(4, 20)], r"\(F, P, D\)"),
+    ],
+)
+def test_bad_batches(videos, match):
+    from llava.model.vidcom2 import vidcom2_keep_masks
+
+    with pytest.raises(ValueError, match=match):
+        vidcom2_keep_masks(videos() if callable(videos) else videos, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_variance_read_in_low_precision_equals_casting_first(dtype):
+    from llava.model.vidcom2 import channel_variance
+
+    x = make_video(3, 40, 24, seed=9, dtype=dtype)[None]
+    assert torch.equal(channel_variance(x), x.float().reshape(1, -1, 24).var(dim=1, correction=0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_batch_graph_matches_each_video_alone_in_eager(dtype):
+    from llava.model.vidcom2 import channel_variance, vidcom2_keep_mask, vidcom2_keep_masks
+
+    videos = [make_video(8, 49, 64, seed=s, dtype=dtype).cuda() * (1 + s) for s in range(3)]
+    # the fused low-precision read gives the variance of the float32 copy, bit for bit
+    stacked = torch.stack(videos)
+    assert torch.equal(channel_variance(stacked), stacked.float().reshape(3, -1, 64).var(dim=1, correction=0))
+    for options in ({}, {"exact_count": True}):
+        for retention in (0.1, 0.25, 0.5):  # replays of one captured batch graph with new retentions
+            alone = torch.stack([vidcom2_keep_mask(v, retention, {**options, "execution": "eager"}) for v in videos])
+            assert torch.equal(vidcom2_keep_masks(videos, retention, options), alone)
+            assert torch.equal(vidcom2_keep_mask(videos[1], retention, options), alone[1])
+    compiled = vidcom2_keep_masks(videos, 0.25, {"execution": "compiled"})
+    assert torch.equal(compiled, vidcom2_keep_masks(videos, 0.25, {"execution": "eager"}))

@@ -243,9 +243,9 @@ class QwenVideoLLM:
         with timer.stage("vision"):
             vision = stages.encode_vision(self.model, inputs)
         with timer.stage("compress"):
-            kept = stages.select_video_tokens(self.model, inputs, vision, compression)
+            keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
-            lm_inputs = stages.build_prefill(self.model, inputs, vision, kept)
+            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags)
         stop_check = self._stop_check(generation.stop) if generation.stop else None
         ids, _ = stages.generate(self.model, lm_inputs, generation, stop_check=stop_check, timer=timer)
         results = []

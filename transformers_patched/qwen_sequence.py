@@ -71,16 +71,16 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0) * attention_mask.long()
 
 
-def video_keep_flags(keep_indices: list[torch.Tensor], sizes: list[int], device: torch.device) -> torch.Tensor:
-    """Per-video kept indices -> one (sum sizes,) bool over all video tokens, in video order."""
-    if len(keep_indices) != len(sizes):
-        raise ValueError(f"got keep indices for {len(keep_indices)} videos but the batch has {len(sizes)}")
-    flags = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
-    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0).tolist() if sizes else []
-    if keep_indices:
-        flat = torch.cat([idx.to(device) + off for idx, off in zip(keep_indices, offsets, strict=True)])
-        flags[flat] = True
-    return flags
+def video_keep_flags(keep_masks: list[torch.Tensor], sizes: list[int], device: torch.device) -> torch.Tensor:
+    """Per-video keep flags (N_i,) bool -> one (sum sizes,) bool over all video tokens, in video order."""
+    if len(keep_masks) != len(sizes):
+        raise ValueError(f"got keep flags for {len(keep_masks)} videos but the batch has {len(sizes)}")
+    for i, (mask, size) in enumerate(zip(keep_masks, sizes, strict=True)):
+        if mask.dtype != torch.bool or tuple(mask.shape) != (size,):
+            raise ValueError(f"video {i}: keep flags must be ({size},) bool, got {tuple(mask.shape)} {mask.dtype}")
+    if not keep_masks:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.cat([mask.to(device) for mask in keep_masks])
 
 
 def token_keep_mask(

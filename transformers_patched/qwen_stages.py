@@ -24,6 +24,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from llava.model.compression import CompressionSpec
 from llava.model.generate import choose_next_tokens
 from llava.model.static_decode import StaticDecoder, start_static_decode
+from llava.model.vidcom2 import NON_FINITE_MESSAGE
 from llava.runtime import GenerationOptions
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
@@ -117,25 +118,27 @@ def encode_vision(model: PreTrainedModel, inputs: Mapping[str, Any]) -> VisionOu
 def select_video_tokens(
     model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, compression: CompressionSpec
 ) -> list[torch.Tensor]:
-    """Kept flat token indices (K,) of every video, each video compressed on its own budget."""
+    """Each video's keep flags (F*P,) bool, every video on its own budget.
+
+    Same-shape videos are selected together (one launch sequence, one graph replay on CUDA); one host
+    synchronisation then checks that every video kept a token (VidCom2 keeps none of non-finite features).
+    """
     if not vision.video_embeds:
         return []
     counts = video_token_counts(model, inputs["video_grid_thw"])
-    kept = []
+    videos = []
     for embeds, (frames, per_frame) in zip(vision.video_embeds, counts, strict=True):
         if embeds.shape[0] != frames * per_frame:
             raise ValueError(f"video features have {embeds.shape[0]} tokens, video_grid_thw says {frames}x{per_frame}")
-        if compression.is_identity:
-            kept.append(torch.arange(frames * per_frame, device=embeds.device))
-            continue
-        indices = compression.keep_indices(embeds.reshape(frames, per_frame, embeds.shape[-1]))
-        if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() == 0:
-            raise ValueError(
-                f"compressor {compression.compressor!r} returned {tuple(indices.shape)} {indices.dtype}; "
-                "expected a non-empty (K,) int64 tensor"
-            )
-        kept.append(indices.to(embeds.device))
-    return kept
+        videos.append(embeds.reshape(frames, per_frame, embeds.shape[-1]))
+    if compression.is_identity:
+        return [torch.ones(v.shape[0] * v.shape[1], dtype=torch.bool, device=v.device) for v in videos]
+    masks = [mask.reshape(-1) for mask in compression.keep_masks(videos)]
+    kept = torch.stack([mask.sum() for mask in masks]).tolist()  # the one host sync
+    for i, count in enumerate(kept):
+        if count == 0:
+            raise ValueError(f"video {i}: {compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
+    return masks
 
 
 def _rope_kwargs(arch: QwenArch, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def _rope_kwargs(arch: QwenArch, inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def build_prefill(
-    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, kept: list[torch.Tensor]
+    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, keep_flags: list[torch.Tensor]
 ) -> PrefillInputs:
     """Assemble the full sequence, compute M-RoPE positions on it, then keep only the kept tokens."""
     if inputs.get("mm_token_type_ids") is None:
@@ -184,7 +187,7 @@ def build_prefill(
     positions = torch.cat([text_positions(attention_mask)[None], mrope.to(device)], dim=0)  # (4, B, L)
 
     sizes = [int(f.shape[0]) for f in vision.video_embeds]
-    flags = video_keep_flags(kept, sizes, device)
+    flags = video_keep_flags(keep_flags, sizes, device)
     keep = token_keep_mask(attention_mask, video_pos, flags)
     index = pack_left(keep)
     packed_mask = packed_attention_mask(index, device)

@@ -5,22 +5,23 @@ options to the kept flat indices into F*P (int64, sorted ascending). Model adapt
 their video tokens are and call :func:`compress_video`; they never name a method. New baselines
 register with :func:`register_compressor` and slot in without touching any caller.
 
-A compressor may also register a mask form (``mask=``): the same selection as an (F, P) boolean
-mask computed without a host synchronisation, which lets an adapter fold the one unavoidable sync
-(the kept count) into its own layout work. Without one, :meth:`CompressionSpec.keep_mask` builds
-the mask from the indices on the device.
+A compressor may also register a mask form (``mask=``): the same selection for a batch of same-shape
+videos, as (B, F, P) boolean masks computed without a host synchronisation, each video on its own
+budget. It lets an adapter select all of a request's videos in one go and fold the one unavoidable
+sync (the kept counts) into its own layout work. Without one, :meth:`CompressionSpec.keep_masks`
+builds each mask from the indices on the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from llava.model import baselines
-from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices, vidcom2_keep_mask
+from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices, vidcom2_keep_masks
 
 
 class Compressor(Protocol):
@@ -29,8 +30,9 @@ class Compressor(Protocol):
 
 
 class MaskCompressor(Protocol):
-    def __call__(self, features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
-        """(F, P, D), R, options -> keep mask (F, P) bool, no host sync; all False = invalid input."""
+    def __call__(self, videos: Sequence[torch.Tensor], retention: float, options: dict[str, Any]) -> torch.Tensor:
+        """B same-shape videos (F, P, D), R, options -> keep masks (B, F, P) bool, no host sync; a video's
+        all-False mask = invalid input."""
 
 
 _REGISTRY: dict[str, Compressor] = {}
@@ -94,11 +96,43 @@ class CompressionSpec:
 
         An all-False mask means the compressor refused the input (VidCom2: non-finite features).
         """
-        n_frames, per_frame = features.shape[0], features.shape[1]
+        return self.keep_masks([features])[0]
+
+    def keep_masks(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each video's (F, P) keep mask, in order, without a host synchronisation.
+
+        Videos of one shape, dtype and device go to the compressor's mask form together (one launch
+        sequence, one graph replay on CUDA, for the whole group); each keeps its own budget.
+        """
+        for i, video in enumerate(videos):
+            if not isinstance(video, torch.Tensor) or video.dim() != 3:
+                got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+                raise ValueError(f"video {i}: features must be a (F, P, D) tensor of one video, got {got}")
         mask_fn = _MASKS.get(self.compressor)
-        if mask_fn is not None:
-            return mask_fn(features, float(self.retention), dict(self.options))
-        indices = self.keep_indices(features)  # the index-only compressors build them on the device
+        if mask_fn is None:
+            return [self._mask_from_indices(video) for video in videos]
+        groups: dict[tuple, list[int]] = {}
+        for i, video in enumerate(videos):
+            groups.setdefault((tuple(video.shape), video.dtype, video.device), []).append(i)
+        masks: list[torch.Tensor] = [torch.empty(0)] * len(videos)
+        for members in groups.values():
+            selected = mask_fn([videos[i] for i in members], float(self.retention), dict(self.options))
+            for i, mask in zip(members, selected, strict=True):
+                masks[i] = mask
+        return masks
+
+    def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:
+        """The index-only compressors' mask, built on the device from their indices (checked: a broken
+        plug-in must fail loudly, never run uncompressed or empty)."""
+        n_frames, per_frame = features.shape[0], features.shape[1]
+        indices = self.keep_indices(features)
+        valid = isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.dtype == torch.int64
+        if not valid or not len(indices):
+            tensor = isinstance(indices, torch.Tensor)
+            got = f"{tuple(indices.shape)} {indices.dtype}" if tensor else type(indices).__name__
+            raise ValueError(
+                f"compressor {self.compressor!r} returned {got}; expected a non-empty (K,) int64 tensor of flat indices"
+            )
         mask = torch.zeros(n_frames * per_frame, dtype=torch.bool, device=features.device)
         return mask.index_fill_(0, indices.to(features.device), True).view(n_frames, per_frame)
 
@@ -113,11 +147,11 @@ def compress_video(features: torch.Tensor, spec: CompressionSpec) -> tuple[torch
     return features.reshape(-1, features.shape[-1]).index_select(0, indices), indices
 
 
-def _vidcom2_mask(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
-    return vidcom2_keep_mask(features, retention, VidCom2Config.from_options(options))
+def _vidcom2_masks(videos: Sequence[torch.Tensor], retention: float, options: dict[str, Any]) -> torch.Tensor:
+    return vidcom2_keep_masks(videos, retention, VidCom2Config.from_options(options))
 
 
-@register_compressor("vidcom2", mask=_vidcom2_mask)
+@register_compressor("vidcom2", mask=_vidcom2_masks)
 def _vidcom2(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
     return vidcom2_keep_indices(features, retention, VidCom2Config.from_options(options))
 

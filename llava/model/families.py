@@ -109,15 +109,22 @@ class LlavaVideoLLM:
         decoded = read_videos(videos, resolve_sampling(sampling, self.family))
         return [_frames_and_info(item) for item in decoded]
 
-    def block_from_frames(self, frames: np.ndarray, compression: CompressionSpec, timer: StageTimer) -> VisualBlock:
-        """Decoded (F, H, W, 3) frames -> the compressed visual block (preprocess, vision, compress)."""
+    def features_from_frames(self, frames: np.ndarray, timer: StageTimer) -> torch.Tensor:
+        """Decoded (F, H, W, 3) frames -> the pooled features compression chooses from (preprocess, vision)."""
         with timer.stage("preprocess"):
             pixels = self.model.preprocess(frames)
-        with torch.inference_mode():
-            with timer.stage("vision"):
-                features = self.model.encode_video(pixels)
-            with timer.stage("compress"):
-                return self.model.compress_video(features, compression, self.grid_newlines)
+        with torch.inference_mode(), timer.stage("vision"):
+            return self.model.encode_video(pixels)
+
+    def blocks_from_frames(
+        self, videos: list[np.ndarray], compression: CompressionSpec, timer: StageTimer
+    ) -> list[VisualBlock]:
+        """Each video's decoded frames -> its compressed visual block. Every video is encoded on its own
+        (the vision stage); then all are compressed together in one stage (one selection launch per
+        shape, one host synchronisation), each on its own budget."""
+        features = [self.features_from_frames(frames, timer) for frames in videos]
+        with torch.inference_mode(), timer.stage("compress"):
+            return self.model.compress_videos(features, compression, self.grid_newlines)
 
     def video_block(
         self,
@@ -129,7 +136,7 @@ class LlavaVideoLLM:
         """Read (path) or take (frames array) one video and run it to its compressed visual block."""
         with timer.stage("read_video"):
             [(frames, info)] = self.read_frames([video], sampling)
-        return self.block_from_frames(frames, compression, timer), info
+        return self.blocks_from_frames([frames], compression, timer)[0], info
 
     def answer_batch(
         self,
@@ -150,13 +157,12 @@ class LlavaVideoLLM:
         timer = StageTimer(self.device)
         with timer.stage("read_video"):  # all videos at once, decoded on threads
             decoded = self.read_frames(list(videos), sampling)
-        prompts, infos = [], []
-        for (frames, info), question in zip(decoded, questions, strict=True):  # per request: videos differ in size
-            block = self.block_from_frames(frames, compression, timer)
+        blocks = self.blocks_from_frames([frames for frames, _ in decoded], compression, timer)
+        prompts = []
+        for question, block in zip(questions, blocks, strict=True):
             before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
             prompts.append((before, block, after))
-            infos.append(info)
-        return self._generate(prompts, infos, timer, compression, generation)
+        return self._generate(prompts, [info for _, info in decoded], timer, compression, generation)
 
     def answer(
         self,

@@ -188,6 +188,42 @@ def block_sources(frames: int, h: int, w: int, newline_position: str, device: to
         return torch.cat([grid, torch.full(pad, total, device=device)], dim=-1).reshape(-1)
 
 
+@dataclass
+class PendingLayout:
+    """A layout from a block keep mask, computed at full block size on the device and waiting for its
+    kept count (``count``, a 0-d device tensor): :meth:`finish` cuts it to that count with views only.
+
+    Splitting the two lets a caller read the counts of all of a batch's videos in one synchronisation.
+    """
+
+    sources: torch.Tensor
+    offsets: torch.Tensor
+    rows: torch.Tensor | None
+    count: torch.Tensor
+    full_length: int
+    total_tokens: int
+
+    def finish(self, kept: int) -> tuple[VisualLayout, torch.Tensor | None]:
+        layout = VisualLayout(self.sources[:kept], self.offsets[:kept], self.full_length, self.total_tokens)
+        return layout, (self.rows[:kept] if self.rows is not None else None)
+
+
+def pending_layout(
+    block_mask: torch.Tensor,
+    frames: int,
+    h: int,
+    w: int,
+    newline_position: str,
+    table: torch.Tensor | None = None,
+) -> PendingLayout:
+    """Everything :func:`layout_from_mask` computes before its host synchronisation (see there)."""
+    size = block_mask.numel()
+    offsets = torch.nonzero_static(block_mask, size=size, fill_value=0).squeeze(1)
+    sources = block_sources(frames, h, w, newline_position, block_mask.device).index_select(0, offsets)
+    rows = table.index_select(0, sources) if table is not None else None
+    return PendingLayout(sources, offsets, rows, block_mask.sum(), size, frames * h * w)
+
+
 def layout_from_mask(
     block_mask: torch.Tensor,
     frames: int,
@@ -202,11 +238,5 @@ def layout_from_mask(
     Everything is computed for the whole block before the one host synchronisation, the kept count,
     and then cut to it: no kernel is launched after the sync, when the GPU would wait for the host.
     """
-    total = frames * h * w
-    size = block_mask.numel()
-    count = block_mask.sum()
-    offsets = torch.nonzero_static(block_mask, size=size, fill_value=0).squeeze(1)
-    sources = block_sources(frames, h, w, newline_position, block_mask.device).index_select(0, offsets)
-    rows = table.index_select(0, sources) if table is not None else None
-    kept = int(count)  # the one host sync
-    return VisualLayout(sources[:kept], offsets[:kept], size, total), (rows[:kept] if rows is not None else None)
+    pending = pending_layout(block_mask, frames, h, w, newline_position, table)
+    return pending.finish(int(pending.count))  # the one host sync

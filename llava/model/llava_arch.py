@@ -13,6 +13,7 @@ Shapes: frames (F, H, W, 3) uint8; pixels (F, 3, S, S); encoded (F, h, w, D) aft
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +25,13 @@ from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from llava.model.compression import CompressionSpec
 from llava.model.generate import BatchInputs, pad_left
 from llava.model.layout import (
+    PendingLayout,
     VisualLayout,
     block_keep_mask,
     block_sources,
     build_layout,
     full_length,
-    layout_from_mask,
+    pending_layout,
 )
 from llava.model.llava_config import LlavaSpec
 from llava.model.vidcom2 import NON_FINITE_MESSAGE
@@ -139,32 +141,56 @@ class LlavaVideoModel(nn.Module):
     def compress_video(
         self, features: torch.Tensor, compression: CompressionSpec, grid_newlines: str = "frame"
     ) -> VisualBlock:
-        """(F, h, w, D) -> the visual block: kept tokens (compressor chosen by name) with newlines.
+        """(F, h, w, D) -> the visual block of one video (see :meth:`compress_videos`)."""
+        return self.compress_videos([features], compression, grid_newlines)[0]
 
-        Everything, the row gather included, is queued before the stage's one host synchronisation
-        (the kept count), after which only views are taken: in the pipeline the GPU is still busy with
-        the vision tower while the host queues this work, and nothing waits on the host after the
-        sync (see llava.model.layout).
+    def compress_videos(
+        self, features: Sequence[torch.Tensor], compression: CompressionSpec, grid_newlines: str = "frame"
+    ) -> list[VisualBlock]:
+        """Each video's (F, h, w, D) -> its visual block: kept tokens (compressor chosen by name) with newlines.
+
+        A request's videos are selected together (same-shape videos share one selection launch, each on
+        its own budget) and their layouts share ONE host synchronisation, which reads every kept count.
+        Everything, the row gathers included, is queued before it, and only views are taken after it:
+        in the pipeline the GPU is still busy with the vision tower while the host queues this work,
+        and nothing waits on the host after the sync (see llava.model.layout).
         """
+        position = self.spec.newline_position
+        if compression.is_identity:
+            return [self._uncompressed_block(f) for f in features]
+        flats = [f.reshape(f.shape[0], f.shape[1] * f.shape[2], f.shape[3]) for f in features]
+        masks = compression.keep_masks(flats)
+        parts: list[PendingLayout | VisualBlock] = []
+        for feats, flat, mask in zip(features, flats, masks, strict=True):
+            frames, h, w, dim = feats.shape
+            table = torch.cat([flat.reshape(-1, dim), self.image_newline.to(feats.dtype)[None]])
+            block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
+            if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
+                layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
+                parts.append(VisualBlock(table.index_select(0, layout.source), layout))
+            else:
+                parts.append(pending_layout(block_mask & mask.any(), frames, h, w, position, table))
+        pending = [p for p in parts if isinstance(p, PendingLayout)]
+        counts = iter(torch.stack([p.count for p in pending]).tolist() if pending else [])  # the one host sync
+        blocks = []
+        for i, part in enumerate(parts):
+            if isinstance(part, PendingLayout):
+                layout, embeds = part.finish(next(counts))
+                part = VisualBlock(embeds, layout)
+            if part.layout.length == 0:  # every selection keeps a token: an empty one means non-finite features
+                which = f"video {i} of {len(parts)}: " if len(parts) > 1 else ""
+                raise ValueError(f"{which}{compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
+            blocks.append(part)
+        return blocks
+
+    def _uncompressed_block(self, features: torch.Tensor) -> VisualBlock:
         frames, h, w, dim = features.shape
         position = self.spec.newline_position
-        flat = features.reshape(frames, h * w, dim)
-        table = torch.cat([flat.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
-        if compression.is_identity:
-            size = full_length(frames, h, w, position)
-            sources = block_sources(frames, h, w, position, features.device)
-            layout = VisualLayout(sources, torch.arange(size, device=features.device), size, frames * h * w)
-            return VisualBlock(table.index_select(0, layout.source), layout)
-        mask = compression.keep_mask(flat)
-        block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
-        if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
-            layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
-            embeds = table.index_select(0, layout.source)
-        else:
-            layout, embeds = layout_from_mask(block_mask & mask.any(), frames, h, w, position, table)
-        if layout.length == 0:  # every selection keeps a token: an empty one means non-finite features
-            raise ValueError(f"{compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
-        return VisualBlock(embeds, layout)
+        table = torch.cat([features.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        size = full_length(frames, h, w, position)
+        sources = block_sources(frames, h, w, position, features.device)
+        layout = VisualLayout(sources, torch.arange(size, device=features.device), size, frames * h * w)
+        return VisualBlock(table.index_select(0, layout.source), layout)
 
     def image_block(self, pixels: torch.Tensor) -> VisualBlock:
         """One image (1, 3, S, S): all h*w unpooled tokens then one newline, never compressed."""

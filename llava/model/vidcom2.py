@@ -15,6 +15,7 @@ This module is the bottom of the stack: it imports nothing from models or evalua
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
 from typing import Any
@@ -146,29 +147,36 @@ def check_retention(retention: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def channel_variance(features: torch.Tensor) -> torch.Tensor:
-    """(F, P, D) -> (D,) population variance of each channel over all F*P tokens.
+def channel_variance(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, F, P, D) -> (B, D) population variance of each channel over each video's F*P tokens, in ``dtype``.
 
-    A non-finite feature makes its channel's variance non-finite, which is how the NaN check
-    avoids a second pass over the features.
+    The result is written to a ``dtype`` tensor, so on CUDA a bf16/fp16 input is read as it is and
+    accumulated in float32 inside the one reduction kernel: the values of casting first, without
+    the (B, F, P, D) float32 copy (elsewhere PyTorch casts first). A non-finite feature makes its
+    channel's variance non-finite, which is how the NaN check avoids a second pass over the features.
     """
-    return features.reshape(-1, features.shape[-1]).var(dim=0, correction=0)
+    batch, dim = features.shape[0], features.shape[-1]
+    out = torch.empty(batch, dim, dtype=dtype, device=features.device)
+    return torch.var(features.reshape(batch, -1, dim), dim=1, correction=0, out=out)
 
 
 def select_low_variance_channels(features: torch.Tensor, variance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(F, P, D) -> (F, P, floor(D*ratio)): the channels with the lowest population variance."""
+    """(B, F, P, D), (B, D) -> (B, F, P, floor(D*ratio)): each video's channels of lowest variance
+    (ties: lower channel index first), in ascending variance order."""
     dim = features.shape[-1]
     keep = max(1, int(dim * ratio))
     if keep >= dim:
         return features
-    channels = torch.argsort(variance, stable=True)[:keep]
-    return features.index_select(-1, channels)
+    channels = torch.argsort(variance, dim=-1, stable=True)[:, :keep]
+    if features.shape[0] == 1:
+        return features.index_select(-1, channels[0])
+    return torch.gather(features, -1, channels[:, None, None, :].expand(*features.shape[:-1], keep))
 
 
 def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre_sq: torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
-    """Similarity of tokens to centres from their dot products: (F, P, K) -> (F, P, K).
+    """Similarity of tokens to centres from their dot products: (B, F, P, K) -> (B, F, P, K).
 
-    ``centre_sq`` (F, 1, K) is |c|^2 of each token's centres. |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, so no
+    ``centre_sq`` (B, F, 1, K) is |c|^2 of each token's centres. |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, so no
     (F, P, C) difference tensor is ever formed; the K centres (video, frame) share every kernel launch.
     """
     if cfg.similarity == "cosine":
@@ -191,58 +199,58 @@ def _bandwidth_scales(alphas: tuple[float, ...], dtype: torch.dtype, device: tor
 def similarity_to_centres(
     features: torch.Tensor, cfg: VidCom2Config
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F, P, D) -> v, f each (F, P) and the channel variance (D,).
+    """(B, F, P, D) -> v, f each (B, F, P) and the channel variance (B, D).
 
-    v: similarity of each token to the video centre; f: to its own frame's centre. Tokens are
+    v: similarity of each token to its video's centre; f: to its own frame's centre. Tokens are
     L2-normalised on the selected channels; centres are plain means, not re-normalised.
+    Low-precision features are never copied to float32 as a whole: the reductions accumulate in the
+    scoring dtype and the normalisation casts while it scales.
     """
     dtype = torch.float32 if cfg.score_dtype == "float32" else features.dtype
-    variance = channel_variance(features.to(dtype))
-    # channels picked from the input before the cast: the same values, half the bytes moved
-    x = select_low_variance_channels(features, variance, cfg.channel_ratio).to(dtype)
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (F, P, 1)
+    variance = channel_variance(features, dtype)
+    x = select_low_variance_channels(features, variance, cfg.channel_ratio)  # input dtype: half the bytes
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)  # (B, F, P, 1)
     inverse = norms.clamp_min(1e-12).reciprocal_()
-    x = x * inverse
+    x = torch.mul(x, inverse).to(dtype)  # a bf16 x is promoted to float32 inside the multiply
     sq_norms = (norms * inverse).squeeze(-1).square()  # 1, or 0 for an all-zero token
-    video_centre = x.mean(dim=(0, 1))  # (C,)
-    frame_centre = x.mean(dim=1)  # (F, C)
-    # v and f side by side, (F, P, 2): one pass of the kernel's elementwise work serves both. The two
+    batch, frames, per_frame, channels = x.shape
+    frame_centre = x.mean(dim=2)  # (B, F, C)
+    video_centre = frame_centre.mean(dim=1, keepdim=True)  # (B, 1, C): frames are equal in size, so the token mean
+    # v and f side by side, (B, F, P, 2): one pass of the kernel's elementwise work serves both. The two
     # products stay matrix-vector ones (a (C, 2) right-hand side picks a slow float32 GEMM on H100).
-    dots = torch.stack([x @ video_centre, torch.bmm(x, frame_centre.unsqueeze(-1)).squeeze(-1)], dim=-1)
-    centre_sq = torch.cat(
-        [
-            video_centre.pow(2).sum(-1, keepdim=True).expand(frame_centre.shape[0], 1),
-            frame_centre.pow(2).sum(-1, keepdim=True),
-        ],
-        dim=-1,
-    ).unsqueeze(1)  # (F, 1, 2)
+    to_video = torch.bmm(x.reshape(batch, frames * per_frame, channels), video_centre.transpose(1, 2))
+    to_frame = torch.bmm(x.reshape(batch * frames, per_frame, channels), frame_centre.reshape(-1, channels, 1))
+    dots = torch.cat(
+        [to_video.reshape(batch, frames, per_frame, 1), to_frame.reshape(batch, frames, per_frame, 1)], dim=-1
+    )
+    sq = torch.cat([video_centre, frame_centre], dim=1).square().sum(-1)  # (B, 1 + F): |g_v|^2, then each |g_t|^2
+    centre_sq = torch.stack([sq[:, :1].expand(batch, frames), sq[:, 1:]], dim=-1).unsqueeze(2)  # (B, F, 1, 2)
     similarity = _kernel(dots, sq_norms, centre_sq, cfg)
     return similarity[..., 0], similarity[..., 1], variance
 
 
 def frame_scales(v: torch.Tensor, retention: float | torch.Tensor, cfg: VidCom2Config) -> torch.Tensor:
-    """v (F, P) -> per-frame retention scale_t (F,), about R each, in [R(1-1/F), R(2-1/F)], <= 1.
+    """v (B, F, P) -> per-frame retention scale_t (B, F), about R each, in [R(1-1/F), R(2-1/F)], <= 1.
 
     ``retention`` may be a 0-d tensor (the CUDA-graph path feeds it as an input of the graph).
     """
-    n_frames = v.shape[0]
     if cfg.frame_score == "equal":
-        return torch.ones(n_frames, dtype=v.dtype, device=v.device) * retention
+        return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device) * retention
     sign = -1.0 if cfg.frame_score.startswith("neg") else 1.0
     reduce = cfg.frame_score.split("_", 1)[1]
     if reduce == "mean":
-        stat = v.mean(dim=1)
+        stat = v.mean(dim=-1)
     elif reduce == "max":
-        stat = v.amax(dim=1)
+        stat = v.amax(dim=-1)
     else:
-        stat = v.amin(dim=1)
+        stat = v.amin(dim=-1)
     uniqueness = sign * stat
-    weights = torch.softmax((uniqueness - uniqueness.max()) / cfg.temperature, dim=0)
-    return (retention * (1.0 + weights - weights.mean())).clamp(max=1.0)
+    weights = torch.softmax((uniqueness - uniqueness.amax(dim=-1, keepdim=True)) / cfg.temperature, dim=-1)
+    return (retention * (1.0 + weights - weights.mean(dim=-1, keepdim=True))).clamp(max=1.0)
 
 
 def budgets_from_scales(scales: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
-    """scale_t (F,) -> k_t = max(1, round_half_even(scale_t * P)) as int64 (F,)."""
+    """scale_t (..., F) -> k_t = max(1, round_half_even(scale_t * P)) as int64 (..., F)."""
     counts = torch.round(scales.float() * tokens_per_frame).to(torch.int64)
     return counts.clamp(min=1, max=tokens_per_frame)
 
@@ -250,11 +258,12 @@ def budgets_from_scales(scales: torch.Tensor, tokens_per_frame: int) -> torch.Te
 def token_scores(
     v: torch.Tensor, f: torch.Tensor, cfg: VidCom2Config, external: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(F, P) score per token; the LOWEST are kept."""
+    """(B, F, P) score per token; the LOWEST are kept."""
     if cfg.token_score == "external":
         if external is None or external.shape != v.shape:
             got = None if external is None else tuple(external.shape)
-            raise ValueError(f"token_score='external' needs token_scores of shape {tuple(v.shape)}, got {got}")
+            want = tuple(v.shape[1:]) if v.shape[0] == 1 else tuple(v.shape)
+            raise ValueError(f"token_score='external' needs token_scores of shape {want}, got {got}")
         if not bool(torch.isfinite(external).all()):  # eager path only: external scores are never graphed
             raise ValueError("token_score='external': the token scores contain NaN or Inf")
         return external.to(v.dtype)
@@ -268,54 +277,60 @@ def token_scores(
 _PAIRWISE_RANK_LIMIT = 1 << 24  # F*P*P comparisons (16 MB of bools); beyond it, one stable sort
 
 
-def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
-    """(F, P) -> (F, P) int64 rank of each token in its frame by ascending score (ties: lower index).
+@lru_cache(maxsize=64)
+def _earlier(per_frame: int, device: torch.device) -> torch.Tensor:
+    """(P, P) bool, [i, j] = j < i; made once per size and device, outside inference mode."""
+    with torch.inference_mode(False):
+        index = torch.arange(per_frame, device=device)
+        return index.unsqueeze(0) < index.unsqueeze(1)
 
-    Up to ``_PAIRWISE_RANK_LIMIT`` comparisons the rank is counted directly (tokens with a lower score,
-    or an equal score and a lower index): a few elementwise kernels instead of a segmented sort and a
-    scatter, and the same ranks as the stable sort for finite scores (external scores must be finite;
-    features that are not finite give no selection at all, see ``_mask_from_scores``).
+
+def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
+    """(..., P) -> (..., P) int64 rank of each token in its frame by ascending score (ties: lower index).
+
+    Up to ``_PAIRWISE_RANK_LIMIT`` comparisons the rank is counted directly: the tokens before it with
+    a score <= its own plus the tokens after it with a lower score. That is a few elementwise kernels
+    instead of a segmented sort and a scatter, and the same ranks as the stable sort for finite scores
+    (external scores must be finite; features that are not finite give no selection at all, see
+    ``_mask_from_scores``).
     """
-    n_frames, per_frame = scores.shape
-    if n_frames * per_frame * per_frame <= _PAIRWISE_RANK_LIMIT:
-        mine, other = scores.unsqueeze(2), scores.unsqueeze(1)  # (F, P, 1) against (F, 1, P)
-        index = torch.arange(per_frame, device=scores.device)
-        earlier = index.unsqueeze(0) < index.unsqueeze(1)  # [i, j]: j comes before i
-        return ((other < mine) | ((other == mine) & earlier)).sum(dim=2)
-    order = torch.argsort(scores, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    positions = torch.arange(per_frame, device=scores.device).expand_as(order)
-    return ranks.scatter_(1, order, positions)
+    per_frame = scores.shape[-1]
+    rows = scores.reshape(-1, per_frame)
+    if rows.shape[0] * per_frame * per_frame <= _PAIRWISE_RANK_LIMIT:
+        mine, other = rows.unsqueeze(2), rows.unsqueeze(1)  # (R, P, 1) against (R, 1, P)
+        ranks = torch.where(_earlier(per_frame, scores.device), other <= mine, other < mine).sum(dim=2)
+    else:
+        order = torch.argsort(rows, dim=1, stable=True)
+        positions = torch.arange(per_frame, device=scores.device).expand_as(order)
+        ranks = torch.empty_like(order).scatter_(1, order, positions)
+    return ranks.reshape(scores.shape)
 
 
 def exact_total_budgets(
     budgets: torch.Tensor, scores: torch.Tensor, ranks: torch.Tensor, retention: float | torch.Tensor
 ) -> torch.Tensor:
-    """Keep mask (F, P) with exactly max(F, round(R*F*P)) tokens: the per-frame top-k, then the
-    globally best extra tokens added (or the globally worst kept ones, never a frame's best, dropped)."""
-    n_frames, per_frame = scores.shape
+    """Keep mask (B, F, P) with exactly max(F, round(R*F*P)) tokens per video: the per-frame top-k, then
+    the video's globally best extra tokens added (or its globally worst kept ones, never a frame's
+    best, dropped)."""
+    batch, n_frames, per_frame = scores.shape
     if isinstance(retention, torch.Tensor):  # float64, so the rounding matches Python's round() exactly
         target = torch.round(retention.double() * (n_frames * per_frame)).clamp(min=n_frames).to(torch.int64)
     else:
         target = max(n_frames, round(retention * n_frames * per_frame))
-    keep = ranks < budgets[:, None]
-    # Order tokens globally by (score, frame, rank) through a stable sort of scores.
-    flat_scores = scores.reshape(-1)
-    order = torch.argsort(flat_scores, stable=True)
-    kept_sorted = keep.reshape(-1)[order]
-    n_kept = budgets.sum()
-    missing = target - n_kept  # may be negative; a device scalar, no sync
+    keep = ranks < budgets[..., None]
+    # Order each video's tokens by (score, frame, rank) through a stable sort of its scores.
+    order = torch.argsort(scores.reshape(batch, -1), dim=1, stable=True)
+    kept_sorted = keep.reshape(batch, -1).gather(1, order)
+    missing = target - budgets.sum(dim=1, keepdim=True)  # (B, 1), may be negative; on the device, no sync
     # Top up: the first `missing` not-kept tokens in ascending score order.
-    add_rank = torch.cumsum((~kept_sorted).to(torch.int64), 0)
+    add_rank = torch.cumsum((~kept_sorted).to(torch.int64), 1)
     add = (~kept_sorted) & (add_rank <= missing)
     # Trim: the last `-missing` kept tokens in ascending score order, excluding each frame's best.
-    droppable = kept_sorted & (ranks.reshape(-1)[order] > 0)
-    drop_rank = torch.cumsum(droppable.flip(0).to(torch.int64), 0).flip(0)
+    droppable = kept_sorted & (ranks.reshape(batch, -1).gather(1, order) > 0)
+    drop_rank = torch.cumsum(droppable.flip(1).to(torch.int64), 1).flip(1)
     drop = droppable & (drop_rank <= -missing)
     new_sorted = (kept_sorted | add) & ~drop
-    out = torch.empty_like(new_sorted)
-    out[order] = new_sorted
-    return out.reshape(n_frames, per_frame)
+    return torch.empty_like(new_sorted).scatter_(1, order, new_sorted).reshape(batch, n_frames, per_frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +341,7 @@ def exact_total_budgets(
 def vidcom2_frame_budgets(
     features: torch.Tensor, retention: float = 0.25, config: VidCom2Config | dict[str, Any] | None = None
 ) -> torch.Tensor:
-    """Per-frame token budgets k_t (F,) int64 before any exact-count adjustment.
+    """Per-frame token budgets k_t (F,) int64 of one video (F, P, D), before any exact-count adjustment.
 
     Retention 1.0 keeps every token (the raw formula would still move budget between frames and,
     after clamping at 1, drop tokens; R = 1 means "no compression" here).
@@ -336,8 +351,9 @@ def vidcom2_frame_budgets(
     n_frames, per_frame, _ = features.shape
     if float(retention) >= 1.0:
         return torch.full((n_frames,), per_frame, dtype=torch.int64, device=features.device)
-    v, _, _ = similarity_to_centres(features, cfg)
-    return budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)
+    with torch.no_grad():
+        v, _, _ = similarity_to_centres(features.unsqueeze(0), cfg)
+        return budgets_from_scales(frame_scales(v, float(retention), cfg), per_frame)[0]
 
 
 @torch.no_grad()
@@ -347,13 +363,14 @@ def _mask_from_scores(
     cfg: VidCom2Config,
     token_scores_external: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The whole selection up to the keep mask: pure tensor code with no host synchronisation.
+    """The whole selection of B same-shape videos (B, F, P, D) up to their keep masks (B, F, P): pure
+    tensor code with no host synchronisation, every video on its own budget.
 
-    Non-finite features give an all-False mask (a valid selection keeps >= 1 token per frame), so
-    the caller's one synchronisation, on the kept count, also carries the NaN check. The check reads
-    the channel variance, which any non-finite feature makes non-finite: no second pass.
+    Non-finite features give their video an all-False mask (a valid selection keeps >= 1 token per
+    frame), so the caller's one synchronisation, on the kept count, also carries the NaN check. The
+    check reads the channel variance, which any non-finite feature makes non-finite: no second pass.
     Selection is not differentiable, so no autograd graph is built even for features that need grad."""
-    per_frame = features.shape[1]
+    per_frame = features.shape[2]
     v, f, variance = similarity_to_centres(features, cfg)
     budgets = budgets_from_scales(frame_scales(v, retention, cfg), per_frame)
     scores = token_scores(v, f, cfg, token_scores_external)
@@ -361,32 +378,41 @@ def _mask_from_scores(
     if cfg.exact_count:
         keep = exact_total_budgets(budgets, scores, ranks, retention)
     else:
-        keep = ranks < budgets[:, None]
-    return keep & torch.isfinite(variance).all()
+        keep = ranks < budgets[..., None]
+    return keep & torch.isfinite(variance).all(dim=-1)[:, None, None]
+
+
+Videos = torch.Tensor | Sequence[torch.Tensor]
 
 
 class _CapturedSelection:
-    """_mask_from_scores captured once as a CUDA graph for one input shape, dtype, device and config.
+    """_mask_from_scores captured once as a CUDA graph for one batch shape (B, F, P, D), dtype, device
+    and config.
 
-    Features and retention are inputs of the graph (static buffers), so one graph - and one memory
-    pool for its intermediates - serves every retention of a sweep.
+    Features and retention are inputs of the graph (static buffers, filled video by video, so a batch
+    is never stacked first), so one graph - and one memory pool for its intermediates - serves every
+    retention of a sweep.
     """
 
-    def __init__(self, example: torch.Tensor, cfg: VidCom2Config) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cfg: VidCom2Config) -> None:
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
-            self.features = example.clone()
-            self.retention = torch.full((), 0.5, dtype=torch.float64, device=example.device)
-        side = torch.cuda.Stream(example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
+            self.features = torch.zeros(shape, dtype=dtype, device=device)
+            self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, cached constants)
             _mask_from_scores(self.features, self.retention, cfg, None)
-        torch.cuda.current_stream(example.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.mask = _mask_from_scores(self.features, self.retention, cfg, None)
 
-    def __call__(self, features: torch.Tensor, retention: float) -> torch.Tensor:
-        self.features.copy_(features)
+    def __call__(self, videos: Videos, retention: float) -> torch.Tensor:
+        if isinstance(videos, torch.Tensor):
+            self.features.copy_(videos)
+        else:
+            for slot, video in zip(self.features, videos, strict=True):
+                slot.copy_(video)
         self.retention.fill_(retention)
         self.graph.replay()
         return self.mask.clone()  # the next replay overwrites the graph's own output
@@ -396,15 +422,16 @@ _GRAPHS: OrderedDict[tuple, _CapturedSelection] = OrderedDict()
 _MAX_GRAPHS = 4  # each holds its intermediates (~0.25 GB at 32x196x3584); evaluations reuse one shape
 
 
-def _graphed(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
-    key = (tuple(features.shape), features.dtype, features.device, cfg)
+def _graphed(videos: Videos, shape: tuple[int, ...], retention: float, cfg: VidCom2Config) -> torch.Tensor:
+    first = videos[0]
+    key = (shape, first.dtype, first.device, cfg)
     captured = _GRAPHS.pop(key, None)
     if captured is None:
-        captured = _CapturedSelection(features, cfg)
+        captured = _CapturedSelection(shape, first.dtype, first.device, cfg)
         while len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS[key] = captured  # most recently used last
-    return captured(features, retention)
+    return captured(videos, retention)
 
 
 def release_selection_graphs() -> None:
@@ -429,32 +456,82 @@ def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> t
     return fn(features, r).clone()  # the graph's output is overwritten by its next replay
 
 
+def _stacked(videos: Videos) -> torch.Tensor:
+    """(B, F, P, D) without a copy when there is one video (or the batch is one tensor already)."""
+    if isinstance(videos, torch.Tensor):
+        return videos
+    return videos[0].unsqueeze(0) if len(videos) == 1 else torch.stack(list(videos))
+
+
+def _check_videos(videos: Videos, retention: float) -> tuple[int, ...]:
+    """(B, F, P, D) of a batch of same-shape videos, each checked like a single one."""
+    if isinstance(videos, torch.Tensor):
+        if videos.dim() != 4:
+            raise ValueError(f"a batch of videos must be a (B, F, P, D) tensor, got shape {tuple(videos.shape)}")
+        items: Sequence[torch.Tensor] = list(videos) if videos.shape[0] else []
+    else:
+        items = list(videos)
+    if not items:
+        raise ValueError("no videos given: a batch needs at least one (F, P, D) video")
+    for video in items:
+        check_video_features(video, retention)
+    first = items[0]
+    for i, video in enumerate(items):
+        if video.shape != first.shape or video.dtype != first.dtype or video.device != first.device:
+            raise ValueError(
+                f"videos selected together must share shape, dtype and device: video 0 is {tuple(first.shape)} "
+                f"{first.dtype} on {first.device}, video {i} is {tuple(video.shape)} {video.dtype} on {video.device}"
+            )
+    return (len(items), *first.shape)
+
+
+def vidcom2_keep_masks(
+    videos: Videos,
+    retention: float = 0.25,
+    config: VidCom2Config | dict[str, Any] | None = None,
+    token_scores_external: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """B same-shape videos ((B, F, P, D), or a sequence of (F, P, D)) -> keep masks (B, F, P), without
+    any host synchronisation. Each video is selected on its own budget, exactly as alone; together
+    they share the kernel launches (one graph replay on CUDA).
+
+    Every frame keeps at least one token; an all-False mask means that video's features were not finite
+    (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
+    ``token_scores_external`` is (B, F, P) for ``token_score='external'``.
+    """
+    cfg = VidCom2Config.from_options(config)
+    shape = _check_videos(videos, retention)
+    batch, n_frames, per_frame, _ = shape
+    if float(retention) >= 1.0:
+        finite = torch.stack([torch.isfinite(video).all() for video in videos])
+        return finite[:, None, None].expand(batch, n_frames, per_frame).clone()
+    first = videos[0]
+    if (
+        cfg.execution != "eager"
+        and first.is_cuda
+        and token_scores_external is None
+        and not torch.cuda.is_current_stream_capturing()
+    ):
+        if cfg.execution == "compiled":
+            return _compiled(_stacked(videos), float(retention), cfg)
+        return _graphed(videos, shape, float(retention), cfg)
+    return _mask_from_scores(_stacked(videos), float(retention), cfg, token_scores_external)
+
+
 def vidcom2_keep_mask(
     features: torch.Tensor,
     retention: float = 0.25,
     config: VidCom2Config | dict[str, Any] | None = None,
     token_scores_external: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(F, P, D) -> boolean keep mask (F, P), computed without any host synchronisation.
+    """(F, P, D) -> boolean keep mask (F, P) of one video, computed without any host synchronisation.
 
     Every frame keeps at least one token; an all-False mask means the features were not finite
     (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
     """
-    cfg = VidCom2Config.from_options(config)
     check_video_features(features, retention)
-    n_frames, per_frame, _ = features.shape
-    if float(retention) >= 1.0:
-        finite = torch.isfinite(features).all()
-        return finite.expand(n_frames, per_frame).clone()
-    if (
-        cfg.execution != "eager"
-        and features.is_cuda
-        and token_scores_external is None
-        and not torch.cuda.is_current_stream_capturing()
-    ):
-        run = _compiled if cfg.execution == "compiled" else _graphed
-        return run(features, float(retention), cfg)
-    return _mask_from_scores(features, float(retention), cfg, token_scores_external)
+    external = None if token_scores_external is None else token_scores_external.unsqueeze(0)
+    return vidcom2_keep_masks([features], retention, config, external)[0]
 
 
 NON_FINITE_MESSAGE = "features contain NaN or Inf; refusing to select tokens from them"
