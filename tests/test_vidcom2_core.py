@@ -370,11 +370,14 @@ def test_bad_batches(videos, match):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_variance_read_in_low_precision_equals_casting_first(dtype):
+def test_channel_variance_from_frames_is_the_variance_over_all_tokens(dtype):
     from llava.model.vidcom2 import channel_variance
 
-    x = make_video(3, 40, 24, seed=9, dtype=dtype)[None]
-    assert torch.equal(channel_variance(x), x.float().reshape(1, -1, 24).var(dim=1, correction=0))
+    x = make_video(3, 40, 24, seed=9, dtype=dtype)[None] + 5.0  # an offset: the per-frame split must not cancel
+    exact = x.double().reshape(1, -1, 24).var(dim=1, correction=0)
+    torch.testing.assert_close(channel_variance(x).double(), exact, rtol=2e-6, atol=0)
+    assert channel_variance(x).dtype == torch.float32
+    assert torch.equal(channel_variance(x), channel_variance(x.float()))  # low precision is read, not rounded
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -385,7 +388,7 @@ def test_cuda_batch_graph_matches_each_video_alone_in_eager(dtype):
     videos = [make_video(8, 49, 64, seed=s, dtype=dtype).cuda() * (1 + s) for s in range(3)]
     # the fused low-precision read gives the variance of the float32 copy, bit for bit
     stacked = torch.stack(videos)
-    assert torch.equal(channel_variance(stacked), stacked.float().reshape(3, -1, 64).var(dim=1, correction=0))
+    assert torch.equal(channel_variance(stacked), channel_variance(stacked.float()))
     for options in ({}, {"exact_count": True}):
         for retention in (0.1, 0.25, 0.5):  # replays of one captured batch graph with new retentions
             alone = torch.stack([vidcom2_keep_mask(v, retention, {**options, "execution": "eager"}) for v in videos])
@@ -393,3 +396,31 @@ def test_cuda_batch_graph_matches_each_video_alone_in_eager(dtype):
             assert torch.equal(vidcom2_keep_mask(videos[1], retention, options), alone[1])
     compiled = vidcom2_keep_masks(videos, 0.25, {"execution": "compiled"})
     assert torch.equal(compiled, vidcom2_keep_masks(videos, 0.25, {"execution": "eager"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_selection_holds_only_its_buffers_and_strands_nothing():
+    import gc
+
+    from llava.model.vidcom2 import release_selection_graphs, vidcom2_keep_masks
+
+    videos = [make_video(8, 49, 64, seed=1).cuda()]
+
+    def settled() -> tuple[int, int]:
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    vidcom2_keep_masks(videos, 0.25)  # the first capture makes the per-process pieces (side stream, workspace)
+    release_selection_graphs()
+    first = settled()
+    for _ in range(3):  # capturing again and releasing leaves memory exactly where it was
+        vidcom2_keep_masks(videos, 0.25)
+        release_selection_graphs()
+    assert settled() == first
+    before = settled()[0]
+    vidcom2_keep_masks(videos, 0.25)
+    held = settled()[0] - before  # its static input and output mask; the side stream's workspace exists already
+    release_selection_graphs()
+    assert held <= videos[0].numel() * videos[0].element_size() + 2**20

@@ -100,11 +100,15 @@ def _memory(device: torch.device) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated(device) / 2**20, torch.cuda.max_memory_reserved(device) / 2**20
 
 
-def _reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def _reset_memory(device: torch.device) -> float:
+    """Empty the allocator's cache and restart its peak counters; returns what stays reserved (MiB):
+    memory held across requests (weights, captured graphs' pools and static buffers, caches)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_reserved(device) / 2**20
 
 
 def run_case(
@@ -118,8 +122,9 @@ def run_case(
     warmup: int,
     decode_mode: str = "eager",
     vidcom2_options: dict[str, Any] | None = None,
-) -> tuple[dict[str, float], InferenceResult, float, float]:
-    """Median seconds per stage over ``repeats`` runs after ``warmup``; peak memory over the timed runs.
+) -> tuple[dict[str, float], InferenceResult, float, float, float]:
+    """Median seconds per stage over ``repeats`` runs after ``warmup``; peak allocated and reserved memory
+    over the timed runs, and the memory still reserved when they began (all MiB).
 
     ``decode_mode`` "compiled" compiles on the first run of a shape: keep ``warmup`` >= 1 so it is not timed.
     """
@@ -142,12 +147,12 @@ def run_case(
 
     for _ in range(warmup):
         once()
-    _reset_memory(device)
+    reserved_at_start = _reset_memory(device)
     runs = [once() for _ in range(repeats)]
     peak_alloc, peak_reserved = _memory(device)
     medians = {stage: statistics.median(r[0][0].timings.get(stage, 0.0) for r in runs) for stage in STAGES}
     medians["wall"] = statistics.median(r[1] for r in runs)
-    return medians, runs[-1][0][0], peak_alloc, peak_reserved
+    return medians, runs[-1][0][0], peak_alloc, peak_reserved, reserved_at_start
 
 
 @torch.inference_mode()
@@ -218,7 +223,7 @@ def bench_model(
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []
     for case in sorted(cases, key=lambda c: (c.frames, c.batch, c.compressor != "none", -c.retention)):
-        stages, result, alloc, reserved = run_case(
+        stages, result, alloc, reserved, reserved_at_start = run_case(
             llm,
             model,
             videos[case.frames],
@@ -274,6 +279,7 @@ def bench_model(
             ),
             "peak_allocated_mib": round(alloc, 1),
             "peak_reserved_mib": round(reserved, 1),
+            "reserved_at_start_mib": round(reserved_at_start, 1),
             "peak_vs_uncompressed": round(alloc / base["alloc"], 4) if base and base["alloc"] == base["alloc"] else "",
             "decode_tokens": decode_tokens,
             "repeats": repeats,

@@ -150,14 +150,19 @@ def check_retention(retention: float) -> None:
 def channel_variance(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, F, P, D) -> (B, D) population variance of each channel over each video's F*P tokens, in ``dtype``.
 
-    The result is written to a ``dtype`` tensor, so on CUDA a bf16/fp16 input is read as it is and
-    accumulated in float32 inside the one reduction kernel: the values of casting first, without
-    the (B, F, P, D) float32 copy (elsewhere PyTorch casts first). A non-finite feature makes its
-    channel's variance non-finite, which is how the NaN check avoids a second pass over the features.
+    Computed per frame and combined (frames are equal in size): Var = mean_t var_t + var_t mean_t.
+    A single reduction over F*P tokens per channel has only D outputs, so CUDA splits each one over
+    many blocks and stages partial Welford states (about 530 MB at 32 x 196 x 3584); per frame there
+    are F*D outputs and no staging. The per-frame reductions read bf16/fp16 input as it is and
+    accumulate in ``dtype`` (their outputs are ``dtype`` tensors), with no float32 copy of the features.
+    A non-finite feature makes its channel's variance non-finite, which is how the NaN check avoids a
+    second pass over the features.
     """
-    batch, dim = features.shape[0], features.shape[-1]
-    out = torch.empty(batch, dim, dtype=dtype, device=features.device)
-    return torch.var(features.reshape(batch, -1, dim), dim=1, correction=0, out=out)
+    batch, frames, _, dim = features.shape
+    out = torch.empty(batch, frames, dim, dtype=dtype, device=features.device)
+    frame_var = torch.var(features, dim=2, correction=0, out=out)
+    frame_mean = torch.mean(features, dim=2, dtype=dtype)
+    return frame_var.mean(dim=1) + frame_mean.var(dim=1, correction=0)
 
 
 def select_low_variance_channels(features: torch.Tensor, variance: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -217,13 +222,15 @@ def similarity_to_centres(
     frame_centre = x.mean(dim=2)  # (B, F, C)
     video_centre = frame_centre.mean(dim=1, keepdim=True)  # (B, 1, C): frames are equal in size, so the token mean
     # v and f side by side, (B, F, P, 2): one pass of the kernel's elementwise work serves both. The two
-    # products stay matrix-vector ones (a (C, 2) right-hand side picks a slow float32 GEMM on H100).
+    # products stay matrix-vector ones: a (C, 2) right-hand side picks a slow float32 GEMM on H100, and
+    # a multiply-and-sum writes and reads a (B, F, P, 2, C) float32 product (3x slower at 32 frames).
     to_video = torch.bmm(x.reshape(batch, frames * per_frame, channels), video_centre.transpose(1, 2))
     to_frame = torch.bmm(x.reshape(batch * frames, per_frame, channels), frame_centre.reshape(-1, channels, 1))
     dots = torch.cat(
         [to_video.reshape(batch, frames, per_frame, 1), to_frame.reshape(batch, frames, per_frame, 1)], dim=-1
     )
-    sq = torch.cat([video_centre, frame_centre], dim=1).square().sum(-1)  # (B, 1 + F): |g_v|^2, then each |g_t|^2
+    centres = torch.cat([video_centre, frame_centre], dim=1)  # (B, 1 + F, C)
+    sq = centres.square().sum(-1)  # |g_v|^2, then each |g_t|^2
     centre_sq = torch.stack([sq[:, :1].expand(batch, frames), sq[:, 1:]], dim=-1).unsqueeze(2)  # (B, F, 1, 2)
     similarity = _kernel(dots, sq_norms, centre_sq, cfg)
     return similarity[..., 0], similarity[..., 1], variance
@@ -398,13 +405,13 @@ class _CapturedSelection:
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
             self.features = torch.zeros(shape, dtype=dtype, device=device)
             self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
-        side = torch.cuda.Stream(device)
+        side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, cached constants)
+        with torch.cuda.stream(side):  # warm-up outside the graph (cached constants)
             _mask_from_scores(self.features, self.retention, cfg, None)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             self.mask = _mask_from_scores(self.features, self.retention, cfg, None)
 
     def __call__(self, videos: Videos, retention: float) -> torch.Tensor:
@@ -416,6 +423,23 @@ class _CapturedSelection:
         self.retention.fill_(retention)
         self.graph.replay()
         return self.mask.clone()  # the next replay overwrites the graph's own output
+
+
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every selection graph's warm-up and capture. The allocator caches
+    memory per stream and cuBLAS keeps a workspace per stream for the life of the process, so a fresh
+    stream per captured shape would strand a workspace, and the memory segment it pins, at every capture."""
+    key = torch.device(device)
+    if key not in _CAPTURE_STREAMS:
+        stream = torch.cuda.Stream(key)
+        with torch.cuda.stream(stream):  # cuBLAS's workspace for this stream (kept for the process), made
+            one = torch.ones(1, 1, 1, device=key)  # before any large block exists here that it could split and pin
+            torch.bmm(one, one)
+        _CAPTURE_STREAMS[key] = stream
+    return _CAPTURE_STREAMS[key]
 
 
 _GRAPHS: OrderedDict[tuple, _CapturedSelection] = OrderedDict()
