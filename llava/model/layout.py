@@ -146,14 +146,15 @@ def block_keep_mask(
 ) -> torch.Tensor | None:
     """Token keep mask (F, h*w) -> keep mask over the uncompressed block (full_length,), no host sync.
 
-    Marks the same entries :func:`build_layout` keeps. None for ``grid`` with ``all_rows``, whose
-    newlines leave uncompressed order (use build_layout there).
+    Marks the same entries :func:`build_layout` keeps, except that a mask keeping no token marks
+    nothing, newlines included (a refused selection: the caller raises on the empty block). None for
+    ``grid`` with ``all_rows``, whose newlines leave uncompressed order (use build_layout there).
     """
     frames = mask.shape[0]
     if newline_position == "no_token":
         return mask.reshape(-1)
-    if newline_position == "one_token":
-        return torch.cat([mask.reshape(-1), mask.new_ones(1)])
+    if newline_position == "one_token":  # the newline stays unless nothing is kept (a refused selection)
+        return torch.cat([mask.reshape(-1), mask.any().reshape(1)])
     if newline_position == "frame":
         return torch.cat([mask, mask.any(dim=1, keepdim=True)], dim=1).reshape(-1)
     if newline_position != "grid":

@@ -169,7 +169,7 @@ class LlavaVideoModel(nn.Module):
                 layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
                 parts.append(VisualBlock(table.index_select(0, layout.source), layout))
             else:
-                parts.append(pending_layout(block_mask & mask.any(), frames, h, w, position, table))
+                parts.append(pending_layout(block_mask, frames, h, w, position, table))
         pending = [p for p in parts if isinstance(p, PendingLayout)]
         counts = iter(torch.stack([p.count for p in pending]).tolist() if pending else [])  # the one host sync
         blocks = []

@@ -243,7 +243,6 @@ def frame_scales(v: torch.Tensor, retention: float | torch.Tensor, cfg: VidCom2C
     """
     if cfg.frame_score == "equal":
         return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device) * retention
-    sign = -1.0 if cfg.frame_score.startswith("neg") else 1.0
     reduce = cfg.frame_score.split("_", 1)[1]
     if reduce == "mean":
         stat = v.mean(dim=-1)
@@ -251,8 +250,12 @@ def frame_scales(v: torch.Tensor, retention: float | torch.Tensor, cfg: VidCom2C
         stat = v.amax(dim=-1)
     else:
         stat = v.amin(dim=-1)
-    uniqueness = sign * stat
-    weights = torch.softmax((uniqueness - uniqueness.amax(dim=-1, keepdim=True)) / cfg.temperature, dim=-1)
+    # uniqueness s = -stat (neg_*) or +stat; s - max(s) is min(stat) - stat or stat - max(stat), exactly
+    if cfg.frame_score.startswith("neg"):
+        shifted = stat.amin(dim=-1, keepdim=True) - stat
+    else:
+        shifted = stat - stat.amax(dim=-1, keepdim=True)
+    weights = torch.softmax(shifted / cfg.temperature, dim=-1)
     return (retention * (1.0 + weights - weights.mean(dim=-1, keepdim=True))).clamp(max=1.0)
 
 
@@ -405,6 +408,7 @@ class _CapturedSelection:
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
             self.features = torch.zeros(shape, dtype=dtype, device=device)
             self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
+        self.last_retention = 0.5
         side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cached constants)
@@ -420,7 +424,9 @@ class _CapturedSelection:
         else:
             for slot, video in zip(self.features, videos, strict=True):
                 slot.copy_(video)
-        self.retention.fill_(retention)
+        if retention != self.last_retention:  # a sweep changes it, an evaluation does not: no fill kernel then
+            self.retention.fill_(retention)
+            self.last_retention = retention
         self.graph.replay()
         return self.mask.clone()  # the next replay overwrites the graph's own output
 
