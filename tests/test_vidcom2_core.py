@@ -424,3 +424,19 @@ def test_captured_selection_holds_only_its_buffers_and_strands_nothing():
     held = settled()[0] - before  # its static input and output mask; the side stream's workspace exists already
     release_selection_graphs()
     assert held <= videos[0].numel() * videos[0].element_size() + 2**20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch):
+    import llava.model.vidcom2 as core
+
+    videos = [make_video(8, 49, 64, seed=s).cuda() * (1 + s) for s in range(5)]
+    other = [make_video(6, 30, 64, seed=10 + s).cuda() for s in range(2)]  # another shape: another graph, same pool
+    monkeypatch.setattr(core, "_GRAPH_MAX_ELEMENTS", 2 * 8 * 49 * 64)  # 5 videos go as chunks of 2, 2 and 1
+    core.release_selection_graphs()
+    for retention in (0.25, 0.1):
+        for batch in (videos, other, videos[:3], other):  # interleaved replays of graphs sharing one pool
+            eager = core.vidcom2_keep_masks(batch, retention, {"execution": "eager"})
+            assert torch.equal(core.vidcom2_keep_masks(batch, retention), eager)
+    assert len(core._GRAPHS) == 3 and len(core._GRAPH_POOLS) == 1
+    core.release_selection_graphs()

@@ -14,6 +14,7 @@ This module is the bottom of the stack: it imports nothing from models or evalua
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -415,7 +416,7 @@ class _CapturedSelection:
             _mask_from_scores(self.features, self.retention, cfg, None)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
+        with torch.cuda.graph(self.graph, pool=_graph_pool(device), stream=side):
             self.mask = _mask_from_scores(self.features, self.retention, cfg, None)
 
     def __call__(self, videos: Videos, retention: float) -> torch.Tensor:
@@ -448,11 +449,34 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _CAPTURE_STREAMS[key]
 
 
+_GRAPH_POOLS: dict[torch.device, Any] = {}
+
+
+def _graph_pool(device: torch.device) -> Any:
+    """One memory pool for all selection graphs of a device. They are replayed one at a time on one
+    stream, read their inputs from static buffers outside the pool, and each output is cloned right
+    after its replay, so no pool memory is live across replays: the graphs can share their
+    intermediates' memory, and the pool is as large as the largest graph, not the sum of all."""
+    key = torch.device(device)
+    if key not in _GRAPH_POOLS:
+        _GRAPH_POOLS[key] = torch.cuda.graph_pool_handle()
+    return _GRAPH_POOLS[key]
+
+
 _GRAPHS: OrderedDict[tuple, _CapturedSelection] = OrderedDict()
-_MAX_GRAPHS = 4  # each holds its intermediates (~0.25 GB at 32x196x3584); evaluations reuse one shape
+_MAX_GRAPHS = 4  # evaluations reuse one shape; Qwen's resolutions may vary
+# Videos selected by one graph replay hold at most this many feature elements (one 32-frame LLaVA video,
+# 32 x 196 x 3584): a graph keeps its static input and intermediates between requests, so the bound
+# caps that memory (about 0.15 GB) whatever the batch; larger batches replay it chunk by chunk.
+_GRAPH_MAX_ELEMENTS = 32 * 196 * 3584
 
 
 def _graphed(videos: Videos, shape: tuple[int, ...], retention: float, cfg: VidCom2Config) -> torch.Tensor:
+    batch, per_video = shape[0], math.prod(shape[1:])
+    chunk = max(1, _GRAPH_MAX_ELEMENTS // per_video)
+    if batch > chunk:
+        parts = [videos[i : i + chunk] for i in range(0, batch, chunk)]
+        return torch.cat([_graphed(part, (len(part), *shape[1:]), retention, cfg) for part in parts])
     first = videos[0]
     key = (shape, first.dtype, first.device, cfg)
     captured = _GRAPHS.pop(key, None)
@@ -469,6 +493,7 @@ def release_selection_graphs() -> None:
     ``torch.cuda.empty_cache()``): e.g. between benchmark cases, so one case's graphs are not charged
     to the next case's memory. The next call of a shape captures again."""
     _GRAPHS.clear()
+    _GRAPH_POOLS.clear()  # the next capture starts a new pool; the old one goes with its last graph
 
 
 _COMPILED: dict[VidCom2Config, Any] = {}
