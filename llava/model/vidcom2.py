@@ -406,6 +406,11 @@ class _CapturedSelection:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cfg: VidCom2Config) -> None:
+        # The static buffers live as long as the graph. Made from an emptied cache they get segments of
+        # their own instead of splitting (and pinning) a large block the request has just freed, such as
+        # the vision tower's activations. Capturing synchronises and empties the cache anyway.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
             self.features = torch.zeros(shape, dtype=dtype, device=device)
             self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
