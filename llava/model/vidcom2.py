@@ -406,17 +406,17 @@ class _CapturedSelection:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cfg: VidCom2Config) -> None:
-        # The static buffers live as long as the graph. Made from an emptied cache they get segments of
-        # their own instead of splitting (and pinning) a large block the request has just freed, such as
-        # the vision tower's activations. Capturing synchronises and empties the cache anyway.
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
+        side = _capture_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        # The static buffers live as long as the graph. Allocated on the side stream, whose cached memory
+        # is only ever ours, they get segments of their own: on the request's stream they could split a
+        # large block of a tensor still alive there (the vision tower's output) and keep its whole
+        # segment reserved after it is freed. Work on the side stream always waits for the request's
+        # stream first (above, and capturing synchronises the device), so reusing them later is safe.
+        with torch.cuda.stream(side), torch.inference_mode(False):  # ordinary tensors, refilled in any mode
             self.features = torch.zeros(shape, dtype=dtype, device=device)
             self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
         self.last_retention = 0.5
-        side = _capture_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cached constants)
             _mask_from_scores(self.features, self.retention, cfg, None)
         torch.cuda.current_stream(device).wait_stream(side)
