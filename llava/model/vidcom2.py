@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache, partial
+from functools import lru_cache, partial, wraps
 from typing import Any
 
 import torch
@@ -192,14 +192,27 @@ def _kernel(dots: torch.Tensor, sq_norms: torch.Tensor, centre_sq: torch.Tensor,
     return torch.exp(sq_dist.unsqueeze(-1) * scales).sum(-1)  # all bandwidths in one pass
 
 
-@lru_cache(maxsize=64)
-def _bandwidth_scales(alphas: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-1/(2a) per bandwidth, made once per device (no host-to-device copy on the hot path).
+def _device_constant(make: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``make(*args)`` made once per arguments and cached (outside inference mode, so the tensor is
+    usable whatever mode later calls run in): no host-to-device copy or extra kernel on the hot path.
+    Under torch.compile it is traced inline instead, since the compiler does not see through a cache."""
 
-    Made outside inference mode, so the cached tensor is usable whatever mode later calls run in.
-    """
-    with torch.inference_mode(False):
-        return torch.tensor([-0.5 / a for a in alphas], dtype=dtype, device=device)
+    @lru_cache(maxsize=64)
+    def cached(*args: Any) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return make(*args)
+
+    @wraps(make)
+    def get(*args: Any) -> torch.Tensor:
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return get
+
+
+@_device_constant
+def _bandwidth_scales(alphas: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-1/(2a) per bandwidth."""
+    return torch.tensor([-0.5 / a for a in alphas], dtype=dtype, device=device)
 
 
 def similarity_to_centres(
@@ -288,12 +301,11 @@ def token_scores(
 _PAIRWISE_RANK_LIMIT = 1 << 24  # F*P*P comparisons (16 MB of bools); beyond it, one stable sort
 
 
-@lru_cache(maxsize=64)
+@_device_constant
 def _earlier(per_frame: int, device: torch.device) -> torch.Tensor:
-    """(P, P) bool, [i, j] = j < i; made once per size and device, outside inference mode."""
-    with torch.inference_mode(False):
-        index = torch.arange(per_frame, device=device)
-        return index.unsqueeze(0) < index.unsqueeze(1)
+    """(P, P) bool, [i, j] = j < i."""
+    index = torch.arange(per_frame, device=device)
+    return index.unsqueeze(0) < index.unsqueeze(1)
 
 
 def rank_within_frame(scores: torch.Tensor) -> torch.Tensor:
