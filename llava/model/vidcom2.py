@@ -1,13 +1,16 @@
-"""VidCom2 token selection for one video: frame budgets from frame uniqueness, then per-frame top-k.
+"""VidCom2 token selection: frame budgets from frame uniqueness, then per-frame top-k, per video.
 
 The maths follows the authors' released code (the published numbers come from it), which differs
 from the paper's prose: scores use a multi-scale Gaussian kernel on the lowest-variance half of the
 channels, not cosine similarity. Every knob is a field of :class:`VidCom2Config`, so an ablation is
 a parameter change, never an edit of this file.
 
-Shapes: ``features`` is (F, P, D) - F frames, P tokens per frame, D channels. Everything here is
-vectorised over frames and tokens; the only host synchronisation is the final ``nonzero`` (the kept
-count is data dependent), which also carries the finite-input check (non-finite input keeps nothing).
+Shapes: one video's ``features`` are (F, P, D) - F frames, P tokens per frame, D channels. The steps
+work on a batch of B same-shape videos, (B, F, P, D), each on its own budget exactly as alone, so a
+request's videos share one launch sequence (:func:`vidcom2_keep_masks`). Everything is vectorised over
+videos, frames and tokens; the only host synchronisation is the final ``nonzero`` of
+:func:`vidcom2_keep_indices` (the kept count is data dependent), which also carries the finite-input
+check (non-finite input keeps nothing).
 
 This module is the bottom of the stack: it imports nothing from models or evaluation.
 """
@@ -601,7 +604,6 @@ def vidcom2_keep_mask(
     Every frame keeps at least one token; an all-False mask means the features were not finite
     (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
     """
-    check_video_features(features, retention)
     external = None if token_scores_external is None else token_scores_external.unsqueeze(0)
     return vidcom2_keep_masks([features], retention, config, external)[0]
 
