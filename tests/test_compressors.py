@@ -139,3 +139,24 @@ def test_keep_masks_of_mixed_shapes_equal_each_video_alone(name):
         assert torch.equal(got, spec.keep_mask(one))
     with pytest.raises(ValueError, match=r"video 1: features must be a \(F, P, D\) tensor"):
         spec.keep_masks([videos[0], videos[0][0]])
+
+
+def test_a_registered_mask_form_gets_each_shape_group_once():
+    calls = []
+
+    def first_token_masks(videos, retention, options):
+        calls.append([tuple(v.shape) for v in videos])
+        masks = torch.zeros(len(videos), *videos[0].shape[:2], dtype=torch.bool)
+        masks[:, :, 0] = True
+        return masks
+
+    @register_compressor("_test_first_token_masks", mask=first_token_masks)
+    def first_token(features, retention, options):
+        return torch.arange(features.shape[0]) * features.shape[1]
+
+    spec = CompressionSpec("_test_first_token_masks", 0.5)
+    videos = [video(frames=4, seed=1), video(frames=2, seed=2), video(frames=4, seed=3)]
+    masks = spec.keep_masks(videos)
+    assert calls == [[(4, 25, 8), (4, 25, 8)], [(2, 25, 8)]]  # one call per shape, in first-seen order
+    for mask, one in zip(masks, videos, strict=True):
+        assert mask.reshape(-1).nonzero().squeeze(1).tolist() == first_token(one, 0.5, {}).tolist()
