@@ -24,7 +24,6 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from llava.model.compression import CompressionSpec
 from llava.model.generate import choose_next_tokens
 from llava.model.static_decode import StaticDecoder, start_static_decode
-from llava.model.vidcom2 import NON_FINITE_MESSAGE
 from llava.runtime import GenerationOptions
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
@@ -134,10 +133,7 @@ def select_video_tokens(
     if compression.is_identity:
         return [torch.ones(v.shape[0] * v.shape[1], dtype=torch.bool, device=v.device) for v in videos]
     masks = [mask.reshape(-1) for mask in compression.keep_masks(videos)]
-    kept = torch.stack([mask.sum() for mask in masks]).tolist()  # the one host sync
-    for i, count in enumerate(kept):
-        if count == 0:
-            raise ValueError(f"video {i}: {compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
+    compression.check_kept(torch.stack([mask.sum() for mask in masks]).tolist())  # the one host sync
     return masks
 
 

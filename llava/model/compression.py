@@ -21,7 +21,13 @@ from typing import Any, Protocol
 import torch
 
 from llava.model import baselines
-from llava.model.vidcom2 import VidCom2Config, check_retention, vidcom2_keep_indices, vidcom2_keep_masks
+from llava.model.vidcom2 import (
+    NON_FINITE_MESSAGE,
+    VidCom2Config,
+    check_retention,
+    vidcom2_keep_indices,
+    vidcom2_keep_masks,
+)
 
 
 class Compressor(Protocol):
@@ -135,6 +141,15 @@ class CompressionSpec:
             )
         mask = torch.zeros(n_frames * per_frame, dtype=torch.bool, device=features.device)
         return mask.index_fill_(0, indices.to(features.device), True).view(n_frames, per_frame)
+
+    def check_kept(self, kept: Sequence[int]) -> None:
+        """Raise for the first video of a request that kept nothing (``kept``: counts per video, read in
+        the caller's one sync). Every compressor keeps at least one token per frame, so an empty
+        selection means the compressor refused the input (VidCom2: non-finite features)."""
+        for i, count in enumerate(kept):
+            if count == 0:
+                which = f"video {i} of {len(kept)}: " if len(kept) > 1 else ""
+                raise ValueError(f"{which}{self.describe()} kept no video token: {NON_FINITE_MESSAGE}")
 
     def describe(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))

@@ -34,7 +34,6 @@ from llava.model.layout import (
     pending_layout,
 )
 from llava.model.llava_config import LlavaSpec
-from llava.model.vidcom2 import NON_FINITE_MESSAGE
 
 POSITION_MODES = ("contiguous", "original")
 
@@ -161,9 +160,9 @@ class LlavaVideoModel(nn.Module):
         flats = [f.reshape(f.shape[0], f.shape[1] * f.shape[2], f.shape[3]) for f in features]
         masks = compression.keep_masks(flats)
         parts: list[PendingLayout | VisualBlock] = []
-        for feats, flat, mask in zip(features, flats, masks, strict=True):
-            frames, h, w, dim = feats.shape
-            table = torch.cat([flat.reshape(-1, dim), self.image_newline.to(feats.dtype)[None]])
+        for feats, mask in zip(features, masks, strict=True):
+            frames, h, w, _ = feats.shape
+            table = self._rows_with_newline(feats)
             block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
             if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
                 layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
@@ -173,20 +172,23 @@ class LlavaVideoModel(nn.Module):
         pending = [p for p in parts if isinstance(p, PendingLayout)]
         counts = iter(torch.stack([p.count for p in pending]).tolist() if pending else [])  # the one host sync
         blocks = []
-        for i, part in enumerate(parts):
+        for part in parts:
             if isinstance(part, PendingLayout):
                 layout, embeds = part.finish(next(counts))
                 part = VisualBlock(embeds, layout)
-            if part.layout.length == 0:  # every selection keeps a token: an empty one means non-finite features
-                which = f"video {i} of {len(parts)}: " if len(parts) > 1 else ""
-                raise ValueError(f"{which}{compression.describe()} kept no video token: {NON_FINITE_MESSAGE}")
             blocks.append(part)
+        compression.check_kept([block.layout.length for block in blocks])
         return blocks
 
+    def _rows_with_newline(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., D) tokens -> rows ``[tokens; newline]``: the table a layout's ``source`` indexes."""
+        newline = self.image_newline.to(features.dtype)[None]
+        return torch.cat([features.reshape(-1, features.shape[-1]), newline])
+
     def _uncompressed_block(self, features: torch.Tensor) -> VisualBlock:
-        frames, h, w, dim = features.shape
+        frames, h, w, _ = features.shape
         position = self.spec.newline_position
-        table = torch.cat([features.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        table = self._rows_with_newline(features)
         size = full_length(frames, h, w, position)
         sources = block_sources(frames, h, w, position, features.device)
         layout = VisualLayout(sources, torch.arange(size, device=features.device), size, frames * h * w)
@@ -195,10 +197,10 @@ class LlavaVideoModel(nn.Module):
     def image_block(self, pixels: torch.Tensor) -> VisualBlock:
         """One image (1, 3, S, S): all h*w unpooled tokens then one newline, never compressed."""
         features = self.encode_frames(pixels)
-        _, h, w, dim = features.shape
+        _, h, w, _ = features.shape
         kept = torch.arange(h * w, device=features.device)
         layout = build_layout(kept, 1, h, w, "one_token")
-        table = torch.cat([features.reshape(-1, dim), self.image_newline.to(features.dtype)[None]])
+        table = self._rows_with_newline(features)
         return VisualBlock(table.index_select(0, layout.source), layout)
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
