@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -268,18 +269,33 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
         for options in ({}, {"exact_count": True}, {"frame_score": "equal"}):
             for retention in (0.25, 0.1, 0.5, 0.33):
                 eager = vidcom2_keep_indices(x, retention, {**options, "execution": "eager"})
-                assert torch.equal(vidcom2_keep_indices(x, retention, options), eager)
-                if not options:  # compiling costs seconds per config: the default one suffices
-                    compiled = vidcom2_keep_indices(x, retention, {"execution": "compiled"})
-                    assert torch.equal(compiled, eager)
-    with torch.inference_mode():  # a graph captured inside inference mode (new shape) is replayed outside
-        inside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25)
-    outside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25)
-    assert torch.equal(inside, outside)
-    bad = make_video(16, 49, 32).cuda()
-    bad[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        vidcom2_keep_indices(bad, 0.25)
+                for execution in ("compiled", "cuda_graph"):
+                    graphed = vidcom2_keep_indices(x, retention, {**options, "execution": execution})
+                    assert torch.equal(graphed, eager), (options, retention, execution)
+    for execution in ("compiled", "cuda_graph"):  # a graph captured inside inference mode is replayed outside
+        with torch.inference_mode():
+            inside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25, {"execution": execution})
+        outside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25, {"execution": execution})
+        assert torch.equal(inside, outside)
+        bad = make_video(16, 49, 32).cuda()
+        bad[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            vidcom2_keep_indices(bad, 0.25, {"execution": execution})
+
+
+def test_compiled_formulation_selects_what_eager_does(monkeypatch):
+    # Under torch.compile the two products are a multiply-and-sum, not matrix-vector products; traced on
+    # the CPU here by making the core believe it is being compiled (a broadcast slip would show).
+    from llava.model.vidcom2 import _mask_from_scores
+
+    videos = torch.stack([make_video(6, 49, 64, seed=s) * (1 + s) for s in range(3)])
+    retention = torch.tensor(0.25, dtype=torch.float64)
+    for options in ({}, {"exact_count": True}, {"similarity": "cosine"}):
+        cfg = VidCom2Config.from_options(options)
+        eager = _mask_from_scores(videos, retention, cfg, None)
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert torch.equal(_mask_from_scores(videos, retention, cfg, None), eager)
 
 
 @pytest.mark.parametrize("options", [{}, {"exact_count": True}, {"frame_score": "equal"}])
@@ -399,7 +415,8 @@ def test_cuda_batch_graph_matches_each_video_alone_in_eager(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_selection_holds_only_its_buffers_and_strands_nothing():
+@pytest.mark.parametrize("execution", ["compiled", "cuda_graph"])
+def test_captured_selection_holds_only_its_buffers_and_strands_nothing(execution):
     import gc
 
     from llava.model.vidcom2 import release_selection_graphs, vidcom2_keep_masks
@@ -412,22 +429,24 @@ def test_captured_selection_holds_only_its_buffers_and_strands_nothing():
         torch.cuda.empty_cache()
         return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
 
-    vidcom2_keep_masks(videos, 0.25)  # the first capture makes the per-process pieces (side stream, workspace)
+    # the first capture makes the per-process pieces (side stream, cuBLAS workspace, compiled kernels)
+    vidcom2_keep_masks(videos, 0.25, {"execution": execution})
     release_selection_graphs()
     first = settled()
     for _ in range(3):  # capturing again and releasing leaves memory exactly where it was
-        vidcom2_keep_masks(videos, 0.25)
+        vidcom2_keep_masks(videos, 0.25, {"execution": execution})
         release_selection_graphs()
     assert settled() == first
     before = settled()[0]
-    vidcom2_keep_masks(videos, 0.25)
+    vidcom2_keep_masks(videos, 0.25, {"execution": execution})
     held = settled()[0] - before  # its static input and output mask; the side stream's workspace exists already
     release_selection_graphs()
     assert held <= videos[0].numel() * videos[0].element_size() + 2**20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch):
+@pytest.mark.parametrize("execution", ["compiled", "cuda_graph"])
+def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch, execution):
     import llava.model.vidcom2 as core
 
     videos = [make_video(8, 49, 64, seed=s).cuda() * (1 + s) for s in range(5)]
@@ -437,6 +456,17 @@ def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch)
     for retention in (0.25, 0.1):
         for batch in (videos, other, videos[:3], other):  # interleaved replays of graphs sharing one pool
             eager = core.vidcom2_keep_masks(batch, retention, {"execution": "eager"})
-            assert torch.equal(core.vidcom2_keep_masks(batch, retention), eager)
+            assert torch.equal(core.vidcom2_keep_masks(batch, retention, {"execution": execution}), eager)
     assert len(core._GRAPHS) == 3 and len(core._GRAPH_POOLS) == 1
     core.release_selection_graphs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiling_for_too_many_shapes_raises_naming_the_option(monkeypatch):
+    import llava.model.vidcom2 as core
+
+    monkeypatch.setattr(core, "_MAX_COMPILED_SHAPES", 1)
+    with contextlib.suppress(RuntimeError):  # a process's first compiled shape is within the limit; later ones not
+        core.vidcom2_keep_masks([make_video(3, 20, 16, seed=1).cuda()], 0.25)
+    with pytest.raises(RuntimeError, match="execution=cuda_graph"):
+        core.vidcom2_keep_masks([make_video(3, 21, 16, seed=1).cuda()], 0.25)

@@ -30,7 +30,7 @@ FRAME_SCORES = ("neg_mean", "pos_mean", "neg_max", "pos_max", "neg_min", "pos_mi
 TOKEN_SCORES = ("v+f", "f", "v", "-(v+f)", "-f", "-v", "external")
 SIMILARITIES = ("gaussian", "cosine")
 SCORE_DTYPES = ("float32", "model")
-EXECUTIONS = ("cuda_graph", "compiled", "eager")
+EXECUTIONS = ("compiled", "cuda_graph", "eager")
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,12 @@ class VidCom2Config:
     score_dtype: float32 (default) or model (score in the input dtype, as upstream does in fp16/bf16).
     exact_count: when True the kept total is exactly round(R*F*P) (at least F), trimmed or topped up
         by token score; when False (upstream) rounding per frame lets it drift by up to about F/2.
-    execution: how the selection runs on CUDA, never what it selects (CPU always runs eager):
-        cuda_graph (default) replays one captured graph per input shape instead of launching ~60
-        small kernels; compiled adds torch.compile fusion (compiles once per shape, ~tens of seconds;
-        for fixed-shape evaluations); eager launches every kernel.
+    execution: how the selection runs on CUDA (CPU always runs eager): compiled (default) replays
+        one captured CUDA graph per input shape made of the ~20 kernels torch.compile fuses the method
+        into (compiled once per input shape: ~15 s for a process's first, ~3 s for each further one);
+        cuda_graph replays a graph of the ~60 unfused kernels (no compilation); eager launches every
+        kernel. cuda_graph and eager select the same tokens bit for bit; compiled sums in another
+        order, so a token whose score ties a frame's last kept one to float32 rounding may swap with it.
     """
 
     channel_ratio: float = 0.5
@@ -63,7 +65,7 @@ class VidCom2Config:
     similarity: str = "gaussian"
     score_dtype: str = "float32"
     exact_count: bool = False
-    execution: str = "cuda_graph"
+    execution: str = "compiled"
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.channel_ratio) <= 1.0:
@@ -238,14 +240,21 @@ def similarity_to_centres(
     batch, frames, per_frame, channels = x.shape
     frame_centre = x.mean(dim=2)  # (B, F, C)
     video_centre = frame_centre.mean(dim=1, keepdim=True)  # (B, 1, C): frames are equal in size, so the token mean
-    # v and f side by side, (B, F, P, 2): one pass of the kernel's elementwise work serves both. The two
-    # products stay matrix-vector ones: a (C, 2) right-hand side picks a slow float32 GEMM on H100, and
-    # a multiply-and-sum writes and reads a (B, F, P, 2, C) float32 product (3x slower at 32 frames).
-    to_video = torch.bmm(x.reshape(batch, frames * per_frame, channels), video_centre.transpose(1, 2))
-    to_frame = torch.bmm(x.reshape(batch * frames, per_frame, channels), frame_centre.reshape(-1, channels, 1))
-    dots = torch.cat(
-        [to_video.reshape(batch, frames, per_frame, 1), to_frame.reshape(batch, frames, per_frame, 1)], dim=-1
-    )
+    # v and f side by side, (B, F, P, 2): one pass of the kernel's elementwise work serves both.
+    if torch.compiler.is_compiling():
+        # Compiled, a multiply-and-sum is one fused reduction that never writes the product, and it needs
+        # no cuBLAS, whose per-stream workspace (32 MiB) a captured graph would keep for good.
+        dots = torch.stack(
+            [(x * video_centre.unsqueeze(2)).sum(-1), (x * frame_centre.unsqueeze(2)).sum(-1)], dim=-1
+        )
+    else:
+        # Eager, the products stay matrix-vector ones: a (C, 2) right-hand side picks a slow float32 GEMM on
+        # H100, and a multiply-and-sum writes and reads a (B, F, P, 2, C) product (3x slower at 32 frames).
+        to_video = torch.bmm(x.reshape(batch, frames * per_frame, channels), video_centre.transpose(1, 2))
+        to_frame = torch.bmm(x.reshape(batch * frames, per_frame, channels), frame_centre.reshape(-1, channels, 1))
+        dots = torch.cat(
+            [to_video.reshape(batch, frames, per_frame, 1), to_frame.reshape(batch, frames, per_frame, 1)], dim=-1
+        )
     centres = torch.cat([video_centre, frame_centre], dim=1)  # (B, 1 + F, C)
     sq = centres.square().sum(-1)  # |g_v|^2, then each |g_t|^2
     centre_sq = torch.stack([sq[:, :1].expand(batch, frames), sq[:, 1:]], dim=-1).unsqueeze(2)  # (B, F, 1, 2)
@@ -411,9 +420,41 @@ def _mask_from_scores(
 Videos = torch.Tensor | Sequence[torch.Tensor]
 
 
+_COMPILED: dict[VidCom2Config, Callable[..., torch.Tensor]] = {}
+# torch.compile specialises on shapes; one process may meet many (Qwen's resolutions). Beyond this many
+# compilations of the selection it raises instead of quietly running uncompiled kernels.
+_MAX_COMPILED_SHAPES = 1024
+
+
+def _selection(cfg: VidCom2Config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a graph captures for ``cfg``: the eager kernels, or for execution='compiled' the kernels
+    torch.compile fuses them into (~20 instead of ~60; compiled once per shape, at capture). Our own graph
+    replays them either way, sharing the pool and static buffers below; torch.compile's own CUDA graphs
+    (mode='reduce-overhead') add a guard check and an input copy per call and keep a pool of their own."""
+    select = partial(_mask_from_scores, cfg=cfg, token_scores_external=None)
+    if cfg.execution != "compiled":
+        return select
+    if cfg not in _COMPILED:
+        _COMPILED[cfg] = torch.compile(select, dynamic=False, fullgraph=True)
+    compiled = _COMPILED[cfg]
+
+    def run(features: torch.Tensor, retention: torch.Tensor) -> torch.Tensor:
+        limits = {"recompile_limit": _MAX_COMPILED_SHAPES, "accumulated_recompile_limit": _MAX_COMPILED_SHAPES}
+        try:
+            with torch._dynamo.config.patch(**limits, fail_on_recompile_limit_hit=True):
+                return compiled(features, retention)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise RuntimeError(
+                f"VidCom2 execution='compiled' has compiled the selection for {_MAX_COMPILED_SHAPES} input shapes "
+                "in this process; for inputs of ever-changing shape pass execution=cuda_graph (no compilation)"
+            ) from error
+
+    return run
+
+
 class _CapturedSelection:
-    """_mask_from_scores captured once as a CUDA graph for one batch shape (B, F, P, D), dtype, device
-    and config.
+    """The selection (:func:`_selection`) captured once as a CUDA graph for one batch shape (B, F, P, D),
+    dtype, device and config.
 
     Features and retention are inputs of the graph (static buffers, filled video by video, so a batch
     is never stacked first), so one graph - and one memory pool for its intermediates - serves every
@@ -421,7 +462,8 @@ class _CapturedSelection:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cfg: VidCom2Config) -> None:
-        side = _capture_stream(device)
+        select = _selection(cfg)
+        side = _capture_stream(device, cublas=cfg.execution != "compiled")
         side.wait_stream(torch.cuda.current_stream(device))
         # The static buffers live as long as the graph. Allocated on the side stream, whose cached memory
         # is only ever ours, they get segments of their own: on the request's stream they could split a
@@ -432,12 +474,12 @@ class _CapturedSelection:
             self.features = torch.zeros(shape, dtype=dtype, device=device)
             self.retention = torch.full((), 0.5, dtype=torch.float64, device=device)
         self.last_retention = 0.5
-        with torch.cuda.stream(side):  # warm-up outside the graph (cached constants)
-            _mask_from_scores(self.features, self.retention, cfg, None)
+        with torch.cuda.stream(side):  # warm-up outside the graph (cached constants; compilation)
+            select(self.features, self.retention)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=_graph_pool(device), stream=side):
-            self.mask = _mask_from_scores(self.features, self.retention, cfg, None)
+            self.mask = select(self.features, self.retention)
 
     def __call__(self, videos: Videos, retention: float) -> torch.Tensor:
         if isinstance(videos, torch.Tensor):
@@ -453,20 +495,25 @@ class _CapturedSelection:
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_CUBLAS_READY: set[torch.device] = set()
 
 
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+def _capture_stream(device: torch.device, cublas: bool = True) -> torch.cuda.Stream:
     """One side stream per device for every selection graph's warm-up and capture. The allocator caches
     memory per stream and cuBLAS keeps a workspace per stream for the life of the process, so a fresh
-    stream per captured shape would strand a workspace, and the memory segment it pins, at every capture."""
+    stream per captured shape would strand a workspace, and the memory segment it pins, at every capture.
+    ``cublas``: the graph will call cuBLAS (the eager kernels do; the compiled ones do not), so the
+    workspace is made first, before any large block exists on the stream that it could split and pin."""
     key = torch.device(device)
     if key not in _CAPTURE_STREAMS:
-        stream = torch.cuda.Stream(key)
-        with torch.cuda.stream(stream):  # cuBLAS's workspace for this stream (kept for the process), made
-            one = torch.ones(1, 1, 1, device=key)  # before any large block exists here that it could split and pin
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(key)
+    stream = _CAPTURE_STREAMS[key]
+    if cublas and key not in _CUBLAS_READY:
+        with torch.cuda.stream(stream):  # kept for the process
+            one = torch.ones(1, 1, 1, device=key)
             torch.bmm(one, one)
-        _CAPTURE_STREAMS[key] = stream
-    return _CAPTURE_STREAMS[key]
+        _CUBLAS_READY.add(key)
+    return stream
 
 
 _GRAPH_POOLS: dict[torch.device, Any] = {}
@@ -514,21 +561,6 @@ def release_selection_graphs() -> None:
     to the next case's memory. The next call of a shape captures again."""
     _GRAPHS.clear()
     _GRAPH_POOLS.clear()  # the next capture starts a new pool; the old one goes with its last graph
-
-
-_COMPILED: dict[VidCom2Config, Any] = {}
-
-
-def _compiled(features: torch.Tensor, retention: float, cfg: VidCom2Config) -> torch.Tensor:
-    """_mask_from_scores fused by torch.compile and replayed through its own CUDA graphs."""
-    fn = _COMPILED.get(cfg)
-    if fn is None:
-        fn = torch.compile(
-            partial(_mask_from_scores, cfg=cfg, token_scores_external=None), mode="reduce-overhead", dynamic=False
-        )
-        _COMPILED[cfg] = fn
-    r = torch.full((), retention, dtype=torch.float64, device=features.device)
-    return fn(features, r).clone()  # the graph's output is overwritten by its next replay
 
 
 def _stacked(videos: Videos) -> torch.Tensor:
@@ -587,8 +619,6 @@ def vidcom2_keep_masks(
         and token_scores_external is None
         and not torch.cuda.is_current_stream_capturing()
     ):
-        if cfg.execution == "compiled":
-            return _compiled(_stacked(videos), float(retention), cfg)
         return _graphed(videos, shape, float(retention), cfg)
     return _mask_from_scores(_stacked(videos), float(retention), cfg, token_scores_external)
 
