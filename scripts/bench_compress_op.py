@@ -23,7 +23,7 @@ import transformers
 from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec
 
-SHAPES = ((32, 196, 3584), (16, 600, 3584), (128, 196, 3584))
+SHAPES = ((32, 196, 3584), (16, 600, 3584), (128, 196, 3584), (8, 196, 3584))
 
 
 def bench(shape, dtype, device, compressor, retention, repeats, warmup, options=None, buffers=4) -> dict:

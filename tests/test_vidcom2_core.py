@@ -470,3 +470,15 @@ def test_compiling_for_too_many_shapes_raises_naming_the_option(monkeypatch):
         core.vidcom2_keep_masks([make_video(3, 20, 16, seed=1).cuda()], 0.25)
     with pytest.raises(RuntimeError, match="execution=cuda_graph"):
         core.vidcom2_keep_masks([make_video(3, 21, 16, seed=1).cuda()], 0.25)
+
+
+def test_compiled_execution_without_triton_says_what_to_do(monkeypatch):
+    import torch.utils._triton as triton_probe
+
+    import llava.model.vidcom2 as core
+
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
+    monkeypatch.setattr(core, "_COMPILED", {})
+    with pytest.raises(RuntimeError, match="needs Triton.*execution=cuda_graph"):
+        core._selection(VidCom2Config(execution="compiled"))
+    assert core._selection(VidCom2Config(execution="cuda_graph")).func is core._mask_from_scores

@@ -51,7 +51,7 @@ class VidCom2Config:
         by token score; when False (upstream) rounding per frame lets it drift by up to about F/2.
     execution: how the selection runs on CUDA (CPU always runs eager): compiled (default) replays
         one captured CUDA graph per input shape made of the ~20 kernels torch.compile fuses the method
-        into (compiled once per input shape: ~15 s for a process's first, ~3 s for each further one);
+        into (compiled once per input shape: ~17 s for a process's first, ~4 s for each further one);
         cuda_graph replays a graph of the ~60 unfused kernels (no compilation); eager launches every
         kernel. cuda_graph and eager select the same tokens bit for bit; compiled sums in another
         order, so a token whose score ties a frame's last kept one to float32 rounding may swap with it.
@@ -435,6 +435,13 @@ def _selection(cfg: VidCom2Config) -> Callable[[torch.Tensor, torch.Tensor], tor
     if cfg.execution != "compiled":
         return select
     if cfg not in _COMPILED:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():  # torch.compile's GPU kernels are Triton's
+            raise RuntimeError(
+                "VidCom2 execution='compiled' (the default on CUDA) needs Triton for torch.compile, and it is not "
+                "importable here; install triton or pass execution=cuda_graph (unfused, nothing to compile)"
+            )
         _COMPILED[cfg] = torch.compile(select, dynamic=False, fullgraph=True)
     compiled = _COMPILED[cfg]
 
