@@ -81,7 +81,10 @@ def step_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
 def llava_batch(llm: LlavaVideoLLM, videos: Path, names: list[str], questions: tuple[str, ...]) -> BatchInputs:
     prompts = []
     for name, question in zip(names, questions, strict=True):
-        block, _ = llm.video_block(videos / name, CompressionSpec("vidcom2", 0.5), LLAVA_FRAMES, StageTimer())
+        # exact_count: every video keeps the same number of tokens, so two requests share one shape whatever
+        # the platform's float rounding does to the per-frame budgets
+        spec = CompressionSpec("vidcom2", 0.5, {"exact_count": True})
+        block, _ = llm.video_block(videos / name, spec, LLAVA_FRAMES, StageTimer())
         before, after = split_prompt(llm.tokenizer, question, llm.model.spec.placeholder)
         prompts.append((before, block, after))
     return llm.model.build_inputs(prompts, llm.position_mode)
