@@ -67,6 +67,12 @@ class GenerationOptions:
         check_decode_mode(self.decode_mode)
 
 
+def decode_room(options: GenerationOptions) -> int:
+    """KV-cache rows to reserve after the prompt: the tokens eager decoding will feed back (static and
+    compiled decoding copy the prompt's cache into a static cache of their own instead)."""
+    return options.max_new_tokens if options.decode_mode == "eager" else 0
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     """How frames are taken from a video. Families use the fields that apply to them.

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from llava.model.compression import CompressionSpec
 from llava.model.generate import choose_next_tokens
+from llava.model.kv_arena import arena_cache
 from llava.model.static_decode import StaticDecoder, start_static_decode
-from llava.runtime import GenerationOptions
+from llava.runtime import GenerationOptions, decode_room
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
     gather_packed,
@@ -219,9 +220,10 @@ def _language_model(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, prepared: PrefillInputs) -> tuple[torch.Tensor, DecodeState]:
-    """Run the LM over the shortened prompt: next-token logits (B, V) float32 and the decode state."""
-    cache = DynamicCache(config=model.config.text_config)
+def prefill(model: PreTrainedModel, prepared: PrefillInputs, room: int = 0) -> tuple[torch.Tensor, DecodeState]:
+    """Run the LM over the shortened prompt: next-token logits (B, V) float32 and the decode state, whose
+    KV cache has room for ``room`` more tokens in one block (see llava.model.kv_arena)."""
+    cache = arena_cache(model.config.text_config, room)
     extra: dict[str, Any] = {}
     if prepared.deepstack_embeds is not None:
         extra = {"visual_pos_masks": prepared.visual_pos_masks, "deepstack_visual_embeds": prepared.deepstack_embeds}
@@ -314,7 +316,7 @@ def generate(
     if options.do_sample and options.seed is not None:
         generator = torch.Generator(device=prepared.inputs_embeds.device).manual_seed(int(options.seed))
     with maybe_stage(timer, "prefill"):
-        first_logits, state = prefill(model, prepared)
+        first_logits, state = prefill(model, prepared, decode_room(options))
     with maybe_stage(timer, "decode"):
         if options.decode_mode != "eager" and options.max_new_tokens > 1:
             use_static_cache(model, state, options.max_new_tokens, options.decode_mode)

@@ -95,14 +95,14 @@ def text_prefill(llm: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
 
     Used for the 'ideal' rows: the same LM on the kept length with no vision or compression step.
     """
-    from transformers import DynamicCache
+    from llava.model.kv_arena import arena_cache
 
     if hasattr(llm, "processor"):  # Qwen: the text decoder inside the VL model, then the head
         vl = llm.model
         decoder = vl.model.language_model
 
         def qwen(embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            cache = DynamicCache(config=vl.config.get_text_config())
+            cache = arena_cache(vl.config.get_text_config(), 0)
             hidden = decoder(
                 inputs_embeds=embeds,
                 attention_mask=mask,
@@ -116,7 +116,7 @@ def text_prefill(llm: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     lm = llm.model.language_model
 
     def llava(embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cache = DynamicCache(config=lm.config)
+        cache = arena_cache(lm.config, 0)
         return lm(
             inputs_embeds=embeds,
             attention_mask=mask,

@@ -33,6 +33,7 @@ from llava.runtime import (
     InferenceResult,
     ModelFamily,
     StageTimer,
+    decode_room,
     register_family,
     register_tiny_builder,
 )
@@ -205,7 +206,7 @@ class LlavaVideoLLM:
     ) -> list[InferenceResult]:
         with timer.stage("prefill"):
             batch = self.model.build_inputs(prompts, self.position_mode)
-            logits, cache = prefill(self.model.language_model, batch)
+            logits, cache = prefill(self.model.language_model, batch, decode_room(generation))
         with timer.stage("decode"):
             stop_ids = [] if generation.ignore_eos else self.stop_ids
             decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, stop_ids)
