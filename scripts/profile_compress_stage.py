@@ -67,7 +67,7 @@ def main() -> None:
             "none": CompressionSpec(),
             "uniform@0.25": CompressionSpec("uniform", 0.25),
         }
-        for execution in ("compiled", "cuda_graph", "eager"):
+        for execution in ("compiled", "compiled_graph", "cuda_graph", "eager"):
             specs[f"vidcom2@0.25[{execution}]"] = CompressionSpec("vidcom2", 0.25, {"execution": execution})
         for name, spec in specs.items():
 

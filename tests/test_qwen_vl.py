@@ -222,6 +222,52 @@ def test_two_videos_and_an_image_in_one_prompt(qwen, videos):
     torch.testing.assert_close(logits[0], expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.inference_mode()
+def test_vision_stage_equals_transformers_and_queues_compression_behind_the_tower(qwen, videos, monkeypatch):
+    conv = conversation(videos, "Compare them.", "mixed.mp4", "image", "scene_cut.mp4")
+    inputs = qwen.prepare([conv], FRAMES).inputs
+    stock_video = qwen.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    stock_image = qwen.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    # host reads of tensor values once the video tower is queued (it runs last, after the image's): each
+    # would wait for the whole tower on a GPU
+    tower, original, reads = qwen.model.model.visual, qwen.model.model.visual.forward, []
+    queued = []
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        queued.append(kwargs)
+        return out
+
+    monkeypatch.setattr(tower, "forward", forward)
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+
+        def spy(self, *args, _name=name, _read=getattr(torch.Tensor, name), **kwargs):
+            if len(queued) == 2:
+                reads.append(_name)
+            return _read(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    vision = stages.encode_vision(qwen.model, inputs)
+    assert len(queued) == 2 and not reads
+    # a windowed tower gets its window index on the device (its own would be a host tensor, and the
+    # un-permutation of its output would copy it over, waiting for the tower)
+    windowed = qwen.model.config.model_type == "qwen2_5_vl"
+    for kwargs in queued:
+        assert ("window_index" in kwargs) == windowed
+        assert not windowed or kwargs["window_index"].device == inputs["pixel_values_videos"].device
+    stages.select_video_tokens(qwen.model, inputs, vision, VIDCOM2)
+    assert reads == ["tolist"]  # the kept counts, after every selection kernel is queued
+    monkeypatch.undo()
+    for ours, theirs in ((vision.video_embeds, stock_video), (vision.image_embeds, stock_image)):
+        assert len(ours) == len(theirs.pooler_output)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs.pooler_output, strict=True))
+    deepstack = getattr(stock_video, "deepstack_features", None)
+    assert (vision.video_deepstack is None) == (deepstack is None)
+    if deepstack is not None:
+        assert all(torch.equal(a, b) for a, b in zip(vision.video_deepstack, deepstack, strict=True))
+    assert vision.video_grid == [tuple(row) for row in inputs["video_grid_thw"].tolist()]
+
+
 def test_batch_of_two_equals_two_single_runs(qwen, videos):
     convs = [conversation(videos, "What?", "mixed.mp4"), conversation(videos, "Tell me more please", "scene_cut.mp4")]
     ids_b, logits_b, prep_b = run_stages(qwen, qwen.prepare(convs, FRAMES).inputs, VIDCOM2)

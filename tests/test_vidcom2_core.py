@@ -269,10 +269,11 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
         for options in ({}, {"exact_count": True}, {"frame_score": "equal"}):
             for retention in (0.25, 0.1, 0.5, 0.33):
                 eager = vidcom2_keep_indices(x, retention, {**options, "execution": "eager"})
-                for execution in ("compiled", "cuda_graph"):
+                for execution in ("compiled", "compiled_graph", "cuda_graph"):
                     graphed = vidcom2_keep_indices(x, retention, {**options, "execution": execution})
                     assert torch.equal(graphed, eager), (options, retention, execution)
-    for execution in ("compiled", "cuda_graph"):  # a graph captured inside inference mode is replayed outside
+    # a graph captured (or code compiled) inside inference mode is run outside
+    for execution in ("compiled", "compiled_graph", "cuda_graph"):
         with torch.inference_mode():
             inside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25, {"execution": execution})
         outside = vidcom2_keep_indices(make_video(12, 49, 32, seed=7).cuda(), 0.25, {"execution": execution})
@@ -410,12 +411,13 @@ def test_cuda_batch_graph_matches_each_video_alone_in_eager(dtype):
             alone = torch.stack([vidcom2_keep_mask(v, retention, {**options, "execution": "eager"}) for v in videos])
             assert torch.equal(vidcom2_keep_masks(videos, retention, options), alone)
             assert torch.equal(vidcom2_keep_mask(videos[1], retention, options), alone[1])
-    compiled = vidcom2_keep_masks(videos, 0.25, {"execution": "compiled"})
-    assert torch.equal(compiled, vidcom2_keep_masks(videos, 0.25, {"execution": "eager"}))
+    for execution in ("compiled", "compiled_graph"):
+        compiled = vidcom2_keep_masks(videos, 0.25, {"execution": execution})
+        assert torch.equal(compiled, vidcom2_keep_masks(videos, 0.25, {"execution": "eager"}))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("execution", ["compiled", "cuda_graph"])
+@pytest.mark.parametrize("execution", ["compiled_graph", "cuda_graph"])
 def test_captured_selection_holds_only_its_buffers_and_strands_nothing(execution):
     import gc
 
@@ -445,7 +447,7 @@ def test_captured_selection_holds_only_its_buffers_and_strands_nothing(execution
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("execution", ["compiled", "cuda_graph"])
+@pytest.mark.parametrize("execution", ["compiled_graph", "cuda_graph"])
 def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch, execution):
     import llava.model.vidcom2 as core
 
@@ -459,6 +461,34 @@ def test_cuda_chunked_batches_and_graphs_sharing_a_pool_match_eager(monkeypatch,
             assert torch.equal(core.vidcom2_keep_masks(batch, retention, {"execution": execution}), eager)
     assert len(core._GRAPHS) == 3 and len(core._GRAPH_POOLS) == 1
     core.release_selection_graphs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_selection_keeps_no_memory_and_compiles_once_per_shape(monkeypatch):
+    import gc
+
+    import llava.model.vidcom2 as core
+
+    def settled() -> tuple[int, int]:
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    videos = [make_video(8, 49, 64, seed=s).cuda() for s in range(2)]
+    core.release_selection_graphs()
+    core.vidcom2_keep_masks(videos, 0.25)  # the default: compiles this shape (or finds it compiled)
+    # one compiled shape serves every retention: the retention is an input, not a constant of the code
+    monkeypatch.setattr(core, "_MAX_COMPILED_SHAPES", 1)
+    retentions = (0.1, 0.25, 0.5, 0.33)
+    for retention in retentions:
+        eager = core.vidcom2_keep_masks(videos, retention, {"execution": "eager"})
+        assert torch.equal(core.vidcom2_keep_masks(videos, retention, {"execution": "compiled"}), eager)
+    del eager
+    before = settled()
+    for retention in retentions:  # nothing a selection allocates outlives it
+        core.vidcom2_keep_masks(videos, retention)
+    assert settled() == before and not core._GRAPHS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -479,6 +509,7 @@ def test_compiled_execution_without_triton_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
     monkeypatch.setattr(core, "_COMPILED", {})
-    with pytest.raises(RuntimeError, match="needs Triton.*execution=cuda_graph"):
-        core._selection(VidCom2Config(execution="compiled"))
+    for execution in ("compiled", "compiled_graph"):
+        with pytest.raises(RuntimeError, match=f"{execution}.*needs Triton.*execution=cuda_graph"):
+            core._selection(VidCom2Config(execution=execution))
     assert core._selection(VidCom2Config(execution="cuda_graph")).func is core._mask_from_scores

@@ -2,8 +2,9 @@
 
 An :class:`QwenArch` says only what differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL for our
 integration: the transformers class, whether the rope index wants ``second_per_grid_ts`` (absolute
-time, Qwen2.5-VL), whether the LM takes DeepStack features (Qwen3-VL), and the per-frame pixel budget
-semantics of its video processor. Everything else goes through the public transformers classes.
+time, Qwen2.5-VL), whether the LM takes DeepStack features (Qwen3-VL), whether the vision tower attends
+in windows (Qwen2.5-VL), and the per-frame pixel budget semantics of its video processor. Everything
+else goes through the public transformers classes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class QwenArch:
     timed_rope: get_rope_index takes ``second_per_grid_ts`` (temporal positions in absolute time).
     deepstack: the LM adds vision features of early ViT layers at visual positions (DeepStack).
     total_pixel_budget: the video processor's size is a budget for ALL frames (Qwen3-VL), not per frame.
+    windowed_vision: the vision tower attends within windows in most layers and reorders its tokens by a
+        window index (Qwen2.5-VL).
     """
 
     name: str
@@ -42,6 +45,7 @@ class QwenArch:
     timed_rope: bool = False
     deepstack: bool = False
     total_pixel_budget: bool = False
+    windowed_vision: bool = False
 
     def transformers_class(self) -> type[PreTrainedModel]:
         import transformers
@@ -52,7 +56,9 @@ class QwenArch:
 ARCHS: dict[str, QwenArch] = {
     "qwen2_vl": QwenArch("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen/Qwen2-VL-7B-Instruct"),
     "qwen2_5_vl": QwenArch(
-        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen/Qwen2.5-VL-7B-Instruct", timed_rope=True
+        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen/Qwen2.5-VL-7B-Instruct",
+        timed_rope=True,
+        windowed_vision=True,
     ),
     "qwen3_vl": QwenArch(
         "qwen3_vl",

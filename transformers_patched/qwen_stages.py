@@ -14,7 +14,7 @@ when present, pixel_values / image_grid_thw, pixel_values_videos / video_grid_th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +44,14 @@ class VisionOutputs:
 
     video_embeds / image_embeds: one (N, D) tensor per video / image.
     video_deepstack / image_deepstack (Qwen3-VL): one (sum N, D) tensor per DeepStack layer.
+    video_grid: (T, H, W) patches per video, read on the host before the tower ran.
     """
 
     video_embeds: list[torch.Tensor] = field(default_factory=list)
     image_embeds: list[torch.Tensor] = field(default_factory=list)
     video_deepstack: list[torch.Tensor] | None = None
     image_deepstack: list[torch.Tensor] | None = None
+    video_grid: list[tuple[int, int, int]] = field(default_factory=list)  # host copy of video_grid_thw
 
 
 @dataclass
@@ -93,24 +95,63 @@ def merge_size(model: PreTrainedModel) -> int:
     return int(model.config.vision_config.spatial_merge_size)
 
 
-def video_token_counts(model: PreTrainedModel, video_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+def video_token_counts(
+    model: PreTrainedModel, video_grid_thw: torch.Tensor | Sequence[Sequence[int]]
+) -> list[tuple[int, int]]:
     """(F, P) per video: F temporal patches ("frames"), P = h * w / merge^2 tokens per frame."""
     m2 = merge_size(model) ** 2
-    return [(int(t), int(h) * int(w) // m2) for t, h, w in video_grid_thw.tolist()]
+    rows = video_grid_thw.tolist() if torch.is_tensor(video_grid_thw) else video_grid_thw
+    return [(int(t), int(h) * int(w) // m2) for t, h, w in rows]
+
+
+def _run_tower(
+    model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[tuple[int, int, int]]]:
+    """The vision tower and merger on one modality: per-item (N, D) outputs, DeepStack features, host grid.
+
+    What ``get_video_features`` / ``get_image_features`` do, except that the split sizes come from a host
+    copy of the grid read before the tower is queued. Theirs read the device grid after it, a host sync
+    that waits for the whole tower, so the compression step's kernels were launched onto an idle GPU;
+    queued behind the tower instead, they cost their GPU time only.
+    """
+    grid = [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]  # waits for the inputs only
+    m2 = merge_size(model) ** 2
+    tower = model.model.visual
+    out = tower(pixels.type(tower.dtype), grid_thw=grid_thw, return_dict=True, **_window_inputs(model, grid, pixels))
+    embeds = list(torch.split(out.pooler_output, [t * h * w // m2 for t, h, w in grid]))
+    return embeds, getattr(out, "deepstack_features", None), grid
+
+
+def _window_inputs(model: PreTrainedModel, grid: list[tuple[int, int, int]], pixels: torch.Tensor) -> dict[str, Any]:
+    """A windowed tower's window index and boundaries, made from the host grid and put on the device before
+    the tower is queued. Left to the tower, the index is a host tensor, and the final un-permutation
+    of the tower's output copies it to the device: a copy from pageable host memory, which waits for the
+    whole tower first. transformers' towers take both precomputed, as keyword arguments."""
+    if not _arch(model).windowed_vision:
+        return {}
+    from transformers.vision_utils import get_vision_window_index
+
+    tower = model.model.visual
+    index, bounds = get_vision_window_index(
+        torch.tensor(grid, dtype=torch.long),
+        spatial_merge_size=tower.spatial_merge_size,
+        window_size=tower.window_size,
+        patch_size=tower.patch_size,
+    )
+    return {"window_index": index.to(pixels.device), "cu_window_seqlens": bounds.to(pixels.device)}
 
 
 @torch.inference_mode()
 def encode_vision(model: PreTrainedModel, inputs: Mapping[str, Any]) -> VisionOutputs:
-    """Run the vision tower (and merger) on the batch's videos and images."""
+    """Run the vision tower (and merger) on the batch's videos and images, without waiting for it."""
     out = VisionOutputs()
-    if inputs.get("pixel_values_videos") is not None:
-        res = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
-        out.video_embeds = list(res.pooler_output)
-        out.video_deepstack = getattr(res, "deepstack_features", None)
+    # images first: the tower starts with host reads of its grid, which would wait for a queued video tower
     if inputs.get("pixel_values") is not None:
-        res = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        out.image_embeds = list(res.pooler_output)
-        out.image_deepstack = getattr(res, "deepstack_features", None)
+        out.image_embeds, out.image_deepstack, _ = _run_tower(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    if inputs.get("pixel_values_videos") is not None:
+        out.video_embeds, out.video_deepstack, out.video_grid = _run_tower(
+            model, inputs["pixel_values_videos"], inputs["video_grid_thw"]
+        )
     return out
 
 
@@ -125,7 +166,7 @@ def select_video_tokens(
     """
     if not vision.video_embeds:
         return []
-    counts = video_token_counts(model, inputs["video_grid_thw"])
+    counts = video_token_counts(model, vision.video_grid or inputs["video_grid_thw"])
     videos = []
     for embeds, (frames, per_frame) in zip(vision.video_embeds, counts, strict=True):
         if embeds.shape[0] != frames * per_frame:

@@ -30,7 +30,7 @@ FRAME_SCORES = ("neg_mean", "pos_mean", "neg_max", "pos_max", "neg_min", "pos_mi
 TOKEN_SCORES = ("v+f", "f", "v", "-(v+f)", "-f", "-v", "external")
 SIMILARITIES = ("gaussian", "cosine")
 SCORE_DTYPES = ("float32", "model")
-EXECUTIONS = ("compiled", "cuda_graph", "eager")
+EXECUTIONS = ("compiled", "compiled_graph", "cuda_graph", "eager")
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,18 @@ class VidCom2Config:
     score_dtype: float32 (default) or model (score in the input dtype, as upstream does in fp16/bf16).
     exact_count: when True the kept total is exactly round(R*F*P) (at least F), trimmed or topped up
         by token score; when False (upstream) rounding per frame lets it drift by up to about F/2.
-    execution: how the selection runs on CUDA (CPU always runs eager): compiled (default) replays
-        one captured CUDA graph per input shape made of the ~20 kernels torch.compile fuses the method
-        into (compiled once per input shape: ~17 s for a process's first, ~4 s for each further one);
-        cuda_graph replays a graph of the ~60 unfused kernels (no compilation); eager launches every
-        kernel. cuda_graph and eager select the same tokens bit for bit; compiled sums in another
+    execution: how the selection runs on CUDA (CPU always runs eager):
+        compiled (default): the ~20 kernels torch.compile fuses the method into, launched directly. They
+            keep no GPU memory between requests (their intermediates come from, and go back to, PyTorch's
+            caching allocator). Compiled once per input shape: ~17 s for a process's first, ~4 s for each
+            further one. Launching them costs ~0.3 ms of host time, hidden when the GPU is still busy with
+            the vision tower (the pipelines queue the selection behind it).
+        compiled_graph: the same kernels replayed from a captured CUDA graph, one per input shape: one
+            launch, for a host that waits on an idle GPU, but each graph keeps its static input and its
+            intermediates' pool between requests.
+        cuda_graph: a graph of the ~60 unfused kernels (no compilation; memory as compiled_graph).
+        eager: every unfused kernel launched from Python; keeps nothing, compiles nothing.
+        cuda_graph and eager select the same tokens bit for bit; the compiled modes sum in another
         order, so a token whose score ties a frame's last kept one to float32 rounding may swap with it.
     """
 
@@ -426,21 +433,25 @@ _COMPILED: dict[VidCom2Config, Callable[..., torch.Tensor]] = {}
 _MAX_COMPILED_SHAPES = 1024
 
 
+_COMPILED_EXECUTIONS = ("compiled", "compiled_graph")
+
+
 def _selection(cfg: VidCom2Config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What a graph captures for ``cfg``: the eager kernels, or for execution='compiled' the kernels
-    torch.compile fuses them into (~20 instead of ~60; compiled once per shape, at capture). Our own graph
-    replays them either way, sharing the pool and static buffers below; torch.compile's own CUDA graphs
-    (mode='reduce-overhead') add a guard check and an input copy per call and keep a pool of their own."""
+    """The selection as f(features (B, F, P, D), retention 0-d tensor) -> masks: the eager kernels, or for
+    the compiled executions the kernels torch.compile fuses them into (~20 instead of ~60; compiled once
+    per shape, at the first call). execution='compiled' launches them directly; 'compiled_graph' and
+    'cuda_graph' have our own graph capture them (torch.compile's own CUDA graphs, mode='reduce-overhead',
+    would add a guard check and an input copy per call and keep a pool of their own)."""
     select = partial(_mask_from_scores, cfg=cfg, token_scores_external=None)
-    if cfg.execution != "compiled":
+    if cfg.execution not in _COMPILED_EXECUTIONS:
         return select
     if cfg not in _COMPILED:
         from torch.utils._triton import has_triton
 
         if not has_triton():  # torch.compile's GPU kernels are Triton's
             raise RuntimeError(
-                "VidCom2 execution='compiled' (the default on CUDA) needs Triton for torch.compile, and it is not "
-                "importable here; install triton or pass execution=cuda_graph (unfused, nothing to compile)"
+                f"VidCom2 execution={cfg.execution!r} needs Triton for torch.compile, and it is not importable "
+                "here; install triton or pass execution=cuda_graph or execution=eager (nothing to compile)"
             )
         _COMPILED[cfg] = torch.compile(select, dynamic=False, fullgraph=True)
     compiled = _COMPILED[cfg]
@@ -452,11 +463,26 @@ def _selection(cfg: VidCom2Config) -> Callable[[torch.Tensor, torch.Tensor], tor
                 return compiled(features, retention)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             raise RuntimeError(
-                f"VidCom2 execution='compiled' has compiled the selection for {_MAX_COMPILED_SHAPES} input shapes "
-                "in this process; for inputs of ever-changing shape pass execution=cuda_graph (no compilation)"
+                f"VidCom2 execution={cfg.execution!r} has compiled the selection for {_MAX_COMPILED_SHAPES} input "
+                "shapes in this process; for inputs of ever-changing shape pass execution=cuda_graph or "
+                "execution=eager (no compilation)"
             ) from error
 
     return run
+
+
+@_device_constant
+def _retention_tensor(retention: float, device: torch.device) -> torch.Tensor:
+    """The retention as a 0-d float64 device tensor, an input of the compiled selection: as a Python float
+    it would be a constant of the compiled code, and every retention of a sweep would compile anew."""
+    return torch.tensor(retention, dtype=torch.float64, device=device)
+
+
+def _compiled(videos: Videos, retention: float, cfg: VidCom2Config) -> torch.Tensor:
+    """execution='compiled': the fused kernels launched directly. Their intermediates are ordinary
+    allocations, freed when the selection returns, so nothing stays reserved between requests."""
+    features = _stacked(videos)
+    return _selection(cfg)(features, _retention_tensor(retention, features.device))
 
 
 class _CapturedSelection:
@@ -470,7 +496,7 @@ class _CapturedSelection:
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cfg: VidCom2Config) -> None:
         select = _selection(cfg)
-        side = _capture_stream(device, cublas=cfg.execution != "compiled")
+        side = _capture_stream(device, cublas=cfg.execution == "cuda_graph")
         side.wait_stream(torch.cuda.current_stream(device))
         # The static buffers live as long as the graph. Allocated on the side stream, whose cached memory
         # is only ever ours, they get segments of their own: on the request's stream they could split a
@@ -607,7 +633,7 @@ def vidcom2_keep_masks(
 ) -> torch.Tensor:
     """B same-shape videos ((B, F, P, D), or a sequence of (F, P, D)) -> keep masks (B, F, P), without
     any host synchronisation. Each video is selected on its own budget, exactly as alone; together
-    they share the kernel launches (one graph replay on CUDA).
+    they share the kernel launches (and, with a graph execution, one replay).
 
     Every frame keeps at least one token; an all-False mask means that video's features were not finite
     (callers that count the kept tokens raise then, as :func:`vidcom2_keep_indices` does).
@@ -626,6 +652,8 @@ def vidcom2_keep_masks(
         and token_scores_external is None
         and not torch.cuda.is_current_stream_capturing()
     ):
+        if cfg.execution == "compiled":
+            return _compiled(videos, float(retention), cfg)
         return _graphed(videos, shape, float(retention), cfg)
     return _mask_from_scores(_stacked(videos), float(retention), cfg, token_scores_external)
 
