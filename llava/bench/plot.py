@@ -17,6 +17,7 @@ def plot_efficiency(
     the run with the most rows for it, so no line mixes measurements of different runs."""
     import matplotlib
 
+    csv_path, png_path = Path(csv_path), Path(png_path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
