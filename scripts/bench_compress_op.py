@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="compressor option, e.g. execution=compiled (repeatable)")
+                        help="compressor option, e.g. execution=compiled_graph (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", action="store_true", help="add rows to --out")
     args = parser.parse_args(argv)

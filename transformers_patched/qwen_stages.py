@@ -3,9 +3,10 @@
     inputs (processor output) -> encode_vision -> select_video_tokens -> build_prefill -> prefill
                               -> decode_step ... (generate runs the loop)
 
-We drive the stock transformers modules ourselves (vision tower through ``get_video_features`` /
-``get_image_features``, positions through ``get_rope_index``, then ``model.model.language_model`` and
-``lm_head``) instead of patching their forward: the LM simply receives the shortened sequence with
+We drive the stock transformers modules ourselves (the vision tower ``model.model.visual``, called as
+``get_video_features`` / ``get_image_features`` call it but without their host sync, see ``_run_tower``;
+positions through ``get_rope_index``; then ``model.model.language_model`` and ``lm_head``) instead of
+patching their forward: the LM simply receives the shortened sequence with
 gathered M-RoPE positions and an explicit 2-D mask. No transformers code is copied or modified.
 
 ``inputs`` is a mapping with the processor's keys: input_ids, attention_mask, mm_token_type_ids and,
@@ -263,7 +264,7 @@ def _language_model(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, prepared: PrefillInputs, room: int = 0) -> tuple[torch.Tensor, DecodeState]:
     """Run the LM over the shortened prompt: next-token logits (B, V) float32 and the decode state, whose
-    KV cache has room for ``room`` more tokens in one block (see llava.model.kv_arena)."""
+    KV cache is allocated with room for ``room`` more tokens (see llava.model.kv_arena)."""
     cache = arena_cache(model.config.text_config, room)
     extra: dict[str, Any] = {}
     if prepared.deepstack_embeds is not None:

@@ -45,7 +45,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--vidcom2-option", action="append", default=[], metavar="KEY=VALUE",
-        help="VidCom2Config field for the vidcom2 cases, e.g. execution=compiled (repeatable)",
+        help="VidCom2Config field for the vidcom2 cases, e.g. execution=compiled_graph (repeatable)",
     )
     p.add_argument(
         "--preprocess-device",

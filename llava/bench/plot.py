@@ -31,7 +31,7 @@ def plot_efficiency(
             counts[int(r["frames"])] += 1
         frames = max(counts, key=counts.get)
     rows = [r for r in rows if int(r["frames"]) == frames]
-    for r in rows:  # a compressor run with options (e.g. execution=compiled) is its own line
+    for r in rows:  # a compressor run with options (e.g. execution=compiled_graph) is its own line
         r["compressor"] += f"[{r['compressor_options']}]" if r.get("compressor_options") else ""
         r["model"] = _variant(r)
     rows = _one_run_per_model(rows)

@@ -3,7 +3,7 @@
 Our own loop instead of ``generate``: the visual block is spliced into ``inputs_embeds``, positions
 may skip (original-position mode), and the prefill and decode stages are timed separately. It uses
 only the public forward of a transformers causal LM (inputs_embeds / input_ids, a 2-D attention
-mask, position_ids, a DynamicCache whose layers share one block: llava.model.kv_arena). A mask is
+mask, position_ids, a DynamicCache allocated once per request: llava.model.kv_arena). A mask is
 always passed, so masking never guesses packed sequences from the positions.
 ``GenerationOptions.decode_mode`` "static" / "compiled" moves decoding onto a static cache (and a
 compiled step) after the unchanged prefill: see llava.model.static_decode.
@@ -52,8 +52,8 @@ def pad_left(sequences: list[torch.Tensor], positions: list[torch.Tensor], next_
 
 @torch.inference_mode()
 def prefill(lm: PreTrainedModel, batch: BatchInputs, room: int = 0) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the prompt; returns the last position's logits (B, V) in float32 and the KV cache, which has
-    room for ``room`` more tokens in one block (see llava.model.kv_arena)."""
+    """Run the prompt; returns the last position's logits (B, V) in float32 and the KV cache, allocated
+    with room for ``room`` more tokens (see llava.model.kv_arena)."""
     cache = arena_cache(lm.config, room)
     out = lm(
         inputs_embeds=batch.embeds,
