@@ -38,6 +38,27 @@ def test_vidcom2_options_reach_the_vidcom2_cases_only(tmp_path: Path) -> None:
     assert [(s.compressor, s.options) for s in seen] == [("vidcom2", {"execution": "compiled"}), ("uniform", {})]
 
 
+def test_timed_requests_compile_in_process(tmp_path: Path) -> None:
+    """No inductor worker pool may boot beside the timed requests (it slowed the first ones, run 7b)."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    class FakeLLM:
+        device = "cpu"
+
+        def answer_batch(self, videos, questions, **_):
+            seen.append(inductor_config.compile_threads)
+            return [InferenceResult("a", [1], 4, 2, timings={"decode": 0.1})] * len(videos)
+
+    model = SimpleNamespace(sampling=lambda frames: FrameSampling(num_frames=frames))
+    case = Case("vidcom2", 0.25, 4, 1)
+    with inductor_config.patch(compile_threads=4):
+        run_case(FakeLLM(), model, tmp_path / "v.mp4", case, decode_tokens=3, repeats=2, warmup=1)
+        assert inductor_config.compile_threads == 4
+    assert seen == [1, 1, 1]
+
+
 def test_bad_vidcom2_option_fails_before_building_a_model(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert main(["bench", "--vidcom2-option", "executon=compiled", "--out", str(tmp_path / "x.csv")]) == 2
     assert "unknown VidCom2 option" in capsys.readouterr().err
