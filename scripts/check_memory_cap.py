@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from llava.bench.efficiency import Case, environment, run_case, write_bench_video
+from llava.bench.efficiency import STAGES, Case, build_bench_llm, run_case, ttft_seconds, write_bench_video
 from llava.bench.models import get_bench_model
 from llava.model.vidcom2 import release_selection_graphs
 
@@ -39,11 +39,11 @@ FIELDS = (
 
 
 def _ttft_ms(stages: dict[str, float]) -> float:
-    return 1e3 * sum(stages[s] for s in ("preprocess", "vision", "compress", "prefill"))
+    return 1e3 * ttft_seconds(stages)
 
 
 def _total_ms(stages: dict[str, float]) -> float:
-    return 1e3 * sum(stages[s] for s in ("read_video", "preprocess", "vision", "compress", "prefill", "decode"))
+    return 1e3 * sum(stages[s] for s in STAGES)
 
 
 def capped(cap_mib: float, device: torch.device) -> float:
@@ -73,12 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("check_memory_cap.py needs a CUDA GPU (it limits the CUDA caching allocator)")
 
     model = get_bench_model(args.model)
-    llm = model.build("cuda", args.dtype, args.attn)
-    if args.preprocess_device is not None:
-        llm.preprocess_device = args.preprocess_device
+    llm, env = build_bench_llm(model, "cuda", args.dtype, args.attn, preprocess_device=args.preprocess_device)
     device = torch.device(llm.device)
-    env = environment(device, args.attn, args.dtype)
-    env["preprocess_device"] = getattr(llm, "preprocess_device", None) or str(llm.device)
     video = write_bench_video(Path(tempfile.mkdtemp()) / f"bench_{args.frames}f.mp4", args.frames)
     command = "python scripts/check_memory_cap.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llava.bench.efficiency import write_bench_video
+from llava.bench.efficiency import build_bench_llm, write_bench_video
 from llava.bench.models import get_bench_model
 from llava.model.compression import CompressionSpec
 from llava.model.vidcom2 import release_selection_graphs
@@ -37,9 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     model = get_bench_model(args.model)
     fast = args.model.startswith("qwen")
-    llm = model.build("cuda", "bfloat16", "sdpa_varlen" if fast else "sdpa")
-    if fast:
-        llm.preprocess_device = "cuda"
+    attn, preprocess = ("sdpa_varlen", "cuda") if fast else ("sdpa", None)
+    llm, _ = build_bench_llm(model, "cuda", "bfloat16", attn, preprocess_device=preprocess)
     video = write_bench_video(Path(tempfile.mkdtemp()) / f"bench_{args.frames}f.mp4", args.frames)
     generation = GenerationOptions(max_new_tokens=16, ignore_eos=True)
 

@@ -112,6 +112,28 @@ def _reset_memory(device: torch.device) -> float:
     return torch.cuda.memory_reserved(device) / 2**20
 
 
+def ttft_seconds(stages: dict[str, float]) -> float:
+    """Time to first token from a case's stage medians: preprocessing to the first token (the video read is
+    its own stage, outside it)."""
+    return stages["preprocess"] + stages["vision"] + stages["compress"] + stages["prefill"]
+
+
+@contextmanager
+def compiling_in_process() -> Iterator[None]:
+    """Have inductor compile in this process instead of its pool of worker processes.
+
+    The pool is started by a process's first compilation and boots in the background (each worker imports
+    torch), which takes longer than that compilation, so it competed for the host with the timed requests
+    that followed: on Qwen3-VL, 8 frames, the compress stage took 0.60 ms right after the first compile and
+    0.16 ms with the workers off or after two more warm-ups (H100, run 7b). Steady-state serving has no
+    booting workers; the bench measures that."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
+@compiling_in_process()
 def run_case(
     llm: VideoLLM,
     model: BenchModel,
@@ -130,36 +152,6 @@ def run_case(
     ``decode_mode`` "compiled" compiles on the first run of a shape: keep ``warmup`` >= 1 so it is not timed.
     Everything torch.compile compiles here compiles in this process (see :func:`compiling_in_process`).
     """
-    with compiling_in_process():
-        return _run_case(llm, model, video, case, decode_tokens, repeats, warmup, decode_mode, vidcom2_options)
-
-
-@contextmanager
-def compiling_in_process() -> Iterator[None]:
-    """Have inductor compile in this process instead of its pool of worker processes.
-
-    The pool is started by a process's first compilation and boots in the background (each worker imports
-    torch), which takes longer than that compilation, so it competed for the host with the timed requests
-    that followed: on Qwen3-VL, 8 frames, the compress stage took 0.60 ms right after the first compile and
-    0.16 ms with the workers off or after two more warm-ups (H100, run 7b). Steady-state serving has no
-    booting workers; the bench measures that."""
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(compile_threads=1):
-        yield
-
-
-def _run_case(
-    llm: VideoLLM,
-    model: BenchModel,
-    video: Path,
-    case: Case,
-    decode_tokens: int,
-    repeats: int,
-    warmup: int,
-    decode_mode: str,
-    vidcom2_options: dict[str, Any] | None,
-) -> tuple[dict[str, float], InferenceResult, float, float, float]:
     options = dict(vidcom2_options or {}) if case.compressor == "vidcom2" else {}
     spec = CompressionSpec(case.compressor, case.retention, options)
     generation = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True, decode_mode=decode_mode)
@@ -220,6 +212,31 @@ def environment(device: torch.device, attn: str, dtype: str, decode_mode: str = 
     }
 
 
+def build_bench_llm(
+    model: BenchModel,
+    device: str,
+    dtype: str,
+    attn: str,
+    *,
+    decode_mode: str = "eager",
+    preprocess_device: str | None = None,
+) -> tuple[VideoLLM, dict[str, Any]]:
+    """The model's adapter, and the environment columns of its rows.
+
+    ``preprocess_device`` moves a Qwen adapter's HF video processor there (QwenVideoLLM.preprocess_device);
+    a model without that knob raises rather than ignoring it."""
+    llm = model.build(device, dtype, attn)
+    if preprocess_device is not None:
+        if not hasattr(llm, "preprocess_device"):
+            raise ValueError(f"--preprocess-device: {model.name} has no CPU video processor to move (Qwen models do)")
+        llm.preprocess_device = preprocess_device
+    env = environment(torch.device(llm.device), attn, dtype, decode_mode)
+    env["preprocess_device"] = getattr(llm, "preprocess_device", None) or (
+        "cpu" if hasattr(llm, "preprocess_device") else str(llm.device)
+    )
+    return llm, env
+
+
 def bench_model(
     model: BenchModel,
     cases: list[Case],
@@ -239,18 +256,8 @@ def bench_model(
     preprocess_device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Build one model, run its cases, and return one CSV row per case (ideal columns included).
-
-    ``preprocess_device`` moves a Qwen adapter's HF video processor there (QwenVideoLLM.preprocess_device);
-    a model without that knob raises rather than ignoring it."""
-    llm = model.build(device, dtype, attn)
-    if preprocess_device is not None:
-        if not hasattr(llm, "preprocess_device"):
-            raise ValueError(f"--preprocess-device: {model.name} has no CPU video processor to move (Qwen models do)")
-        llm.preprocess_device = preprocess_device
-    env = environment(torch.device(llm.device), attn, dtype, decode_mode)
-    env["preprocess_device"] = getattr(llm, "preprocess_device", None) or (
-        "cpu" if hasattr(llm, "preprocess_device") else str(llm.device)
-    )
+    ``preprocess_device``: see :func:`build_bench_llm`."""
+    llm, env = build_bench_llm(model, device, dtype, attn, decode_mode=decode_mode, preprocess_device=preprocess_device)
     videos = {n: write_bench_video(work_dir / f"bench_{n}f.mp4", n) for n in sorted({c.frames for c in cases})}
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []
@@ -269,8 +276,7 @@ def bench_model(
         if isinstance(getattr(llm, "model", None), torch.nn.Module):
             release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
         release_selection_graphs()  # likewise the captured selection graphs of this case's shape
-        ttft = stages["preprocess"] + stages["vision"] + stages["compress"] + stages["prefill"]
-        total = sum(stages[s] for s in STAGES)
+        ttft, total = ttft_seconds(stages), sum(stages[s] for s in STAGES)
         prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
         ideal_prefill = ideal_prefill_seconds(llm, prompt_tokens, case.batch, repeats=repeats, warmup=1)
         key = (case.frames, case.batch)
