@@ -9,9 +9,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
-# torch's x86_64 wheels are CUDA builds: the venv takes about 7 GiB. Say so before pip runs out
-# of disk half-way (pip only reports "[Errno 28] No space left on device").
-NEED_GIB=${BOOTSTRAP_NEED_GIB:-8}
+# torch's x86_64 wheels are CUDA builds: the venv takes about 7 GiB there (under 2 on aarch64). Say
+# so before pip runs out of disk half-way (pip only reports "[Errno 28] No space left on device").
+case "$(uname -m)" in
+  aarch64|arm64) NEED_GIB=${BOOTSTRAP_NEED_GIB:-2} ;;
+  *) NEED_GIB=${BOOTSTRAP_NEED_GIB:-8} ;;
+esac
 require_free_disk() {
   local free_gib
   free_gib=$(df -Pk "$VENV" | awk 'NR==2 {printf "%d", $4 / 1048576}')
