@@ -9,29 +9,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
-# torch's x86_64 wheels are CUDA builds: the venv takes about 7 GiB there (under 2 on aarch64). Say
-# so before pip runs out of disk half-way (pip only reports "[Errno 28] No space left on device").
+# torch and torchvision must match; these pairs have wheels for CPU-only machines (x86_64: a CUDA
+# build that also runs on CPU, about 7 GiB in the venv; aarch64: a CPU build, under 2 GiB).
 case "$(uname -m)" in
-  aarch64|arm64) NEED_GIB=${BOOTSTRAP_NEED_GIB:-2} ;;
-  *) NEED_GIB=${BOOTSTRAP_NEED_GIB:-8} ;;
+  aarch64|arm64) TORCH=("torch==2.9.1" "torchvision==0.24.1"); NEED_GIB=2 ;;
+  *) TORCH=("torch==2.14.1" "torchvision==0.29.1"); NEED_GIB=8 ;;
 esac
-require_free_disk() {
-  local free_gib
+NEED_GIB=${BOOTSTRAP_NEED_GIB:-$NEED_GIB}
+if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  # Say so before pip runs out of disk half-way (pip only reports "[Errno 28] No space left on device").
   free_gib=$(df -Pk "$VENV" | awk 'NR==2 {printf "%d", $4 / 1048576}')
   if [ "$free_gib" -lt "$NEED_GIB" ]; then
     echo "scripts/bootstrap.sh: installing torch into $VENV needs about $NEED_GIB GiB free;" \
          "the disk holding $VENV has $free_gib GiB. Free space there, or point VENV at a larger disk." >&2
     exit 1
   fi
-}
-if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
-  require_free_disk
-  # torch and torchvision must match; these pairs have wheels for CPU-only machines
-  # (x86_64: a CUDA build that also runs on CPU; aarch64: a CPU build).
-  case "$(uname -m)" in
-    aarch64|arm64) "${PIP[@]}" "torch==2.9.1" "torchvision==0.24.1" ;;
-    *) "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" ;;
-  esac
+  "${PIP[@]}" "${TORCH[@]}"
 fi
 if ! "$VENV/bin/python" -c "import llava.model.vidcom2, lmms_eval, pytest" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.vidcom2-installed" ]; then
