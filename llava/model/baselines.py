@@ -6,11 +6,19 @@ VidCom2's total on average and differ only in which tokens they keep.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from llava.model.method_api import Method, NoOptions, VideoSelection, VideoTokens
 from llava.model.vidcom2 import check_video_features
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """seed: of the CPU generator the draw comes from (the same tokens on every device)."""
+
+    seed: int = 0
 
 
 def uniform_budget(retention: float, tokens_per_frame: int) -> int:
@@ -22,24 +30,22 @@ def _mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def keep_all_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+def keep_all_indices(features: torch.Tensor, retention: float, options: NoOptions | None = None) -> torch.Tensor:
     """Every token: arange(F*P). Retention is checked but ignored."""
     check_video_features(features, retention)
-    _reject_options("none", options, ())
     n_frames, per_frame, _ = features.shape
     return torch.arange(n_frames * per_frame, device=features.device)
 
 
-def random_keep_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
-    """k random tokens of every frame, drawn from a CPU generator seeded by ``options['seed']`` (0).
+def random_keep_indices(features: torch.Tensor, retention: float, options: RandomOptions | None = None) -> torch.Tensor:
+    """k random tokens of every frame, drawn from a CPU generator seeded by ``options.seed`` (0).
 
     The draw happens on the CPU so that a seed gives the same tokens on every device.
     """
     check_video_features(features, retention)
-    _reject_options("random", options, ("seed",))
     n_frames, per_frame, _ = features.shape
     k = uniform_budget(retention, per_frame)
-    generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    generator = torch.Generator().manual_seed((options or RandomOptions()).seed)
     noise = torch.rand(n_frames, per_frame, generator=generator)
     ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
     indices = _mask_to_indices(ranks < k)
@@ -48,10 +54,9 @@ def random_keep_indices(features: torch.Tensor, retention: float, options: dict[
     return indices.to(features.device)
 
 
-def uniform_keep_indices(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
+def uniform_keep_indices(features: torch.Tensor, retention: float, options: NoOptions | None = None) -> torch.Tensor:
     """k evenly spaced tokens of every frame: positions floor((j + 1/2) * P / k), j < k."""
     check_video_features(features, retention)
-    _reject_options("uniform", options, ())
     n_frames, per_frame, _ = features.shape
     k = uniform_budget(retention, per_frame)
     device = features.device  # built where the features are: no host-to-device copy
@@ -60,9 +65,16 @@ def uniform_keep_indices(features: torch.Tensor, retention: float, options: dict
     return (rows + cols[None, :]).reshape(-1)
 
 
-def _reject_options(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"compressor {name!r} got unknown option(s) {unknown}; valid: {', '.join(allowed) or 'none'}"
-        )
+
+def _selecting(indices_of):
+    """A pre-LLM select function from an index function of (features, R, options)."""
+
+    def select(video: VideoTokens, retention: float, options) -> VideoSelection:
+        return VideoSelection(indices_of(video.features, retention, options))
+
+    return select
+
+
+NONE = Method("none", NoOptions, select=_selecting(keep_all_indices), summary="keep every token")
+RANDOM = Method("random", RandomOptions, select=_selecting(random_keep_indices), summary="k random tokens per frame")
+UNIFORM = Method("uniform", NoOptions, select=_selecting(uniform_keep_indices), summary="k evenly spaced tokens per frame")

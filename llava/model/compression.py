@@ -1,101 +1,189 @@
-"""The compressor registry every model calls: name -> compressor with one signature.
+"""The method registry every model calls, and :class:`CompressionSpec`, what a request asks for.
 
-A compressor maps one video's tokens ``features`` (F, P, D), a retention R in (0, 1] and a dict of
-options to the kept flat indices into F*P (int64, sorted ascending). Model adapters only say where
-their video tokens are and call :func:`compress_video`; they never name a method. New baselines
-register with :func:`register_compressor` and slot in without touching any caller.
+The registry sits above the methods (each a module exporting a :class:`~llava.model.method_api.Method`,
+importing nothing from models or evaluation) and below the models. Adding a method is one module and
+one line in :data:`METHODS`. Model adapters never name a method: they say which signals they supply
+(:meth:`CompressionSpec.check_supported`, before any work), hand each video's tokens and signals to
+:meth:`CompressionSpec.select_videos`, and splice what comes back.
 
-A compressor may also register a mask form (``mask=``): the same selection for a batch of same-shape
-videos, as (B, F, P) boolean masks computed without a host synchronisation, each video on its own
-budget. It lets an adapter select all of a request's videos in one go and fold the one unavoidable
-sync (the kept counts) into its own layout work. Without one, :meth:`CompressionSpec.keep_masks`
-builds each mask from the indices on the device.
+Options are parsed once, when a spec is made, into the method's options dataclass; on a command line
+they are ``KEY=VALUE`` pairs, either bare (``dominant_ratio=0.6``) or under the method's name
+(``visionzip.dominant_ratio=0.6``), so knobs of different methods and of the wrappers never collide.
+
+R = 1.0 keeps every token for every method (the identity: no method runs), as ``none`` does at any R.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from llava.model import baselines
-from llava.model.vidcom2 import (
-    NON_FINITE_MESSAGE,
-    VidCom2Config,
-    check_retention,
-    vidcom2_keep_indices,
-    vidcom2_keep_masks,
+from llava.model import baselines, vidcom2
+from llava.model.method_api import (
+    GRID,
+    MaskSelect,
+    Method,
+    NoOptions,
+    VideoSelection,
+    VideoTokens,
+    option_defaults,
+    parse_options,
+)
+from llava.model.vidcom2 import NON_FINITE_MESSAGE, check_retention
+
+# One line per method; the order is the listing order.
+METHODS: tuple[Method, ...] = (
+    baselines.NONE,
+    vidcom2.METHOD,
+    baselines.RANDOM,
+    baselines.UNIFORM,
 )
 
+_REGISTRY: dict[str, Method] = {}
 
-class Compressor(Protocol):
-    def __call__(self, features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
-        """(F, P, D), R, options -> kept flat indices (K,) int64, ascending."""
-
-
-class MaskCompressor(Protocol):
-    def __call__(self, videos: Sequence[torch.Tensor], retention: float, options: dict[str, Any]) -> torch.Tensor:
-        """B same-shape videos (F, P, D), R, options -> keep masks (B, F, P) bool, no host sync; a video's
-        all-False mask = invalid input."""
+IndexCompressor = Callable[[torch.Tensor, float, Any], torch.Tensor]
+"""(F, P, D), R, options -> kept flat indices (K,) int64 ascending: the select-only shorthand."""
 
 
-_REGISTRY: dict[str, Compressor] = {}
-_MASKS: dict[str, MaskCompressor] = {}
+def register_method(method: Method) -> Method:
+    """Make ``method`` available under its (unique) name to every model, the CLI, the bench and lmms-eval."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"compressor {method.name!r} is already registered")
+    if "." in method.name:
+        raise ValueError(f"method names cannot contain '.', got {method.name!r}")
+    _REGISTRY[method.name] = method
+    return method
 
 
-def register_compressor(name: str, *, mask: MaskCompressor | None = None) -> Callable[[Compressor], Compressor]:
-    """Decorator: make ``fn`` available under ``name`` (unique); ``mask`` is its optional mask form."""
+def register_compressor(name: str, *, mask: MaskSelect | None = None) -> Callable[[IndexCompressor], IndexCompressor]:
+    """Decorator for a select-only method without options: ``fn(features (F, P, D), R, options) -> kept
+    indices``; ``mask`` is its optional batched mask form (see method_api.MaskSelect)."""
 
-    def wrap(fn: Compressor) -> Compressor:
-        if name in _REGISTRY:
-            raise ValueError(f"compressor {name!r} is already registered")
-        _REGISTRY[name] = fn
-        if mask is not None:
-            _MASKS[name] = mask
+    def wrap(fn: IndexCompressor) -> IndexCompressor:
+        def select(video: VideoTokens, retention: float, options: Any) -> VideoSelection:
+            return VideoSelection(fn(video.features, retention, options))
+
+        register_method(Method(name, NoOptions, select=select, masks=mask))
         return fn
 
     return wrap
+
+
+for _method in METHODS:
+    register_method(_method)
 
 
 def available_compressors() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_compressor(name: str) -> Compressor:
+def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(available_compressors())}") from None
 
 
+def get_compressor(name: str) -> IndexCompressor:
+    """The index form of a select-only method that needs no signal: ``fn(features, R, options dict)``."""
+    method = get_method(name)
+    if method.merges or method.signals or method.select is None:
+        raise ValueError(f"compressor {name!r} merges tokens or needs model signals: use CompressionSpec.select_videos")
+
+    def indices(features: torch.Tensor, retention: float, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        config = parse_options(name, method.options, options)
+        return method.select(_tokens(features), float(retention), config).source
+
+    return indices
+
+
+def method_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with keys under ``name.`` unprefixed; a key under another method's name raises."""
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        prefix, dot, rest = str(key).partition(".")
+        if dot:
+            if prefix != name:
+                get_method(prefix)  # an unknown method name raises here, listing the valid ones
+                raise ValueError(f"option {key!r} is a {prefix!r} knob, but the compressor is {name!r}")
+            key = rest
+        if key in out:
+            raise ValueError(f"option {key!r} of {name!r} given twice (bare and as {name}.{key})")
+        out[key] = value
+    return out
+
+
+def _tokens(features: torch.Tensor) -> VideoTokens:
+    """A (F, P, D) video without a known spatial grid (index form callers): the grid is (F, 1, P)."""
+    shape = tuple(features.shape) if isinstance(features, torch.Tensor) else ()
+    grid = (shape[0], 1, shape[1]) if len(shape) == 3 else (0, 0, 0)
+    return VideoTokens(features, grid)
+
+
+@dataclass(frozen=True)
+class SelectedVideo:
+    """What an adapter splices for one video: ``mask`` (F, P) bool of the output tokens' sources and,
+    for merging methods, ``table`` (F*P, D): the video's tokens with each output token's new value
+    written at its source row (None: the tokens are unchanged)."""
+
+    mask: torch.Tensor
+    table: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class CompressionSpec:
-    """What to do to each video of a request: compressor name, retention R and its options.
+    """What to do to each video of a request: method name, retention R and its options.
 
-    ``none`` (the default) keeps every token. Options are compressor specific (for vidcom2 the
-    fields of VidCom2Config; for random a seed).
+    ``none`` (the default) keeps every token. ``options`` are the method's knobs, bare or under the
+    method's name; they are parsed once, here, into the method's options dataclass (``config``).
     """
 
     compressor: str = "none"
     retention: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    config: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        get_compressor(self.compressor)  # fail early on a bad name
+        method = get_method(self.compressor)  # fail early on a bad name
         check_retention(self.retention)
-        if self.compressor == "vidcom2":
-            VidCom2Config.from_options(self.options)  # fail early on a bad option
+        options = method_options(self.compressor, self.options)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "config", parse_options(self.label, method.options, options))
+
+    @property
+    def method(self) -> Method:
+        return get_method(self.compressor)
+
+    @property
+    def label(self) -> str:
+        return "VidCom2" if self.compressor == "vidcom2" else self.compressor
 
     @property
     def is_identity(self) -> bool:
         """True when every token is kept, whatever the video."""
         return self.compressor == "none" or float(self.retention) >= 1.0
 
+    @property
+    def signals(self) -> frozenset[str]:
+        """The model signals the method needs beyond the features and the grid (none when identity)."""
+        return frozenset() if self.is_identity else self.method.signals - {GRID}
+
+    def check_supported(self, family: str, supplied: Iterable[str]) -> None:
+        """Raise, before any work, when model family ``family`` cannot supply a signal the method needs."""
+        missing = sorted(self.signals - set(supplied))
+        if missing:
+            raise ValueError(
+                f"compressor {self.compressor!r} needs the signal(s) {missing}, which model family {family!r} "
+                f"cannot supply (it supplies: {', '.join(sorted(supplied)) or 'none'})"
+            )
+
+    # ------------------------------------------------------------------ selection
     def keep_indices(self, features: torch.Tensor) -> torch.Tensor:
-        """(F, P, D) of one video -> kept flat indices (K,) int64 ascending."""
-        return get_compressor(self.compressor)(features, float(self.retention), dict(self.options))
+        """(F, P, D) of one video -> kept flat indices (K,) int64 ascending (select-only methods)."""
+        return get_compressor(self.compressor)(features, float(self.retention), self.config)
 
     def keep_mask(self, features: torch.Tensor) -> torch.Tensor:
         """(F, P, D) of one video -> keep mask (F, P) bool, without a host synchronisation.
@@ -105,16 +193,16 @@ class CompressionSpec:
         return self.keep_masks([features])[0]
 
     def keep_masks(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each video's (F, P) keep mask, in order, without a host synchronisation.
+        """Each video's (F, P) keep mask, in order, for a select-only method that needs no signal.
 
-        Videos of one shape, dtype and device go to the compressor's mask form together (one launch
+        Videos of one shape, dtype and device go to the method's mask form together (one launch
         sequence, one graph replay on CUDA, for the whole group); each keeps its own budget.
         """
         for i, video in enumerate(videos):
             if not isinstance(video, torch.Tensor) or video.dim() != 3:
                 got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
                 raise ValueError(f"video {i}: features must be a (F, P, D) tensor of one video, got {got}")
-        mask_fn = _MASKS.get(self.compressor)
+        mask_fn = self.method.masks
         if mask_fn is None:
             return [self._mask_from_indices(video) for video in videos]
         groups: dict[tuple, list[int]] = {}
@@ -122,13 +210,58 @@ class CompressionSpec:
             groups.setdefault((tuple(video.shape), video.dtype, video.device), []).append(i)
         masks: list[torch.Tensor] = [torch.empty(0)] * len(videos)
         for members in groups.values():
-            selected = mask_fn([videos[i] for i in members], float(self.retention), dict(self.options))
+            selected = mask_fn([videos[i] for i in members], float(self.retention), self.config)
             for i, mask in zip(members, selected, strict=True):
                 masks[i] = mask
         return masks
 
+    def select_videos(self, videos: Sequence[VideoTokens]) -> list[SelectedVideo]:
+        """Each video's output tokens as a source mask and, for merging methods, a new feature table.
+
+        Select-only methods without signals take the batched mask path (no host synchronisation);
+        every other method runs per video and its output is checked (sources unique, ascending, in
+        range; new features (K, D)).
+        """
+        method = self.method
+        if not method.merges and not self.signals:
+            return [SelectedVideo(mask) for mask in self.keep_masks([v.features for v in videos])]
+        out = []
+        for i, video in enumerate(videos):
+            missing = sorted(self.signals - set(video.signals))
+            if missing:
+                raise ValueError(f"video {i}: compressor {self.compressor!r} needs signal(s) {missing}, not supplied")
+            selection = method.select(video, float(self.retention), self.config)
+            out.append(self._spliced(i, video, selection))
+        return out
+
+    def _spliced(self, i: int, video: VideoTokens, selection: VideoSelection) -> SelectedVideo:
+        features = video.features
+        n_frames, per_frame, dim = features.shape
+        total = n_frames * per_frame
+        source = selection.source
+        which = f"video {i}: compressor {self.compressor!r}"
+        if not isinstance(source, torch.Tensor) or source.dim() != 1 or source.dtype != torch.int64:
+            got = f"{tuple(source.shape)} {source.dtype}" if isinstance(source, torch.Tensor) else type(source).__name__
+            raise ValueError(f"{which} returned sources {got}; expected a (K,) int64 tensor")
+        count = int(source.numel())
+        if count == 0:
+            raise ValueError(f"{which} kept no video token")
+        source = source.to(features.device)
+        ascending = bool((source[1:] > source[:-1]).all()) if count > 1 else True
+        if not ascending or int(source[0]) < 0 or int(source[-1]) >= total:
+            raise ValueError(f"{which} returned sources that are not unique, ascending and within [0, {total})")
+        mask = torch.zeros(total, dtype=torch.bool, device=features.device).index_fill_(0, source, True)
+        mask = mask.view(n_frames, per_frame)
+        if selection.features is None:
+            return SelectedVideo(mask)
+        new = selection.features
+        if tuple(new.shape) != (count, dim):
+            raise ValueError(f"{which} returned features {tuple(new.shape)} for {count} sources; expected ({count}, {dim})")
+        table = features.reshape(total, dim).index_copy(0, source, new.to(features.device, features.dtype))
+        return SelectedVideo(mask, table)
+
     def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:
-        """The index-only compressors' mask, built on the device from their indices (checked: a broken
+        """The index-only methods' mask, built on the device from their indices (checked: a broken
         plug-in must fail loudly, never run uncompressed or empty)."""
         n_frames, per_frame = features.shape[0], features.shape[1]
         indices = self.keep_indices(features)
@@ -157,20 +290,21 @@ class CompressionSpec:
 
 
 def compress_video(features: torch.Tensor, spec: CompressionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, P, D) -> (kept tokens (K, D) in original order, kept flat indices (K,))."""
+    """(F, P, D) -> (kept tokens (K, D) in original order, kept flat indices (K,)), select-only methods."""
     indices = spec.keep_indices(features)
     return features.reshape(-1, features.shape[-1]).index_select(0, indices), indices
 
 
-def _vidcom2_masks(videos: Sequence[torch.Tensor], retention: float, options: dict[str, Any]) -> torch.Tensor:
-    return vidcom2_keep_masks(videos, retention, VidCom2Config.from_options(options))
-
-
-@register_compressor("vidcom2", mask=_vidcom2_masks)
-def _vidcom2(features: torch.Tensor, retention: float, options: dict[str, Any]) -> torch.Tensor:
-    return vidcom2_keep_indices(features, retention, VidCom2Config.from_options(options))
-
-
-register_compressor("none")(baselines.keep_all_indices)
-register_compressor("random")(baselines.random_keep_indices)
-register_compressor("uniform")(baselines.uniform_keep_indices)
+def describe_methods() -> list[dict[str, Any]]:
+    """One row per registered method: name, stages, select/merge, signals, option defaults (listings)."""
+    return [
+        {
+            "name": m.name,
+            "stages": [s.value for s in m.stages],
+            "merges": m.merges,
+            "signals": sorted(m.signals),
+            "options": option_defaults(m.options),
+            "summary": m.summary,
+        }
+        for m in (get_method(n) for n in available_compressors())
+    ]

@@ -12,7 +12,7 @@ videos, frames and tokens; the only host synchronisation is the final ``nonzero`
 :func:`vidcom2_keep_indices` (the kept count is data dependent), which also carries the finite-input
 check (non-finite input keeps nothing).
 
-This module is the bottom of the stack: it imports nothing from models or evaluation.
+This module imports nothing from models or evaluation (only the method contract, llava.model.method_api).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from functools import lru_cache, partial, wraps
 from typing import Any
 
 import torch
+
+from llava.model.method_api import Method, VideoSelection, VideoTokens
 
 FRAME_SCORES = ("neg_mean", "pos_mean", "neg_max", "pos_max", "neg_min", "pos_min", "equal")
 TOKEN_SCORES = ("v+f", "f", "v", "-(v+f)", "-f", "-v", "external")
@@ -692,3 +694,16 @@ def vidcom2_keep_indices(
     if indices.numel() == 0:  # known on the host once nonzero returns: no second sync
         raise ValueError(NON_FINITE_MESSAGE)
     return indices
+
+
+def _select(video: VideoTokens, retention: float, config: VidCom2Config) -> VideoSelection:
+    return VideoSelection(vidcom2_keep_indices(video.features, retention, config))
+
+
+METHOD = Method(
+    name="vidcom2",
+    options=VidCom2Config,
+    select=_select,
+    masks=vidcom2_keep_masks,
+    summary="frame budgets from frame uniqueness, then each frame's most unique tokens",
+)

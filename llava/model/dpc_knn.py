@@ -1,0 +1,55 @@
+"""DPC-kNN cluster centres (density peaks over k nearest neighbours), shared by FastVID and HoliTom.
+
+For tokens x (N, D): d_ij = |x_i - x_j| / sqrt(D) (float32); density rho_i = exp(-mean of d^2 over the
+k nearest, self included); delta_i = distance to the nearest token of higher density (the densest
+token: the largest distance of all); centres = the ``count`` tokens of highest rho * delta.
+
+Upstream breaks density ties with uniform noise U(0, 1e-6) from an unseeded generator, so its centres
+change from run to run. Ours, by default, ranks equal densities by index (lower index = denser) and
+equal scores by index, deterministically; pass ``generator`` to add upstream's noise from a seeded one.
+The noise is below float32 resolution near rho = 1, so it decides only near-ties either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, N) float32 Euclidean distances / sqrt(D)."""
+    x = x.float()
+    return torch.cdist(x[None], x[None])[0] / (x.shape[-1] ** 0.5)
+
+
+def stable_top(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` largest values along the last axis, ties to the lower index, in rank order."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def dpc_scores(
+    x: torch.Tensor, k: int, *, distances: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(N, D) tokens -> (N,) float32 rho * delta (higher = better centre). ``k`` is clamped to N."""
+    n = x.shape[0]
+    dist = pairwise_distances(x) if distances is None else distances
+    k = max(1, min(int(k), n))
+    nearest = torch.topk(dist, k=k, dim=-1, largest=False).values
+    density = torch.exp(-(nearest**2).mean(dim=-1))
+    if generator is not None:
+        density = density + torch.rand(n, generator=generator).to(density.device) * 1e-6
+    # rank 0 = densest; equal densities rank by index, so "higher density" is a strict total order
+    order = stable_top(density, n)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    denser = rank[None, :] < rank[:, None]  # denser[i, j]: j is denser than i
+    far = dist.max()
+    delta = torch.where(denser, dist, far).min(dim=-1).values
+    return density * delta
+
+
+def dpc_centres(
+    x: torch.Tensor, k: int, count: int, *, distances: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(N, D) -> (count,) indices of the DPC-kNN centres, in decreasing score (ties: lower index first)."""
+    if not 0 <= count <= x.shape[0]:
+        raise ValueError(f"dpc_centres: asked for {count} centres among {x.shape[0]} tokens")
+    return stable_top(dpc_scores(x, k, distances=distances, generator=generator), count)

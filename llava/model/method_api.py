@@ -1,0 +1,226 @@
+"""What a compression method is, in types only: the contract between methods, the registry and models.
+
+A method module (``llava/model/<name>.py``) imports only torch and this module. It exports one
+:class:`Method`: its name, the stages it acts in, an options dataclass holding every knob, the signals
+it needs from the model, and its functions. The registry (:mod:`llava.model.compression`) lists the
+methods; model families declare which signals they supply, so an unsupported pair fails before any work.
+
+Pre-LLM methods work on one video at a time:
+
+    VideoTokens(features (F, P, D), grid (F, h, w), signals {name: tensor}) , R, options
+        -> VideoSelection(source (K,) int64 ascending into F*P, features (K, D) or None)
+
+A select-only method returns the kept indices as ``source`` (``features`` None: the tokens stay as they
+are). A merging method also returns the new vectors: output token k replaces the video token
+``source[k]`` (the token itself, or its group's anchor). Adapters derive everything else from the
+sources: LLaVA order and newlines, Qwen M-RoPE positions (the source's (t, h, w)), Qwen3-VL DeepStack
+rows (the source's row). Sources are unique and ascending, so output tokens enter the LM in video order.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+
+class Stage(str, Enum):
+    """Where a method acts."""
+
+    PRE_LLM = "pre_llm"  # on each video's tokens, before the language model
+    IN_LLM = "in_llm"  # at layer boundaries of the language model's prefill
+    DECODE = "decode"  # on the KV cache while decoding
+
+
+# Signals a method may need beyond the video's tokens. Every tensor is per video, float32, on the
+# features' device; P is the video's tokens per frame (after the model's pooling / 2x2 merge).
+GRID = "grid"  # (F, h, w) of the token grid: always supplied, as VideoTokens.grid
+VIT_RECEIVED_ATTENTION = "vit_received_attention"
+"""(F, P): attention each patch receives in the vision tower's feature layer, within its frame: the mean
+over heads and query rows of softmax(q k^T / sqrt(d)), pooled onto the token grid like the features."""
+VIT_KEYS = "vit_keys"
+"""(F, P, d): the feature layer's raw keys (no RoPE), averaged over heads, pooled like the features."""
+FRAME_SALIENCE = "frame_salience"
+"""(F, P): FastVID's per-frame salience. LLaVA: the SigLIP attention-pooling head's probe attention over
+the frame's patches (head mean), pooled like the features. Qwen: in the last vision block, the attention
+of the frame's mean query over its merge units' mean keys (both after RoPE), head mean."""
+FRAME_GLOBAL = "frame_global"
+"""(F, G): one vector per frame for FastVID's segmentation. LLaVA: the SigLIP attention-pooling head's
+output; Qwen: the mean of the frame's merged embeddings."""
+QUESTION_TOKENS = "question_tokens"
+"""The question's token embeddings at the LM input (in-LLM methods)."""
+
+SIGNALS = (GRID, VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL, QUESTION_TOKENS)
+
+
+@dataclass(frozen=True)
+class VideoTokens:
+    """One video as a pre-LLM method sees it.
+
+    features: (F, P, D) the tokens compression chooses from (model dtype).
+    grid: (F, h, w) with h * w == P, row-major tokens within a frame.
+    signals: the signals the method declared, by name (see the constants above).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int, int]
+    signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def signal(self, name: str) -> torch.Tensor:
+        try:
+            return self.signals[name]
+        except KeyError:
+            raise ValueError(f"signal {name!r} was not supplied (have: {', '.join(sorted(self.signals)) or 'none'})") from None
+
+
+@dataclass(frozen=True)
+class VideoSelection:
+    """A pre-LLM method's output for one video.
+
+    source: (K,) int64, unique and ascending, flat indices into the video's F*P tokens.
+    features: (K, D) new token values for merging methods, aligned with ``source``; None for select-only
+        methods (the output tokens are the sources' own features).
+    """
+
+    source: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+PreLLMSelect = Callable[[VideoTokens, float, Any], VideoSelection]
+MaskSelect = Callable[[Sequence[torch.Tensor], float, Any], torch.Tensor]
+"""Batched select-only form: B same-shape videos (F, P, D), R, options -> (B, F, P) bool keep masks,
+computed without a host synchronisation, each video on its own budget (all-False = refused input)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered compression method.
+
+    options: the dataclass of its knobs (defaults = the reference algorithm); built once per spec by
+        :func:`parse_options` from ``{name: value}`` (strings from a command line are converted).
+    signals: names of the signals it needs (besides the features and the grid).
+    select: the pre-LLM function (per video); None for methods acting only inside the LLM.
+    masks: optional batched mask form of a select-only ``select`` (used by the models' fast path).
+    merges: True when ``select`` may return new feature values.
+    summary: one line for listings.
+    """
+
+    name: str
+    options: type
+    stages: tuple[Stage, ...] = (Stage.PRE_LLM,)
+    signals: frozenset[str] = frozenset()
+    select: PreLLMSelect | None = None
+    masks: MaskSelect | None = None
+    merges: bool = False
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not is_dataclass(self.options):
+            raise TypeError(f"method {self.name!r}: options must be a dataclass, got {self.options!r}")
+        unknown = set(self.signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"method {self.name!r} declares unknown signal(s) {sorted(unknown)}; known: {SIGNALS}")
+        if Stage.PRE_LLM in self.stages and self.select is None:
+            raise ValueError(f"method {self.name!r} acts before the LLM but has no select function")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without knobs."""
+
+
+# ------------------------------------------------------------------------------- options parsing
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _convert(owner: str, key: str, kind: Any, value: Any) -> Any:
+    """``value`` (a command-line string or a Python value) as the field type ``kind``."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        members = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        return _convert(owner, key, members[0], value)
+    if origin is tuple:
+        (item, *_) = typing.get_args(kind) or (str,)
+        parts = value
+        if isinstance(value, str):
+            parts = [p for p in value.replace(";", "/").replace(",", "/").split("/") if p.strip()]
+        return tuple(_convert(owner, key, item, p) for p in parts)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"{owner} option {key} expects true/false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{owner} option {key} expects a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{owner} option {key} expects a number, got {value!r}") from None
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError(f"{owner} option {key} expects an integer, got {value!r}")
+            return int(number)
+        return number
+    return str(value).strip() if isinstance(value, str) else value
+
+
+def parse_options(owner: str, cls: type, options: Mapping[str, Any] | Any | None) -> Any:
+    """``cls`` (an options dataclass) from None, an instance, or ``{field: value}``.
+
+    Strings are converted to each field's annotated type; unknown names raise, listing the valid ones,
+    so a typo on a command line never goes unnoticed. The dataclass's own ``__post_init__`` checks ranges.
+    """
+    if options is None:
+        return cls()
+    if isinstance(options, cls):
+        return options
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {owner} option(s) {unknown}; valid options: {', '.join(valid) or 'none'}")
+    return cls(**{key: _convert(owner, key, hints[key], value) for key, value in options.items()})
+
+
+def option_defaults(cls: type) -> dict[str, Any]:
+    """{field: default} of an options dataclass (for listings and docs)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def check_choice(owner: str, key: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``allowed`` (options ``__post_init__`` helper)."""
+    if value not in allowed:
+        raise ValueError(f"{owner} option {key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def check_range(owner: str, key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise unless low <= value <= high (low < value with ``low_open``)."""
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{owner} option {key} must be in {bracket}{low}, {high}], got {value}")
+
+
+def selection_from_mask(mask: torch.Tensor) -> VideoSelection:
+    """(F, P) or (F*P,) bool keep mask -> a select-only VideoSelection (one host sync: nonzero)."""
+    return VideoSelection(mask.reshape(-1).nonzero().squeeze(1))
