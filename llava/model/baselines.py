@@ -77,4 +77,6 @@ def _selecting(indices_of):
 
 NONE = Method("none", NoOptions, select=_selecting(keep_all_indices), summary="keep every token")
 RANDOM = Method("random", RandomOptions, select=_selecting(random_keep_indices), summary="k random tokens per frame")
-UNIFORM = Method("uniform", NoOptions, select=_selecting(uniform_keep_indices), summary="k evenly spaced tokens per frame")
+UNIFORM = Method(
+    "uniform", NoOptions, select=_selecting(uniform_keep_indices), summary="k evenly spaced tokens per frame"
+)

@@ -256,7 +256,8 @@ class CompressionSpec:
             return SelectedVideo(mask)
         new = selection.features
         if tuple(new.shape) != (count, dim):
-            raise ValueError(f"{which} returned features {tuple(new.shape)} for {count} sources; expected ({count}, {dim})")
+            got = tuple(new.shape)
+            raise ValueError(f"{which} returned features {got} for {count} sources; expected ({count}, {dim})")
         table = features.reshape(total, dim).index_copy(0, source, new.to(features.device, features.dtype))
         return SelectedVideo(mask, table)
 

@@ -47,7 +47,12 @@ def dpc_scores(
 
 
 def dpc_centres(
-    x: torch.Tensor, k: int, count: int, *, distances: torch.Tensor | None = None, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    k: int,
+    count: int,
+    *,
+    distances: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(N, D) -> (count,) indices of the DPC-kNN centres, in decreasing score (ties: lower index first)."""
     if not 0 <= count <= x.shape[0]:

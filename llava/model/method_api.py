@@ -75,7 +75,8 @@ class VideoTokens:
         try:
             return self.signals[name]
         except KeyError:
-            raise ValueError(f"signal {name!r} was not supplied (have: {', '.join(sorted(self.signals)) or 'none'})") from None
+            have = ", ".join(sorted(self.signals)) or "none"
+            raise ValueError(f"signal {name!r} was not supplied (have: {have})") from None
 
 
 @dataclass(frozen=True)
