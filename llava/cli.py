@@ -118,8 +118,9 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
+    from llava.families_index import load_video_llm
     from llava.model.compression import CompressionSpec
-    from llava.runtime import FrameSampling, GenerationOptions, load_video_llm
+    from llava.runtime import FrameSampling, GenerationOptions
 
     compression = CompressionSpec(args.compressor, args.retention, parse_options(args.option))
     sampling = FrameSampling(
@@ -182,7 +183,7 @@ def _add_make_tiny_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_make_tiny(args: argparse.Namespace) -> int:
-    from llava.runtime import tiny_builders
+    from llava.families_index import tiny_builders
 
     builders = tiny_builders()
     if args.arch not in builders:

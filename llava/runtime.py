@@ -1,8 +1,9 @@
-"""What every model family shares at run time: request options, results, stage timers, family registry.
+"""What every model family shares at run time: request options, results, stage timers, the family type.
 
-A model family (LLaVA-OneVision, LLaVA-Video, Qwen2-VL, ...) registers a detector (does this
-checkpoint belong to me?) and a loader returning an object with ``answer(...)``. The CLI, the
-lmms-eval wrappers and the benchmark all go through :func:`load_video_llm`, so they share one code path.
+A model family (LLaVA-OneVision, LLaVA-Video, Qwen2-VL, ...) is a detector (does this checkpoint
+belong to me?) and a loader returning an object with ``answer(...)``. The families are listed in
+:mod:`llava.families_index`, above them; this module imports none of them. The CLI, the lmms-eval
+wrappers and the benchmark all load through :func:`llava.families_index.load_video_llm`.
 """
 
 from __future__ import annotations
@@ -181,89 +182,3 @@ class ModelFamily:
     name: str
     detect: Callable[[dict[str, Any]], bool]  # config.json dict -> belongs to this family?
     load: Callable[..., VideoLLM]  # (path, device=, dtype=, attn_implementation=) -> model
-
-
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    if family.name in _FAMILIES:
-        raise ValueError(f"model family {family.name!r} is already registered")
-    _FAMILIES[family.name] = family
-    return family
-
-
-def _import_families() -> None:
-    """Import the modules that register families (kept lazy: they pull in transformers)."""
-    import llava.model.families  # noqa: F401  (LLaVA-OneVision, LLaVA-Video)
-    import transformers_patched.families  # noqa: F401  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
-
-
-TinyBuilder = Callable[..., Path]  # (out_dir, *, seed, fmt) -> out_dir
-_TINY_BUILDERS: dict[str, TinyBuilder] = {}
-
-
-def register_tiny_builder(arch: str, builder: TinyBuilder) -> TinyBuilder:
-    """Register ``vidcom2 make-tiny --arch ARCH``: writes a random-init tiny checkpoint to a directory."""
-    if arch in _TINY_BUILDERS:
-        raise ValueError(f"tiny builder {arch!r} is already registered")
-    _TINY_BUILDERS[arch] = builder
-    return builder
-
-
-def tiny_builders() -> dict[str, TinyBuilder]:
-    _import_families()
-    return dict(sorted(_TINY_BUILDERS.items()))
-
-
-def available_families() -> list[str]:
-    _import_families()
-    return sorted(_FAMILIES)
-
-
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a local checkpoint directory, or of a hub id already in the local cache."""
-    local = Path(path)
-    if local.is_dir():
-        config_file = local / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in model directory {local}")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config_file = Path(hf_hub_download(str(path), "config.json"))
-        except Exception as exc:  # network errors, missing repos, offline mode
-            raise FileNotFoundError(f"cannot find model {path!r} locally or on the hub: {exc}") from exc
-    return json.loads(config_file.read_text())
-
-
-def detect_family(path: str | Path, family: str | None = None) -> ModelFamily:
-    _import_families()
-    if family is not None:
-        if family not in _FAMILIES:
-            raise ValueError(f"unknown model family {family!r}; valid: {', '.join(sorted(_FAMILIES))}")
-        return _FAMILIES[family]
-    config = read_checkpoint_config(path)
-    matches = [f for f in _FAMILIES.values() if f.detect(config)]
-    if len(matches) != 1:
-        names = [f.name for f in matches] or "none"
-        raise ValueError(
-            f"cannot tell the model family of {path} (model_type={config.get('model_type')!r}, "
-            f"matches: {names}); pass the family explicitly, one of {', '.join(sorted(_FAMILIES))}"
-        )
-    return matches[0]
-
-
-def load_video_llm(
-    path: str | Path,
-    *,
-    family: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
-) -> VideoLLM:
-    """Load any supported checkpoint (hub id or local directory) by its detected family."""
-    return detect_family(path, family).load(
-        path, device=device, dtype=dtype, attn_implementation=attn_implementation
-    )

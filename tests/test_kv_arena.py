@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config
 
+from llava.families_index import load_video_llm
 from llava.model import generate as llava_generate
 from llava.model.compression import CompressionSpec
 from llava.model.families import LlavaVideoLLM
@@ -20,7 +21,7 @@ from llava.model.kv_arena import ArenaLayer, arena_cache
 from llava.model.loading import load_llava
 from llava.model.prompt import split_prompt
 from llava.model.tiny import write_tiny_llava
-from llava.runtime import FrameSampling, StageTimer, load_video_llm
+from llava.runtime import FrameSampling, StageTimer
 from llava.synthetic_videos import make_videos
 from llava.video_io import read_video
 from transformers_patched import qwen_stages as stages

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from llava.families_index import load_video_llm
 from llava.model.compression import CompressionSpec
-from llava.runtime import FrameSampling, GenerationOptions, load_video_llm
+from llava.runtime import FrameSampling, GenerationOptions
 from llava.synthetic_videos import make_videos
 from llava.video_io import VideoReadError, read_video
 from transformers_patched import qwen_stages as stages

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from llava.families_index import load_video_llm
 from llava.model import static_decode
 from llava.model.compression import CompressionSpec
 from llava.model.families import LlavaVideoLLM
@@ -29,7 +30,7 @@ from llava.model.static_decode import (
     static_cache_length,
 )
 from llava.model.tiny import write_tiny_llava
-from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, load_video_llm
+from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer
 from llava.synthetic_videos import make_videos
 from llava.video_io import read_video
 from transformers_patched import qwen_stages as stages

@@ -1,6 +1,6 @@
-"""Registers the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families and their tiny checkpoint builders.
+"""The Qwen2-VL, Qwen2.5-VL and Qwen3-VL families and their tiny checkpoint builders.
 
-Imported lazily by :func:`llava.runtime._import_families`; detection is by config.json ``model_type``.
+Listed by :mod:`llava.families_index`; detection is by config.json ``model_type``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from llava.runtime import ModelFamily, register_family, register_tiny_builder
+from llava.runtime import ModelFamily
 from transformers_patched.qwen_arch import ARCHS
 from transformers_patched.qwen_tiny import build_tiny_qwen
 
@@ -33,6 +33,5 @@ def _tiny(arch: str, out_dir: Path, *, seed: int = 0, fmt: str | None = None) ->
     return build_tiny_qwen(arch, out_dir, seed=seed, fmt=fmt)
 
 
-for _name in ARCHS:
-    register_family(ModelFamily(name=_name, detect=partial(_detect, _name), load=partial(_load, _name)))
-    register_tiny_builder(_name, partial(_tiny, _name))
+FAMILIES = tuple(ModelFamily(name=a, detect=partial(_detect, a), load=partial(_load, a)) for a in ARCHS)
+TINY_BUILDERS = {a: partial(_tiny, a) for a in ARCHS}

@@ -24,11 +24,13 @@ from transformers import AutoProcessor, PreTrainedModel
 from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
+from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
 
+QWEN_SIGNALS = frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL})
 QWEN_DEFAULT_FPS = 2.0  # qwen-vl-utils' default sampling rate
 QWEN_DEFAULT_MAX_FRAMES = 768
 
@@ -227,6 +229,11 @@ class QwenVideoLLM:
 
     # ------------------------------------------------------------------ running
 
+    @property
+    def supplied_signals(self) -> frozenset[str]:
+        """The signals these families compute for compression methods (transformers_patched.qwen_vit_signals)."""
+        return QWEN_SIGNALS
+
     def run(
         self,
         prepared: PreparedBatch,
@@ -240,8 +247,9 @@ class QwenVideoLLM:
             raise TypeError(f"compression must be a CompressionSpec, got {type(compression).__name__}")
         timer = timer or StageTimer(self.device)
         inputs = prepared.inputs
+        compression.check_supported(self.family, self.supplied_signals)
         with timer.stage("vision"):
-            vision = stages.encode_vision(self.model, inputs)
+            vision = stages.encode_vision(self.model, inputs, compression.signals)
         with timer.stage("compress"):
             keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
@@ -280,6 +288,7 @@ class QwenVideoLLM:
         sampling: FrameSampling = FrameSampling(),
     ) -> list[InferenceResult]:
         """The lower-level call: a batch of chat conversations, each with any videos / images."""
+        compression.check_supported(self.family, self.supplied_signals)  # before any video is read
         timer = StageTimer(self.device)
         prepared = self.prepare(conversations, sampling, timer=timer)
         results = self.run(prepared, compression=compression, generation=generation, timer=timer)

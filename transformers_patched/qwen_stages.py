@@ -25,6 +25,7 @@ from transformers import Cache, PreTrainedModel
 from llava.model.compression import CompressionSpec
 from llava.model.generate import choose_next_tokens
 from llava.model.kv_arena import arena_cache
+from llava.model.method_api import VideoTokens
 from llava.model.static_decode import StaticDecoder, start_static_decode
 from llava.runtime import GenerationOptions, decode_room
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
@@ -37,6 +38,7 @@ from transformers_patched.qwen_sequence import (
     token_keep_mask,
     video_keep_flags,
 )
+from transformers_patched.qwen_vit_signals import per_video, vision_signals
 
 
 @dataclass
@@ -46,6 +48,8 @@ class VisionOutputs:
     video_embeds / image_embeds: one (N, D) tensor per video / image.
     video_deepstack / image_deepstack (Qwen3-VL): one (sum N, D) tensor per DeepStack layer.
     video_grid: (T, H, W) patches per video, read on the host before the tower ran.
+    video_signals: per video, the vision-tower signals a compression method asked for (see
+        transformers_patched.qwen_vit_signals), or None.
     """
 
     video_embeds: list[torch.Tensor] = field(default_factory=list)
@@ -53,6 +57,7 @@ class VisionOutputs:
     video_deepstack: list[torch.Tensor] | None = None
     image_deepstack: list[torch.Tensor] | None = None
     video_grid: list[tuple[int, int, int]] = field(default_factory=list)  # host copy of video_grid_thw
+    video_signals: list[dict[str, torch.Tensor]] | None = None  # per video, the signals the method declared
 
 
 @dataclass
@@ -143,16 +148,26 @@ def _window_inputs(model: PreTrainedModel, grid: list[tuple[int, int, int]], pix
 
 
 @torch.inference_mode()
-def encode_vision(model: PreTrainedModel, inputs: Mapping[str, Any]) -> VisionOutputs:
-    """Run the vision tower (and merger) on the batch's videos and images, without waiting for it."""
+def encode_vision(
+    model: PreTrainedModel, inputs: Mapping[str, Any], signals: frozenset[str] = frozenset()
+) -> VisionOutputs:
+    """Run the vision tower (and merger) on the batch's videos and images, without waiting for it.
+
+    ``signals``: the vision-tower signals a compression method needs for each video (method_api names),
+    computed from the last block's queries and keys while the tower runs on SDPA."""
     out = VisionOutputs()
     # images first: the tower starts with host reads of its grid, which would wait for a queued video tower
     if inputs.get("pixel_values") is not None:
         out.image_embeds, out.image_deepstack, _ = _run_tower(model, inputs["pixel_values"], inputs["image_grid_thw"])
     if inputs.get("pixel_values_videos") is not None:
-        out.video_embeds, out.video_deepstack, out.video_grid = _run_tower(
-            model, inputs["pixel_values_videos"], inputs["video_grid_thw"]
-        )
+        pixels, grid_thw = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+        if signals:  # the last block's queries and keys, captured while the tower runs as usual
+            (out.video_embeds, out.video_deepstack, out.video_grid), stats = vision_signals(
+                model, pixels, grid_thw, sorted(signals)
+            )
+            out.video_signals = per_video(stats)
+        else:
+            out.video_embeds, out.video_deepstack, out.video_grid = _run_tower(model, pixels, grid_thw)
     return out
 
 
@@ -160,23 +175,35 @@ def encode_vision(model: PreTrainedModel, inputs: Mapping[str, Any]) -> VisionOu
 def select_video_tokens(
     model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, compression: CompressionSpec
 ) -> list[torch.Tensor]:
-    """Each video's keep flags (F*P,) bool, every video on its own budget.
+    """Each video's keep flags (F*P,) bool over its sources, every video on its own budget.
 
-    Same-shape videos are selected together (one launch sequence, one graph replay on CUDA); one host
-    synchronisation then checks that every video kept a token (VidCom2 keeps none of non-finite features).
+    Same-shape videos of a select-only method are selected together (one launch sequence, one graph
+    replay on CUDA); one host synchronisation then checks that every video kept a token (VidCom2 keeps
+    none of non-finite features). A merging method's new values are written into
+    ``vision.video_embeds`` at their sources, so the splice, the positions (the sources' (t, h, w)) and
+    the DeepStack rows (the sources' rows) follow without further work.
     """
     if not vision.video_embeds:
         return []
     counts = video_token_counts(model, vision.video_grid or inputs["video_grid_thw"])
+    grids = vision.video_grid or [tuple(int(v) for v in row) for row in inputs["video_grid_thw"].tolist()]
+    m = merge_size(model)
+    signals = vision.video_signals or [{} for _ in vision.video_embeds]
+    family = _arch(model).name
     videos = []
-    for embeds, (frames, per_frame) in zip(vision.video_embeds, counts, strict=True):
+    for embeds, (frames, per_frame), (_, gh, gw), sig in zip(vision.video_embeds, counts, grids, signals, strict=True):
         if embeds.shape[0] != frames * per_frame:
             raise ValueError(f"video features have {embeds.shape[0]} tokens, video_grid_thw says {frames}x{per_frame}")
-        videos.append(embeds.reshape(frames, per_frame, embeds.shape[-1]))
+        features = embeds.reshape(frames, per_frame, embeds.shape[-1])
+        videos.append(VideoTokens(features, (frames, gh // m, gw // m), sig, family))
     if compression.is_identity:
-        return [torch.ones(v.shape[0] * v.shape[1], dtype=torch.bool, device=v.device) for v in videos]
-    masks = [mask.reshape(-1) for mask in compression.keep_masks(videos)]
+        return [torch.ones(v.features.shape[:2].numel(), dtype=torch.bool, device=v.features.device) for v in videos]
+    selected = compression.select_videos(videos)
+    masks = [choice.mask.reshape(-1) for choice in selected]
     compression.check_kept(torch.stack([mask.sum() for mask in masks]).tolist())  # the one host sync
+    for i, choice in enumerate(selected):
+        if choice.table is not None:
+            vision.video_embeds[i] = choice.table
     return masks
 
 

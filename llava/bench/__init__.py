@@ -48,6 +48,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="VidCom2Config field for the vidcom2 cases, e.g. execution=compiled_graph (repeatable)",
     )
     p.add_argument(
+        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="a knob of one method for its cases, e.g. visionzip.dominant_ratio=0.6 (repeatable)",
+    )
+    p.add_argument(
         "--preprocess-device",
         default=None,
         help="Qwen models: run the HF video processor there (e.g. cuda) instead of on the CPU, as the "
@@ -80,13 +84,13 @@ def _default_attn() -> str:
 def _run(args: argparse.Namespace) -> int:
     from llava.bench.efficiency import bench_model, sweep_cases, write_rows
     from llava.bench.models import get_bench_model
-    from llava.model.compression import get_compressor
+    from llava.model.compression import CompressionSpec, get_method, is_method_option, options_for
     from llava.model.vidcom2 import VidCom2Config
 
     models = [get_bench_model(name) for name in args.models.split(",") if name]
     compressors = [c for c in args.compressors.split(",") if c]
     for name in compressors:
-        get_compressor(name)
+        get_method(name)
     if any(not 0 < r <= 1 for r in args.retentions):
         raise ValueError(f"--retentions must lie in (0, 1], got {args.retentions}")
     if args.decode_tokens < 2:
@@ -99,6 +103,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--decode-mode {args.decode_mode} needs --warmup >= 1 (the first run compiles)")
     vidcom2_options = dict(_key_value(item) for item in args.vidcom2_option)
     VidCom2Config.from_options(vidcom2_options)  # a typo fails before any model is built
+    method_options = dict(_key_value(item) for item in args.option)
+    for key in method_options:
+        if not is_method_option(key):
+            raise ValueError(f"--option {key}=...: expected METHOD.KEY with METHOD one of the registered methods")
+    for name in compressors:  # each method's knobs parsed once, before any model is built
+        CompressionSpec(name, 0.5, options_for(name, method_options))
     cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
     command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     attn = args.attn or ("sdpa" if args.decode_mode != "eager" else _default_attn())
@@ -117,8 +127,8 @@ def _run(args: argparse.Namespace) -> int:
             bench_model(
                 model, cases, device=args.device, dtype=args.dtype, attn=attn, decode_tokens=args.decode_tokens,
                 repeats=args.repeats, warmup=args.warmup, work_dir=Path(work), command=command,
-                decode_mode=args.decode_mode, vidcom2_options=vidcom2_options, on_row=write_now,
-                preprocess_device=args.preprocess_device,
+                decode_mode=args.decode_mode, vidcom2_options=vidcom2_options, method_options=method_options,
+                on_row=write_now, preprocess_device=args.preprocess_device,
             )
     if args.plot is not None:
         from llava.bench.plot import plot_efficiency

@@ -26,7 +26,7 @@ import torch
 
 from llava.bench.models import BenchModel, text_prefill
 from llava.bench.timing import time_call_ms
-from llava.model.compression import CompressionSpec
+from llava.model.compression import CompressionSpec, options_for
 from llava.model.static_decode import release_static_decode
 from llava.model.vidcom2 import release_selection_graphs
 from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
@@ -133,6 +133,15 @@ def compiling_in_process() -> Iterator[None]:
         yield
 
 
+def case_options(
+    case: Case, vidcom2_options: dict[str, Any] | None, method_options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A case's method options: bare VidCom2 knobs for the vidcom2 cases, ``method.knob`` ones for theirs."""
+    options = dict(vidcom2_options or {}) if case.compressor == "vidcom2" else {}
+    options.update(options_for(case.compressor, method_options or {}))
+    return options
+
+
 @compiling_in_process()
 def run_case(
     llm: VideoLLM,
@@ -145,6 +154,7 @@ def run_case(
     warmup: int,
     decode_mode: str = "eager",
     vidcom2_options: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], InferenceResult, float, float, float]:
     """Median seconds per stage over ``repeats`` runs after ``warmup``; peak allocated and reserved memory
     over the timed runs, and the memory still reserved when they began (all MiB).
@@ -152,8 +162,7 @@ def run_case(
     ``decode_mode`` "compiled" compiles on the first run of a shape: keep ``warmup`` >= 1 so it is not timed.
     Everything torch.compile compiles here compiles in this process (see :func:`compiling_in_process`).
     """
-    options = dict(vidcom2_options or {}) if case.compressor == "vidcom2" else {}
-    spec = CompressionSpec(case.compressor, case.retention, options)
+    spec = CompressionSpec(case.compressor, case.retention, case_options(case, vidcom2_options, method_options))
     generation = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True, decode_mode=decode_mode)
     sampling = model.sampling(case.frames)
     device = torch.device(llm.device)
@@ -253,6 +262,7 @@ def bench_model(
     on_row: Any = None,
     decode_mode: str = "eager",
     vidcom2_options: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
     preprocess_device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Build one model, run its cases, and return one CSV row per case (ideal columns included).
@@ -272,6 +282,7 @@ def bench_model(
             warmup=warmup,
             decode_mode=decode_mode,
             vidcom2_options=vidcom2_options,
+            method_options=method_options,
         )
         if isinstance(getattr(llm, "model", None), torch.nn.Module):
             release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
@@ -287,10 +298,8 @@ def bench_model(
         row: dict[str, Any] = {
             "model": model.name,
             "compressor": case.compressor,
-            "compressor_options": (
-                ";".join(f"{k}={v}" for k, v in sorted((vidcom2_options or {}).items()))
-                if case.compressor == "vidcom2"
-                else ""
+            "compressor_options": ";".join(
+                f"{k}={v}" for k, v in sorted(case_options(case, vidcom2_options, method_options).items())
             ),
             "retention": case.retention,
             "frames": case.frames,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llava.model import baselines, vidcom2
+from llava.model import baselines, holitom, vidcom2, visionzip
 from llava.model.method_api import (
     GRID,
     MaskSelect,
@@ -40,6 +40,8 @@ METHODS: tuple[Method, ...] = (
     vidcom2.METHOD,
     baselines.RANDOM,
     baselines.UNIFORM,
+    visionzip.METHOD,
+    holitom.METHOD,
 )
 
 _REGISTRY: dict[str, Method] = {}
@@ -116,6 +118,17 @@ def method_options(name: str, options: Mapping[str, Any] | None) -> dict[str, An
     return out
 
 
+def is_method_option(key: str) -> bool:
+    """True for ``method.knob`` keys naming a registered method (their values go to that method)."""
+    prefix, dot, rest = str(key).partition(".")
+    return bool(dot and rest) and prefix in _REGISTRY
+
+
+def options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``name.knob`` entries of ``options``, unprefixed (a sweep's options for one of its methods)."""
+    return {k.partition(".")[2]: v for k, v in options.items() if k.partition(".")[0] == name and "." in k}
+
+
 def _tokens(features: torch.Tensor) -> VideoTokens:
     """A (F, P, D) video without a known spatial grid (index form callers): the grid is (F, 1, P)."""
     shape = tuple(features.shape) if isinstance(features, torch.Tensor) else ()
@@ -169,7 +182,7 @@ class CompressionSpec:
     @property
     def signals(self) -> frozenset[str]:
         """The model signals the method needs beyond the features and the grid (none when identity)."""
-        return frozenset() if self.is_identity else self.method.signals - {GRID}
+        return frozenset() if self.is_identity else self.method.signals_for(self.config) - {GRID}
 
     def check_supported(self, family: str, supplied: Iterable[str]) -> None:
         """Raise, before any work, when model family ``family`` cannot supply a signal the method needs."""
@@ -223,7 +236,7 @@ class CompressionSpec:
         range; new features (K, D)).
         """
         method = self.method
-        if not method.merges and not self.signals:
+        if not method.merges and not method.signals:
             return [SelectedVideo(mask) for mask in self.keep_masks([v.features for v in videos])]
         out = []
         for i, video in enumerate(videos):

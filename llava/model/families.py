@@ -12,6 +12,7 @@ LLaVA-Video 64 frames at fps 1 with force_sample (i.e. 64 uniform frames).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from llava.model.layout import GRID_NEWLINES
 from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
 from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
 from llava.model.loading import load_llava
+from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
+from llava.model.siglip_signals import load_siglip_head
 from llava.model.tiny import tiny_builder
 from llava.runtime import (
     FrameSampling,
@@ -34,8 +37,6 @@ from llava.runtime import (
     ModelFamily,
     StageTimer,
     decode_room,
-    register_family,
-    register_tiny_builder,
 )
 from llava.video_io import VideoClip, read_videos
 
@@ -96,6 +97,14 @@ class LlavaVideoLLM:
             raise ValueError(f"mm_spatial_pool_mode={mode!r} is not one of {', '.join(POOL_MODES)}")
         self.model.spec.pool_mode = mode
 
+    @property
+    def supplied_signals(self) -> frozenset[str]:
+        """Signals this model computes for compression methods: the SigLIP feature layer's received
+        attention and keys always; FastVID's frame salience and global vector only with SigLIP's
+        attention-pooling head loaded (:meth:`load_vision_head`; LLaVA checkpoints do not hold it)."""
+        head = {FRAME_SALIENCE, FRAME_GLOBAL} if self.model.vision_head is not None else set()
+        return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, *head})
+
     def _check_settings(self) -> None:
         if self.grid_newlines not in GRID_NEWLINES:
             raise ValueError(f"grid_newlines must be one of {', '.join(GRID_NEWLINES)}, got {self.grid_newlines!r}")
@@ -110,12 +119,15 @@ class LlavaVideoLLM:
         decoded = read_videos(videos, resolve_sampling(sampling, self.family))
         return [_frames_and_info(item) for item in decoded]
 
-    def features_from_frames(self, frames: np.ndarray, timer: StageTimer) -> torch.Tensor:
-        """Decoded (F, H, W, 3) frames -> the pooled features compression chooses from (preprocess, vision)."""
+    def features_from_frames(
+        self, frames: np.ndarray, timer: StageTimer, signals: Iterable[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decoded (F, H, W, 3) frames -> (the pooled features compression chooses from, the signals its
+        method needs) (preprocess, vision)."""
         with timer.stage("preprocess"):
             pixels = self.model.preprocess(frames)
         with torch.inference_mode(), timer.stage("vision"):
-            return self.model.encode_video(pixels)
+            return self.model.encode_video_with_signals(pixels, signals)
 
     def blocks_from_frames(
         self, videos: list[np.ndarray], compression: CompressionSpec, timer: StageTimer
@@ -123,9 +135,17 @@ class LlavaVideoLLM:
         """Each video's decoded frames -> its compressed visual block. Every video is encoded on its own
         (the vision stage); then all are compressed together in one stage (one selection launch per
         shape, one host synchronisation), each on its own budget."""
-        features = [self.features_from_frames(frames, timer) for frames in videos]
+        encoded = [self.features_from_frames(frames, timer, compression.signals) for frames in videos]
         with torch.inference_mode(), timer.stage("compress"):
-            return self.model.compress_videos(features, compression, self.grid_newlines)
+            return self.model.compress_videos(
+                [f for f, _ in encoded], compression, self.grid_newlines, [s for _, s in encoded]
+            )
+
+    def load_vision_head(self, path: str | Path) -> None:
+        """Load SigLIP's post_layernorm and attention-pooling head from a SigLIP checkpoint directory
+        (e.g. google/siglip-so400m-patch14-384): FastVID's frame salience and global vector come from it,
+        and LLaVA checkpoints do not hold it."""
+        self.model.vision_head = load_siglip_head(path, device=self.device, dtype=self.model.dtype)
 
     def video_block(
         self,
@@ -155,6 +175,7 @@ class LlavaVideoLLM:
         if not videos:
             raise ValueError("answer_batch needs at least one video")
         self._check_settings()
+        compression.check_supported(self.family, self.supplied_signals)  # before any video is read
         timer = StageTimer(self.device)
         with timer.stage("read_video"):  # all videos at once, decoded on threads
             decoded = self.read_frames(list(videos), sampling)
@@ -250,7 +271,5 @@ def _detect(family: str):
     return detect
 
 
-register_family(ModelFamily(FAMILY_OV, _detect(FAMILY_OV), _load))
-register_family(ModelFamily(FAMILY_VIDEO, _detect(FAMILY_VIDEO), _load))
-register_tiny_builder("llava_ov", tiny_builder("llava_ov"))
-register_tiny_builder("llava_vid", tiny_builder("llava_vid"))
+FAMILIES = (ModelFamily(FAMILY_OV, _detect(FAMILY_OV), _load), ModelFamily(FAMILY_VIDEO, _detect(FAMILY_VIDEO), _load))
+TINY_BUILDERS = {"llava_ov": tiny_builder("llava_ov"), "llava_vid": tiny_builder("llava_vid")}

@@ -13,7 +13,7 @@ Shapes: frames (F, H, W, 3) uint8; pixels (F, 3, S, S); encoded (F, h, w, D) aft
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ from llava.model.layout import (
     pending_layout,
 )
 from llava.model.llava_config import LlavaSpec
+from llava.model.method_api import FRAME_GLOBAL, VideoTokens
+from llava.model.siglip_signals import pool_like_features, siglip_signals
 
 POSITION_MODES = ("contiguous", "original")
 
@@ -94,6 +96,7 @@ class LlavaVideoModel(nn.Module):
         self.projector = build_projector(spec.projector_type, vision_config.hidden_size, text_config.hidden_size)
         self.image_newline = nn.Parameter(torch.zeros(text_config.hidden_size))
         self.language_model = Qwen2ForCausalLM(text_config)
+        self.vision_head: nn.Module | None = None  # SigLIP's post_layernorm + attention-pooling head (FastVID)
 
     @property
     def device(self) -> torch.device:
@@ -135,18 +138,54 @@ class LlavaVideoModel(nn.Module):
 
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(F, 3, S, S) -> pooled features (F, h', w', D): the tokens compression chooses from."""
-        return pool_grid(self.encode_frames(pixels), self.spec.pool_mode, self.spec.pool_stride)
+        return self._pool(self.encode_frames(pixels))
+
+    def encode_video_with_signals(
+        self, pixels: torch.Tensor, names: Iterable[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(F, 3, S, S) -> (pooled features (F, h', w', D), {signal: float32 tensor on the token grid}).
+
+        The signals come from the feature layer's queries and keys (captured while the tower runs on
+        SDPA) and, for FastVID's, from SigLIP's attention-pooling head (:attr:`vision_head`); per-patch
+        statistics are pooled exactly like the features (llava.model.siglip_signals).
+        """
+        names = sorted(names)
+        if not names:
+            return self.encode_video(pixels), {}
+        hidden, raw = siglip_signals(self.vision, pixels, names, head=self.vision_head)
+        side = self.spec.grid_size
+        features = self.projector(hidden).reshape(pixels.shape[0], side, side, -1)
+        signals = {
+            name: value if name == FRAME_GLOBAL else pool_like_features(value, side, self._pool)
+            for name, value in raw.items()
+        }
+        return self._pool(features), signals
+
+    def _pool(self, grid: torch.Tensor) -> torch.Tensor:
+        return pool_grid(grid, self.spec.pool_mode, self.spec.pool_stride)
 
     def compress_video(
-        self, features: torch.Tensor, compression: CompressionSpec, grid_newlines: str = "frame"
+        self,
+        features: torch.Tensor,
+        compression: CompressionSpec,
+        grid_newlines: str = "frame",
+        signals: Mapping[str, torch.Tensor] | None = None,
     ) -> VisualBlock:
         """(F, h, w, D) -> the visual block of one video (see :meth:`compress_videos`)."""
-        return self.compress_videos([features], compression, grid_newlines)[0]
+        return self.compress_videos([features], compression, grid_newlines, [signals or {}])[0]
 
     def compress_videos(
-        self, features: Sequence[torch.Tensor], compression: CompressionSpec, grid_newlines: str = "frame"
+        self,
+        features: Sequence[torch.Tensor],
+        compression: CompressionSpec,
+        grid_newlines: str = "frame",
+        signals: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> list[VisualBlock]:
-        """Each video's (F, h, w, D) -> its visual block: kept tokens (compressor chosen by name) with newlines.
+        """Each video's (F, h, w, D) -> its visual block: the method's output tokens with newlines.
+
+        ``signals``: per video, the signals the method declared (:meth:`encode_video_with_signals`). A
+        merging method's new values replace their source tokens; the layout (order, newlines, positions)
+        follows the sources, exactly as for a select-only method.
 
         A request's videos are selected together (same-shape videos share one selection launch, each on
         its own budget) and their layouts share ONE host synchronisation, which reads every kept count.
@@ -157,15 +196,21 @@ class LlavaVideoModel(nn.Module):
         position = self.spec.newline_position
         if compression.is_identity:
             return [self._uncompressed_block(f) for f in features]
-        flats = [f.reshape(f.shape[0], f.shape[1] * f.shape[2], f.shape[3]) for f in features]
-        masks = compression.keep_masks(flats)
+        signals = list(signals) if signals is not None else [{} for _ in features]
+        if len(signals) != len(features):
+            raise ValueError(f"{len(features)} videos but signals for {len(signals)}")
+        family = self.spec.family
+        pairs = zip(features, signals, strict=True)
+        tokens = [VideoTokens(f.flatten(1, 2), tuple(f.shape[:3]), sig, family) for f, sig in pairs]
+        selected = compression.select_videos(tokens)
         parts: list[PendingLayout | VisualBlock] = []
-        for feats, mask in zip(features, masks, strict=True):
+        for feats, choice in zip(features, selected, strict=True):
             frames, h, w, _ = feats.shape
-            table = self._rows_with_newline(feats)
-            block_mask = block_keep_mask(mask, h, w, position, grid_newlines)
+            table = self._rows_with_newline(feats if choice.table is None else choice.table)
+            block_mask = block_keep_mask(choice.mask, h, w, position, grid_newlines)
             if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
-                layout = build_layout(mask.reshape(-1).nonzero().squeeze(1), frames, h, w, position, grid_newlines)
+                kept = choice.mask.reshape(-1).nonzero().squeeze(1)
+                layout = build_layout(kept, frames, h, w, position, grid_newlines)
                 parts.append(VisualBlock(table.index_select(0, layout.source), layout))
             else:
                 parts.append(pending_layout(block_mask, frames, h, w, position, table))

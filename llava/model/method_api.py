@@ -65,11 +65,13 @@ class VideoTokens:
     features: (F, P, D) the tokens compression chooses from (model dtype).
     grid: (F, h, w) with h * w == P, row-major tokens within a frame.
     signals: the signals the method declared, by name (see the constants above).
+    family: llava_onevision, llava_video, qwen2_vl, qwen2_5_vl, qwen3_vl (or "" when unknown).
     """
 
     features: torch.Tensor
     grid: tuple[int, int, int]
     signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    family: str = ""  # the model family, for methods whose reference has per-model variants (FastVID)
 
     def signal(self, name: str) -> torch.Tensor:
         try:
@@ -109,6 +111,8 @@ class Method:
     masks: optional batched mask form of a select-only ``select`` (used by the models' fast path).
     merges: True when ``select`` may return new feature values.
     summary: one line for listings.
+    needs: optional ``options -> signals``, for methods whose switches change what they read (e.g. a
+        port that scores by feature norm needs no attention); ``signals`` is then the most it may need.
     """
 
     name: str
@@ -119,6 +123,7 @@ class Method:
     masks: MaskSelect | None = None
     merges: bool = False
     summary: str = ""
+    needs: Callable[[Any], frozenset[str]] | None = None
 
     def __post_init__(self) -> None:
         if not is_dataclass(self.options):
@@ -128,6 +133,10 @@ class Method:
             raise ValueError(f"method {self.name!r} declares unknown signal(s) {sorted(unknown)}; known: {SIGNALS}")
         if Stage.PRE_LLM in self.stages and self.select is None:
             raise ValueError(f"method {self.name!r} acts before the LLM but has no select function")
+
+    def signals_for(self, options: Any) -> frozenset[str]:
+        """The signals the method reads with these options."""
+        return frozenset(self.needs(options)) if self.needs is not None else self.signals
 
 
 @dataclass(frozen=True)

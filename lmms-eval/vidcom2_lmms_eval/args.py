@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from llava.model.compression import CompressionSpec, available_compressors
+from llava.model.compression import CompressionSpec, available_compressors, is_method_option
 from llava.model.vidcom2 import VidCom2Config
 from llava.runtime import DECODE_MODES, FrameSampling
 
@@ -75,6 +75,7 @@ COMMON_KEYS = {
     "max_batch_size": "ignored (lmms-eval passes it)",
     "compressor": f"one of {', '.join(available_compressors())}",
     "retention": "R in (0, 1]: fraction of video tokens kept",
+    "<method>.<knob>": "a knob of the chosen method, e.g. visionzip.dominant_ratio=0.6 (VidCom2's knobs also bare)",
     "on_video_error": "raise (default) or record: a failed sample scores as a wrong empty answer",
     "meter_dir": "where the efficiency meter writes (default: next to lmms-eval's results)",
     "preprocess_device": "Qwen: run the HF video processor there (e.g. cuda); default the CPU, as the built-ins",
@@ -162,6 +163,7 @@ def compression_from(args: dict[str, Any], environ: dict[str, str]) -> tuple[Com
     name = str(arg_comp if arg_comp is not None else (env_comp or "none")).lower()
     retention_raw = arg_r if arg_r is not None else env_r
     options = {k: args[k] for k in (*VIDCOM2_KEYS, *OTHER_COMPRESSOR_KEYS) if k in args}
+    options.update({k: v for k, v in args.items() if is_method_option(k)})
     if name == "none":
         if retention_raw is not None and float(retention_raw) < 1.0:
             raise ValueError(
@@ -175,11 +177,7 @@ def compression_from(args: dict[str, Any], environ: dict[str, str]) -> tuple[Com
         raise ValueError(f"compressor={name!r} needs a retention: model_arg retention=R or environment R_RATIO=R")
     if name != "vidcom2" and set(options) & set(VIDCOM2_KEYS):
         raise ValueError(f"options {sorted(set(options) & set(VIDCOM2_KEYS))} are VidCom2 knobs, not {name!r} ones")
-    spec = CompressionSpec(compressor=name, retention=float(retention_raw), options=dict(options))
-    import torch
-
-    spec.keep_indices(torch.zeros(2, 4, 8))  # every compressor rejects unknown options on call: fail now
-    return spec, source
+    return CompressionSpec(compressor=name, retention=float(retention_raw), options=dict(options)), source
 
 
 def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str] | None = None) -> WrapperSettings:
@@ -188,7 +186,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         raise ValueError(f"no VidCom2 wrapper for model id {model_id!r}; known: {', '.join(DEFAULTS)}")
     environ = dict(os.environ) if environ is None else environ
     args = {k: v for k, v in args.items() if v is not None}
-    unknown = sorted(set(args) - valid_keys(model_id))
+    unknown = sorted(k for k in set(args) - valid_keys(model_id) if not is_method_option(k))
     if unknown:
         raise ValueError(
             f"unknown model_args {unknown} for --model {model_id}; valid: {', '.join(sorted(valid_keys(model_id)))}"

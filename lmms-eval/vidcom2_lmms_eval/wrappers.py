@@ -1,7 +1,7 @@
 """Thin lmms-eval model wrappers: parse model_args, load through llava.runtime, answer, meter.
 
 All model logic (prompt template, frame decoding, vision, compression, generation) lives in the model
-adapters behind :func:`llava.runtime.load_video_llm`; a wrapper only turns lmms-eval requests into
+adapters behind :func:`llava.families_index.load_video_llm`; a wrapper only turns lmms-eval requests into
 ``VideoLLM.answer`` calls and records what each call cost.
 """
 
@@ -19,7 +19,8 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from llava.runtime import GenerationOptions, InferenceResult, load_video_llm
+from llava.families_index import load_video_llm
+from llava.runtime import GenerationOptions, InferenceResult
 from llava.video_io import VideoReadError
 from vidcom2_lmms_eval.args import WrapperSettings, parse_model_args
 from vidcom2_lmms_eval.meter import EfficiencyMeter, SampleRecord
