@@ -71,9 +71,15 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", required=True)
     p.add_argument("--family", default=None, help="model family (default: detected from config.json)")
     g = p.add_argument_group("compression")
-    g.add_argument("--compressor", default="none", help="compressor name, e.g. none, vidcom2, random, uniform")
+    g.add_argument(
+        "--compressor",
+        default="none",
+        help="method name, e.g. none, vidcom2, visionzip, dycoke, fastvid, holitom (`vidcom2 methods` lists all)",
+    )
     g.add_argument("--retention", type=float, default=1.0, help="fraction R of video tokens to keep, in (0, 1]")
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="compressor option (repeatable)")
+    g.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="method knob, KEY or METHOD.KEY (repeatable)"
+    )
     g = p.add_argument_group("frame sampling (defaults: the family's)")
     g.add_argument("--frames", type=int, default=None, help="uniformly sample exactly N frames")
     g.add_argument("--fps", type=float, default=None, help="sample at this rate, capped by --max-frames")
@@ -108,6 +114,12 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
         "--grid-newlines", default=None, help="LLaVA-Video row newlines after compression: frame, rows, all_rows"
     )
     g.add_argument("--positions", default=None, help="positions after compression: contiguous (default) or original")
+    g.add_argument(
+        "--vision-head",
+        default=None,
+        metavar="DIR",
+        help="SigLIP checkpoint whose attention-pooling head gives FastVID's frame signals (LLaVA checkpoints lack it)",
+    )
     g = p.add_argument_group("preprocessing (Qwen families)")
     g.add_argument(
         "--preprocess-device",
@@ -159,6 +171,10 @@ def _run_infer(args: argparse.Namespace) -> int:
             if not hasattr(model, attribute):
                 raise ValueError(f"--{flag.replace('_', '-')} is not supported by model family {model.family}")
             setattr(model, attribute, value)
+    if args.vision_head is not None:
+        if not hasattr(model, "load_vision_head"):
+            raise ValueError(f"--vision-head is not supported by model family {model.family}")
+        model.load_vision_head(args.vision_head)
     result = model.answer(args.video, args.question, compression=compression, generation=generation, sampling=sampling)
     if args.json:
         print(result.to_json())
@@ -208,6 +224,31 @@ def _run_make_videos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_methods_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    import json
+
+    from llava.model.compression import describe_methods
+
+    rows = describe_methods()
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    for row in rows:
+        kind = "merge" if row["merges"] else "select"
+        signals = ", ".join(row["signals"]) or "-"
+        print(f"{row['name']:10} {'/'.join(row['stages']):8} {kind:6} signals: {signals}")
+        if row["summary"]:
+            print(f"{'':10} {row['summary']}")
+        knobs = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        print(f"{'':10} options: {knobs or '-'}")
+    return 0
+
+
+register_subcommand("methods", _add_methods_arguments, _run_methods, help="list the compression methods, their knobs")
 register_subcommand("infer", _add_infer_arguments, _run_infer, help="answer one question about one video")
 register_subcommand("make-tiny", _add_make_tiny_arguments, _run_make_tiny, help="write a random-init tiny checkpoint")
 register_subcommand("make-videos", _add_make_videos_arguments, _run_make_videos, help="write synthetic test videos")

@@ -229,6 +229,11 @@ class QwenVideoLLM:
 
     # ------------------------------------------------------------------ running
 
+    def _check_compression(self, compression: CompressionSpec) -> None:
+        if not isinstance(compression, CompressionSpec):
+            raise TypeError(f"compression must be a CompressionSpec, got {type(compression).__name__}")
+        compression.check_supported(self.family, self.supplied_signals)
+
     @property
     def supplied_signals(self) -> frozenset[str]:
         """The signals these families compute for compression methods (transformers_patched.qwen_vit_signals)."""
@@ -243,11 +248,9 @@ class QwenVideoLLM:
         timer: StageTimer | None = None,
     ) -> list[InferenceResult]:
         """Vision -> compress -> prefill -> decode on a prepared batch; one result per conversation."""
-        if not isinstance(compression, CompressionSpec):
-            raise TypeError(f"compression must be a CompressionSpec, got {type(compression).__name__}")
+        self._check_compression(compression)
         timer = timer or StageTimer(self.device)
         inputs = prepared.inputs
-        compression.check_supported(self.family, self.supplied_signals)
         with timer.stage("vision"):
             vision = stages.encode_vision(self.model, inputs, compression.signals)
         with timer.stage("compress"):
@@ -288,7 +291,7 @@ class QwenVideoLLM:
         sampling: FrameSampling = FrameSampling(),
     ) -> list[InferenceResult]:
         """The lower-level call: a batch of chat conversations, each with any videos / images."""
-        compression.check_supported(self.family, self.supplied_signals)  # before any video is read
+        self._check_compression(compression)  # before any video is read
         timer = StageTimer(self.device)
         prepared = self.prepare(conversations, sampling, timer=timer)
         results = self.run(prepared, compression=compression, generation=generation, timer=timer)

@@ -35,10 +35,20 @@ def _build_llava(reference: str) -> Callable[[str, str, str], VideoLLM]:
         from llava.tiny_tokenizer import build_char_tokenizer
 
         model = build_random(reference_config(reference), device=device, dtype=dtype, attn_implementation=attn)
+        model.vision_head = random_siglip_head(model, device)  # FastVID's signals (LLaVA checkpoints lack the head)
         tokenizer = build_char_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
         return LlavaVideoLLM(model, tokenizer, source=f"random:{reference}")
 
     return build
+
+
+def random_siglip_head(model: Any, device: str) -> torch.nn.Module:
+    """A random-weight SigLIP post_layernorm + attention-pooling head of the tower's size, in its dtype."""
+    from llava.model.siglip_signals import SiglipHead
+
+    with torch.device(device):
+        head = SiglipHead(model.spec.vision_config)
+    return head.to(model.dtype).eval()
 
 
 def _build_qwen(

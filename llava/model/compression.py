@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llava.model import baselines, holitom, vidcom2, visionzip
+from llava.model import baselines, dycoke, fastvid, holitom, vidcom2, visionzip
 from llava.model.method_api import (
     GRID,
     MaskSelect,
@@ -41,6 +41,8 @@ METHODS: tuple[Method, ...] = (
     baselines.RANDOM,
     baselines.UNIFORM,
     visionzip.METHOD,
+    dycoke.METHOD,
+    fastvid.METHOD,
     holitom.METHOD,
 )
 
@@ -184,13 +186,15 @@ class CompressionSpec:
         """The model signals the method needs beyond the features and the grid (none when identity)."""
         return frozenset() if self.is_identity else self.method.signals_for(self.config) - {GRID}
 
-    def check_supported(self, family: str, supplied: Iterable[str]) -> None:
-        """Raise, before any work, when model family ``family`` cannot supply a signal the method needs."""
-        missing = sorted(self.signals - set(supplied))
+    def check_supported(self, family: str, supplied: Iterable[str], hint: str = "") -> None:
+        """Raise, before any work, when model family ``family`` cannot supply a signal the method needs
+        (``hint``: the family's word on how to get the missing ones, appended)."""
+        supplied = set(supplied)
+        missing = sorted(self.signals - supplied)
         if missing:
             raise ValueError(
                 f"compressor {self.compressor!r} needs the signal(s) {missing}, which model family {family!r} "
-                f"cannot supply (it supplies: {', '.join(sorted(supplied)) or 'none'})"
+                f"cannot supply (it supplies: {', '.join(sorted(supplied)) or 'none'})" + (f"; {hint}" if hint else "")
             )
 
     # ------------------------------------------------------------------ selection

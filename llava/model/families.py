@@ -105,6 +105,16 @@ class LlavaVideoLLM:
         head = {FRAME_SALIENCE, FRAME_GLOBAL} if self.model.vision_head is not None else set()
         return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, *head})
 
+    @property
+    def signal_hint(self) -> str:
+        if self.model.vision_head is not None:
+            return ""
+        return (
+            "frame_salience / frame_global come from SigLIP's attention-pooling head, which LLaVA checkpoints lack: "
+            "load it from a SigLIP checkpoint (e.g. google/siglip-so400m-patch14-384) with --vision-head DIR "
+            "(vidcom2 infer) or vision_head=DIR (lmms-eval model_args)"
+        )
+
     def _check_settings(self) -> None:
         if self.grid_newlines not in GRID_NEWLINES:
             raise ValueError(f"grid_newlines must be one of {', '.join(GRID_NEWLINES)}, got {self.grid_newlines!r}")
@@ -175,7 +185,7 @@ class LlavaVideoLLM:
         if not videos:
             raise ValueError("answer_batch needs at least one video")
         self._check_settings()
-        compression.check_supported(self.family, self.supplied_signals)  # before any video is read
+        compression.check_supported(self.family, self.supplied_signals, self.signal_hint)  # before any video is read
         timer = StageTimer(self.device)
         with timer.stage("read_video"):  # all videos at once, decoded on threads
             decoded = self.read_frames(list(videos), sampling)

@@ -78,6 +78,7 @@ COMMON_KEYS = {
     "<method>.<knob>": "a knob of the chosen method, e.g. visionzip.dominant_ratio=0.6 (VidCom2's knobs also bare)",
     "on_video_error": "raise (default) or record: a failed sample scores as a wrong empty answer",
     "meter_dir": "where the efficiency meter writes (default: next to lmms-eval's results)",
+    "vision_head": "LLaVA: a SigLIP checkpoint directory whose attention-pooling head gives FastVID's signals",
     "preprocess_device": "Qwen: run the HF video processor there (e.g. cuda); default the CPU, as the built-ins",
     "resume_dir": "per-sample answer cache; a rerun skips finished samples",
     "max_new_tokens": "default when the task's generation_kwargs do not set it",
@@ -105,6 +106,7 @@ class WrapperSettings:
     on_video_error: str = "raise"
     meter_dir: str | None = None
     preprocess_device: str | None = None
+    vision_head: str | None = None
     resume_dir: str | None = None
     max_new_tokens: int = 1024
     decode_mode: str = "eager"
@@ -244,6 +246,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         on_video_error=on_error,
         meter_dir=str(args["meter_dir"]) if "meter_dir" in args else None,
         preprocess_device=str(args["preprocess_device"]) if "preprocess_device" in args else None,
+        vision_head=str(args["vision_head"]) if "vision_head" in args else None,
         resume_dir=str(args["resume_dir"]) if "resume_dir" in args else None,
         max_new_tokens=_as_int("max_new_tokens", args.get("max_new_tokens", d.max_new_tokens)),
         decode_mode=decode_mode,

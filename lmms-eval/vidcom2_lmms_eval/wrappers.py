@@ -118,6 +118,16 @@ class VidCom2Wrapper(lmms):
                     "separate video processor to move"
                 )
             self.model.preprocess_device = s.preprocess_device
+        if s.vision_head is not None:
+            if not hasattr(self.model, "load_vision_head"):
+                raise ValueError(
+                    f"model_arg vision_head: the {getattr(self.model, 'family', '?')} adapter computes FastVID's "
+                    "signals from its own tower and takes no SigLIP head"
+                )
+            self.model.load_vision_head(s.vision_head)
+        supplied = getattr(self.model, "supplied_signals", None)
+        if supplied is not None:  # an unsupported method fails here, before any sample
+            s.compression.check_supported(self.model.family, supplied, getattr(self.model, "signal_hint", ""))
         if s.batch_size > 1 and not hasattr(self.model, "answer_batch"):
             raise ValueError(
                 f"batch_size={s.batch_size}: the {getattr(self.model, 'family', '?')} adapter has no answer_batch; "
