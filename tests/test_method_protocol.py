@@ -174,17 +174,41 @@ def test_select_videos_writes_merged_values_at_their_sources() -> None:
 
 
 @pytest.mark.parametrize(
+    "source,valid",
+    [
+        (torch.tensor([3, 1]), None),  # not ascending
+        (torch.tensor([1, 1]), None),  # not unique
+        (torch.tensor([0, 12]), None),  # out of range
+        (torch.tensor([-1, 2]), None),
+        (torch.tensor([0, 5]), torch.tensor(False)),  # refused input (e.g. NaN), read with the kept counts
+    ],
+)
+def test_invalid_output_gives_an_empty_mask_that_the_count_check_reports(source, valid) -> None:
+    """Checked on the device (no host sync in the selection): the adapters' one count read raises."""
+    broken = Method(
+        f"_test_broken_{next(_BROKEN)}",
+        _Knobs,
+        select=lambda video, r, o: VideoSelection(source, torch.ones(2, 5), valid),
+        merges=True,
+    )
+    register_method(broken)
+    spec = CompressionSpec(broken.name, 0.5)
+    [choice] = spec.select_videos([VideoTokens(torch.zeros(3, 4, 5), (3, 2, 2))])
+    assert not choice.mask.any()
+    with pytest.raises(ValueError, match="kept no video token: features or signals contain NaN or Inf, or the "
+                       "method returned sources that are not unique, ascending and within the video"):
+        spec.check_kept([int(choice.mask.sum())])
+
+
+@pytest.mark.parametrize(
     "source,features,match",
     [
-        (torch.tensor([3, 1]), None, "not unique, ascending"),
-        (torch.tensor([1, 1]), None, "not unique, ascending"),
-        (torch.tensor([0, 12]), None, r"within \[0, 12\)"),
         (torch.tensor([0.0, 1.0]), None, "expected a \\(K,\\) int64 tensor"),
         (torch.zeros(0, dtype=torch.int64), None, "kept no video token"),
         (torch.tensor([0, 1]), torch.zeros(3, 5), r"returned features \(3, 5\) for 2 sources"),
     ],
 )
-def test_broken_method_output_fails_loudly(source, features, match) -> None:
+def test_malformed_method_output_fails_loudly(source, features, match) -> None:
     broken = Method(
         f"_test_broken_{next(_BROKEN)}",
         _Knobs,

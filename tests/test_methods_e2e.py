@@ -195,3 +195,19 @@ def test_lmms_model_args_reach_the_method_under_its_name() -> None:
         parse_model_args("llava_onevision", {**args, "holitom.tau": "0.7"}, environ={})
     with pytest.raises(ValueError, match=r"unknown visionzip option\(s\) \['dominant'\]"):
         parse_model_args("llava_onevision", {**args, "visionzip.dominant": "0.6"}, environ={})
+
+
+@pytest.mark.parametrize("method", ["visionzip", "holitom"])
+def test_non_finite_signals_fail_loudly_in_the_adapter(llm, videos: Path, method: str) -> None:
+    """The methods check their inputs on the device; the adapter's one count read raises, naming the cause."""
+    if not llm.family.startswith("llava"):
+        pytest.skip("LLaVA families only (Qwen shares the registry's check, tests/test_method_protocol.py)")
+    from llava.video_io import read_video
+
+    spec = spec_of(method)
+    pixels = llm.model.preprocess(read_video(videos / "mixed.mp4", FRAMES).frames)
+    with torch.inference_mode():
+        features, signals = llm.model.encode_video_with_signals(pixels, spec.signals)
+        signals = {name: torch.full_like(value, float("nan")) for name, value in signals.items()}
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            llm.model.compress_videos([features], spec, "frame", [signals])

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from llava.cli import register_subcommand
@@ -75,6 +76,21 @@ def _model_names() -> list[str]:
     return list(BENCH_MODELS)
 
 
+def source_commit() -> str:
+    """The commit the bench runs from: VIDCOM2_COMMIT (set by whoever copies the tree to a GPU machine
+    without its .git), else ``git rev-parse --short HEAD``, else "unknown"."""
+    import os
+    import subprocess
+
+    if os.environ.get("VIDCOM2_COMMIT"):
+        return os.environ["VIDCOM2_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def _default_attn() -> str:
     from transformers.utils import is_flash_attn_2_available
 
@@ -111,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         CompressionSpec(name, 0.5, options_for(name, method_options))
     cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
     command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    label = {"commit": source_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     attn = args.attn or ("sdpa" if args.decode_mode != "eager" else _default_attn())
     if args.decode_mode != "eager":
         from llava.model.static_decode import check_attention
@@ -119,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     append = [args.append]
 
     def write_now(row: dict) -> None:  # each row as soon as it is measured; later rows append
-        write_rows([row], args.out, append=append[0])
+        write_rows([{**row, **label}], args.out, append=append[0])
         append[0] = True
 
     with tempfile.TemporaryDirectory() as work:

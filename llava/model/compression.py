@@ -252,6 +252,9 @@ class CompressionSpec:
         return out
 
     def _spliced(self, i: int, video: VideoTokens, selection: VideoSelection) -> SelectedVideo:
+        """The selection as a source mask (and a table for merging methods), checked on the device: sources
+        that are not unique, ascending and in range, or a refused input (``valid`` False), give an empty
+        mask, which the adapter's one count read reports (:meth:`check_kept`). No host sync here."""
         features = video.features
         n_frames, per_frame, dim = features.shape
         total = n_frames * per_frame
@@ -260,22 +263,23 @@ class CompressionSpec:
         if not isinstance(source, torch.Tensor) or source.dim() != 1 or source.dtype != torch.int64:
             got = f"{tuple(source.shape)} {source.dtype}" if isinstance(source, torch.Tensor) else type(source).__name__
             raise ValueError(f"{which} returned sources {got}; expected a (K,) int64 tensor")
-        count = int(source.numel())
+        count = int(source.numel())  # a shape: no sync
         if count == 0:
             raise ValueError(f"{which} kept no video token")
-        source = source.to(features.device)
-        ascending = bool((source[1:] > source[:-1]).all()) if count > 1 else True
-        if not ascending or int(source[0]) < 0 or int(source[-1]) >= total:
-            raise ValueError(f"{which} returned sources that are not unique, ascending and within [0, {total})")
-        mask = torch.zeros(total, dtype=torch.bool, device=features.device).index_fill_(0, source, True)
-        mask = mask.view(n_frames, per_frame)
-        if selection.features is None:
-            return SelectedVideo(mask)
         new = selection.features
-        if tuple(new.shape) != (count, dim):
+        if new is not None and tuple(new.shape) != (count, dim):
             got = tuple(new.shape)
             raise ValueError(f"{which} returned features {got} for {count} sources; expected ({count}, {dim})")
-        table = features.reshape(total, dim).index_copy(0, source, new.to(features.device, features.dtype))
+        source = source.to(features.device)
+        ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
+        if selection.valid is not None:
+            ok = ok & selection.valid.to(features.device)
+        safe = source.clamp(0, total - 1)
+        mask = torch.zeros(total, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
+        mask = (mask & ok).view(n_frames, per_frame)
+        if new is None:
+            return SelectedVideo(mask)
+        table = features.reshape(total, dim).index_copy(0, safe, new.to(features.device, features.dtype))
         return SelectedVideo(mask, table)
 
     def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:
@@ -295,12 +299,19 @@ class CompressionSpec:
 
     def check_kept(self, kept: Sequence[int]) -> None:
         """Raise for the first video of a request that kept nothing (``kept``: counts per video, read in
-        the caller's one sync). Every compressor keeps at least one token per frame, so an empty
-        selection means the compressor refused the input (VidCom2: non-finite features)."""
+        the caller's one sync). Every method keeps at least one token of valid input, so an empty
+        selection means the method refused the input (non-finite features or signals) or returned
+        invalid sources (see :meth:`select_videos`)."""
         for i, count in enumerate(kept):
             if count == 0:
                 which = f"video {i} of {len(kept)}: " if len(kept) > 1 else ""
-                raise ValueError(f"{which}{self.describe()} kept no video token: {NON_FINITE_MESSAGE}")
+                reason = NON_FINITE_MESSAGE
+                if self.method.merges or self.method.signals:
+                    reason = (
+                        "features or signals contain NaN or Inf, or the method returned sources that are not "
+                        "unique, ascending and within the video"
+                    )
+                raise ValueError(f"{which}{self.describe()} kept no video token: {reason}")
 
     def describe(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))

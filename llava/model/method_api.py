@@ -88,10 +88,14 @@ class VideoSelection:
     source: (K,) int64, unique and ascending, flat indices into the video's F*P tokens.
     features: (K, D) new token values for merging methods, aligned with ``source``; None for select-only
         methods (the output tokens are the sources' own features).
+    valid: optional 0-d bool tensor on the features' device, False when the method refuses the input
+        (e.g. non-finite features). It lets a method skip a host synchronisation of its own: the adapter
+        reads it with the kept counts, in its one sync, and raises then.
     """
 
     source: torch.Tensor
     features: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 PreLLMSelect = Callable[[VideoTokens, float, Any], VideoSelection]

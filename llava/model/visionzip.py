@@ -49,7 +49,7 @@ scores are float32 (upstream: the model dtype); frames are batched (upstream: Py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -249,8 +249,17 @@ def visionzip_select(video: VideoTokens, retention: float, options: VisionZipOpt
     """One video's VisionZip output: sources (K,) int64 ascending into F*P and float32 features (K, D).
 
     Raises ValueError for a retention outside (0, 1], bad shapes, a missing signal (original port)
-    or non-finite input.
+    or non-finite input (one host sync reads the finite check).
     """
+    selection = _select(video, retention, options)
+    if not bool(selection.valid):  # the one host sync
+        raise ValueError(NON_FINITE)
+    return selection
+
+
+def _select(video: VideoTokens, retention: float, options: VisionZipOptions | None = None) -> VideoSelection:
+    """:func:`visionzip_select` without its host sync: non-finite input comes back as ``valid`` False
+    (the registry's path; the adapter reads it with the kept counts)."""
     opts = options or VisionZipOptions()
     features = video.features
     check_video_features(features, retention)
@@ -260,24 +269,21 @@ def visionzip_select(video: VideoTokens, retention: float, options: VisionZipOpt
         raise ValueError(f"visionzip: grid {grid} does not match features (F, P) = ({n_frames}, {per_frame})")
     n_dom, n_ctx = visionzip_counts(per_frame, float(retention), opts)
     if opts.port == "authors":
-        if not bool(torch.isfinite(features).all()):  # the one host sync
-            raise ValueError(NON_FINITE)
-        return authors_select_counts(features, n_dom, n_ctx, opts.k_neighbors)
+        selection = authors_select_counts(features, n_dom, n_ctx, opts.k_neighbors)
+        return replace(selection, valid=torch.isfinite(features).all())
     attention = video.signal(VIT_RECEIVED_ATTENTION)
     keys = video.signal(VIT_KEYS)
     _check_signal(VIT_RECEIVED_ATTENTION, attention, n_frames, per_frame, 2)
     _check_signal(VIT_KEYS, keys, n_frames, per_frame, 3)
     finite = torch.isfinite(features).all() & torch.isfinite(attention).all() & torch.isfinite(keys).all()
-    if not bool(finite):  # the one host sync
-        raise ValueError(NON_FINITE)
-    return visionzip_select_counts(features, attention, keys, n_dom, n_ctx)
+    return replace(visionzip_select_counts(features, attention, keys, n_dom, n_ctx), valid=finite)
 
 
 METHOD = Method(
     name="visionzip",
     options=VisionZipOptions,
     signals=frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS}),
-    select=visionzip_select,
+    select=_select,
     merges=True,
     summary="per frame: most-attended tokens kept, the rest merged into key-similar contextual tokens",
     needs=lambda options: frozenset() if options.port == "authors" else frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS}),
