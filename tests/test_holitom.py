@@ -447,3 +447,158 @@ def test_errors() -> None:
     still = torch.randn(1, 4, 8).repeat(2, 1, 1)
     with pytest.raises(ValueError, match="kept no token at R=0.01"):
         holitom_select(still, torch.rand(2, 4), 0.01)
+
+
+# ----------------------------------------------------------------------------------- batched paths
+
+
+def several_window_lengths(seed: int = 0, positions=30, dim=8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes of 2, 4, 3, 1 and 2 frames, each with its own share of static positions (many window lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for length, share in ((2, 0.9), (4, 0.5), (3, 0.2), (1, 0.0), (2, 0.7)):
+        base = torch.randn(positions, dim, generator=g)
+        moving = torch.rand(positions, generator=g) >= share
+        for _ in range(length):
+            frames.append(base + torch.where(moving[:, None], 3.0, 0.02) * torch.randn(positions, dim, generator=g))
+    x = torch.stack(frames)
+    return x, torch.rand(x.shape[0], positions, generator=g)
+
+
+@pytest.mark.parametrize("contextual", [0.0, 0.5])
+def test_windows_of_several_lengths_match_reference(contextual: float) -> None:
+    x, attn = several_window_lengths()
+    windows = assert_matches_reference(x, attn, 0.3, contextual_ratio=contextual, knn=3)
+    assert len({v - u for u, v in windows if v > u}) >= 3  # static sets of several lengths, padded together
+
+
+def test_batched_dpc_matches_one_set_at_a_time() -> None:
+    """Padded sets of mixed sizes (both sides of cdist's 25-token switch), counts and k, with and without noise."""
+    from llava.model import dpc_knn
+    from llava.model.holitom import _cluster_sets, _distances, _Sets
+
+    g = torch.Generator().manual_seed(0)
+    sizes, counts, knn = [7, 30, 3, 26, 12], [1, 9, 3, 5, 4], 4
+    width = max(sizes)
+    x = torch.zeros(len(sizes), width, 6)
+    for b, n in enumerate(sizes):
+        x[b, :n] = torch.randn(n, 6, generator=g)
+    # one nearest neighbour (itself): every density is exactly 1 on cdist's pair-by-pair path, so the
+    # centre is index 0; its matmul path (far from the origin) makes self-distances noise and picks another
+    x[0, :7] = 50 + 0.1 * torch.randn(7, 6, generator=g)
+    ks = [min(knn, c) for c in counts]
+    for noisy in (False, True):
+        noise = None
+        if noisy:  # set b's draws come from a generator seeded with b, as dpc_knn would draw them below
+            noise = torch.zeros(len(sizes), width)
+            for b, n in enumerate(sizes):
+                noise[b, :n] = torch.rand(n, generator=torch.Generator().manual_seed(b))
+        sets = _Sets(sizes, counts, ks, torch.tensor(sizes), torch.tensor(counts), torch.tensor(ks), noise)
+        centre, merged = _cluster_sets(x, sets, beta=0.6)
+        dist = _distances(x, sets)
+        for b, n in enumerate(sizes):  # each set's distances as dpc_knn computes them for it alone
+            assert torch.equal(dist[b, :n, :n], dpc_knn.pairwise_distances(x[b, :n]))
+        for b, (n, c, k) in enumerate(zip(sizes, counts, ks, strict=True)):
+            points = x[b, :n]
+            generator = torch.Generator().manual_seed(b) if noisy else None
+            expected = dpc_knn.dpc_centres(points, k, c, generator=generator).sort().values
+            got = centre[b].nonzero().squeeze(1)
+            assert torch.equal(got, expected)
+            assert not centre[b, n:].any()  # padding never becomes a centre
+            if not noisy:
+                ref_centres, dist = ref_dpc(points.double().tolist(), k, c)
+                assert got.tolist() == ref_centres
+                values = ref_merge(points.double().tolist(), ref_centres, dist, 0.6)
+                torch.testing.assert_close(merged[b, got].double(), torch.tensor(values, dtype=torch.float64))
+
+
+def loop_seeded(x, attn, retention, seed, contextual, knn=7, beta=0.6):
+    """Per window, per frame, one DPC-kNN at a time from dpc_knn with one seeded CPU generator, in upstream's
+    order (each frame's contextual clustering, then the window's static clustering)."""
+    from llava.model import dpc_knn
+
+    generator = torch.Generator().manual_seed(seed)
+    frames, positions, _ = x.shape
+    s = ref_similarity(x)
+    windows, reduced = ref_dp(s, frames, 0.8, 1024)
+    ratio = min(retention / ((frames * positions - reduced) / (frames * positions)), 1)
+    kept = []
+    for u, v in windows:
+        static = ref_static_positions(s, u, v, 0.8)
+        dynamic = [m for m in range(positions) if m not in static]
+        n_keep = math.ceil(len(dynamic) * ratio)
+        n_dom = round(n_keep * (1 - contextual))
+        for t in range(u, v + 1):
+            by_attention = sorted(dynamic, key=lambda m: (-float(attn[t, m]), m))
+            kept += [t * positions + m for m in by_attention[:n_dom]]
+            if n_keep - n_dom > 0:
+                rest = sorted(by_attention[n_dom:])
+                c = n_keep - n_dom
+                centres = dpc_knn.dpc_centres(x[t, rest], min(knn, c), c, generator=generator)
+                kept += [t * positions + rest[int(i)] for i in centres]
+        n_cl = round(len(static) * ratio)
+        if static and n_cl:
+            means = x[u : v + 1, static].mean(0)
+            centres = dpc_knn.dpc_centres(means, min(knn, n_cl), n_cl, generator=generator)
+            kept += [u * positions + static[int(i)] for i in centres]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_seeded_noise_follows_upstreams_draw_order(seed: int) -> None:
+    points = torch.zeros(12, 4)
+    points[:, 0] = torch.arange(12.0)  # static clip of equally spaced points: the noise decides the ties
+    moving = 5 + 3 * torch.randn(2, 12, 4, generator=torch.Generator().manual_seed(seed))
+    x = torch.cat([points[None].repeat(3, 1, 1), moving])
+    attn = torch.rand(5, 12, generator=torch.Generator().manual_seed(seed))
+    source, _ = run(x, attn, 0.3, seed=seed, contextual_ratio=0.5)
+    assert source.tolist() == loop_seeded(x, attn, 0.3, seed, 0.5)
+
+
+def test_no_host_sync_op_on_the_device_path() -> None:
+    """The one sync is the .tolist() of the run-length counts; no op that syncs on CUDA is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount", "equal"}
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in syncing:
+                seen.append(name)
+            if name in ("index", "index_put_", "_index_put_impl_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+            ):
+                seen.append(name + "[bool]")
+            return func(*args, **(kwargs or {}))
+
+    for x, attn in (several_window_lengths(), structured_random(1)):
+        for options in ({}, {"contextual_ratio": 0.5, "seed": 2}):
+            with Watch():
+                holitom_select(x, attn, 0.25, HoliTomOptions(**options))
+    assert seen == []
+
+
+def test_single_frame_and_window_cap_one() -> None:
+    x, attn = structured_random(2, frames=1, positions=20)
+    source, features = run(x, attn, 0.25)
+    assert source.numel() == math.ceil(20 * 0.25) and features.shape == (5, x.shape[2])
+    x, attn = structured_random(3)
+    source, _ = run(x, attn, 0.25, max_window=1)  # no window of two frames: pure per-frame top-k
+    expected = torch.cat([t * 16 + torch.sort(attn[t], descending=True, stable=True).indices[:4].sort().values
+                          for t in range(x.shape[0])])
+    assert torch.equal(source, expected)
+
+
+def test_huge_finite_features_are_not_refused() -> None:
+    """The finite check reads the norms' sum; a finite overflow there must not be taken for NaN or Inf."""
+    x, attn = structured_random(4)
+    big = x.clone()
+    big[1, 2] *= 1e30  # its norm (and the sum) overflow float32, yet every value is finite
+    source, _ = run(big, attn, 0.25)
+    assert_valid(source, x.shape[0] * x.shape[1])
+    bad = attn.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        holitom_select(x, bad, 0.25)

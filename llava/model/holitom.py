@@ -26,6 +26,17 @@ centre at spatial position m of window [u, v] takes the source u * P + m (the wi
 a dynamic token or dynamic centre takes its own flat index. Sources are unique (a position static in a
 window is dynamic in none of its frames) and the output is in ascending source order.
 
+Execution (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
+per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack run
+in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one small
+host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all frames
+at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at most 25
+tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is compacted by a
+cumulative sum with the known count (no nonzero). The finite check reads the sum of the token norms and
+of the importance; only when that is not finite (NaN / Inf, or huge finite values overflowing) are the
+inputs checked element by element. On CUDA the merge sums are atomic adds (scatter_add_), so their
+float rounding order is not fixed there, as with the index_add_ of a loop.
+
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
   contextual tokens] (one newline at the end); we emit ascending source, the adapters lay tokens out.
@@ -51,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.model.dpc_knn import dpc_centres, pairwise_distances, stable_top
+from llava.model.dpc_knn import pairwise_distances
 from llava.model.method_api import (
     VIT_RECEIVED_ATTENTION,
     Method,
@@ -112,10 +123,21 @@ class HoliTomOptions:
 # ------------------------------------------------------------------------------ temporal windows
 
 
+def _similarity(features: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, P, D) -> (F-1, P) cosines of consecutive frames and the 0-d sum of the token norms, in ``dtype``.
+
+    The normalisation is torch.nn.functional.normalize's (norm clamped at 1e-12), written out so that
+    the norms also serve the finite check: a NaN or Inf in a token makes its norm, and the sum, non-finite.
+    """
+    x = features.to(dtype)
+    norm = torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)  # (F, P, 1)
+    unit = x / norm.clamp_min(1e-12)
+    return (unit[:-1] * unit[1:]).sum(dim=-1), norm.sum()
+
+
 def frame_similarity(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(F, P, D) -> (F-1, P) cosine of each token with the same position in the next frame, in ``dtype``."""
-    unit = torch.nn.functional.normalize(features.to(dtype), p=2, dim=-1)
-    return (unit[:-1] * unit[1:]).sum(dim=-1)
+    return _similarity(features, dtype)[0]
 
 
 def static_run_lengths(similarity: torch.Tensor, tau: float) -> torch.Tensor:
@@ -124,25 +146,49 @@ def static_run_lengths(similarity: torch.Tensor, tau: float) -> torch.Tensor:
     Position m is static in window [u, v] exactly when run[u, m] >= v - u.
     """
     steps = similarity.shape[0]
-    above = similarity > tau
+    above = similarity > tau  # compared in the similarity's own dtype, as upstream
     t = torch.arange(steps, device=similarity.device)[:, None].expand_as(above)
-    breaks = torch.where(above, torch.full_like(t, steps), t)  # a False at t stops every run reaching it
+    breaks = torch.where(above, steps, t)  # a False at t stops every run reaching it
     next_break = breaks.flip(0).cummin(dim=0).values.flip(0)
     return next_break - t
 
 
-def window_gains(run: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """(F-1, P) run lengths -> (F, F) int64 G[u, v] = (v - u) * #static positions of [u, v] (0 for v <= u)."""
-    steps, positions = run.shape
-    # counts[u, L] = #{m : run[u, m] == L}; at_least[u, L] = #{m : run[u, m] >= L}
-    counts = torch.zeros(steps, n_frames, dtype=torch.int64, device=run.device)
+def shorter_runs(run: torch.Tensor, width: int) -> torch.Tensor:
+    """(F-1, P) run lengths -> (F-1, width-1) int64: shorter[u, L-1] = #{m : run[u, m] < L}, L = 1..width-1.
+
+    A window [u, u+L] has P - shorter[u, L-1] static positions and gains G = L * that.
+    """
+    steps, _ = run.shape
+    counts = torch.zeros(steps, steps + 1, dtype=torch.int64, device=run.device)  # run lengths 0..F-1
     counts.scatter_add_(1, run, torch.ones_like(run))
-    at_least = counts.flip(1).cumsum(dim=1).flip(1)
-    frames = torch.arange(n_frames, device=run.device)
-    length = (frames[None, :] - frames[:steps, None]).clamp(min=0)  # v - u for u < F-1
-    gains = torch.zeros(n_frames, n_frames, dtype=torch.int64, device=run.device)
-    gains[:steps] = length * at_least.gather(1, length)  # length 0 (v <= u) gives 0
-    return gains
+    return counts[:, : max(width - 1, 0)].cumsum(dim=1)
+
+
+def partition(shorter: list[int], n_frames: int, per_frame: int, width: int) -> tuple[list[tuple[int, int]], int]:
+    """The DP over frames, on the host, from :func:`shorter_runs` as a flat list ((F-1) * (width-1) ints).
+
+    best[i] = max(best[i-1], max_w best[i-w] + G(i-w+1, i)), w = 2..min(i+1, width): a strictly larger
+    value is needed to beat the single frame, and among equal windows the smallest wins. Returns the
+    windows [(u, v)] in frame order (inclusive) and total_reduced = best[F-1].
+    """
+    row = width - 1
+    best = [0] * (n_frames + 1)  # best[i + 1] = optimum over frames 0..i
+    start = list(range(n_frames))
+    # Inherently sequential (best[i] needs every best[j], j < i): plain Python on (F-1) * (width-1) ints.
+    for i in range(n_frames):
+        value, first = best[i], i
+        for size in range(2, min(i + 1, width) + 1):  # increasing sizes: the first maximum is the smallest
+            u, length = i - size + 1, size - 1
+            candidate = best[u] + length * (per_frame - shorter[u * row + length - 1])
+            if candidate > value:
+                value, first = candidate, u
+        best[i + 1], start[i] = value, first
+    windows = []
+    i = n_frames - 1
+    while i >= 0:  # backtrack: one step per window
+        windows.append((start[i], i))
+        i = start[i] - 1
+    return windows[::-1], best[n_frames]
 
 
 def static_windows(
@@ -152,34 +198,15 @@ def static_windows(
 
     similarity: (F-1, P) from :func:`frame_similarity` (F >= 1; (0, P) for one frame).
     Returns the windows [(u, v)] in frame order (inclusive), total_reduced (the tokens the static
-    averaging removes) and the (F-1, P) run lengths on the CPU (see :func:`static_run_lengths`).
-    best[i] = max(best[i-1], max_w best[i-w] + G(i-w+1, i)), w = 2..min(i+1, max_window); a strictly
-    larger value is needed to beat the single frame, and among equal windows the smallest wins.
+    averaging removes) and the (F-1, P) run lengths on the similarity's device (see
+    :func:`static_run_lengths`). The run-length counts come to the host in one copy.
     """
-    steps = similarity.shape[0]
-    n_frames = steps + 1
-    run = static_run_lengths(similarity.cpu(), tau)  # compared in its own dtype, as upstream
-    gains = window_gains(run, n_frames)
-    best = torch.zeros(n_frames + 1, dtype=torch.int64)  # best[i + 1] = optimum over frames 0..i
-    start = list(range(n_frames))
-    # Inherently sequential: best[i] needs best[j] for every j < i. Vectorised over window sizes.
-    for i in range(n_frames):
-        best[i + 1] = best[i]
-        low = max(0, i - max_window + 1)
-        if i - 1 < low:
-            continue
-        starts = torch.arange(i - 1, low - 1, -1)  # window sizes 2, 3, ... in increasing order
-        candidates = best[starts] + gains[starts, i]
-        pick = int(torch.argmax(candidates))  # first maximum = smallest window
-        if candidates[pick] > best[i]:
-            best[i + 1] = candidates[pick]
-            start[i] = int(starts[pick])
-    windows = []
-    i = n_frames - 1
-    while i >= 0:
-        windows.append((start[i], i))
-        i = start[i] - 1
-    return windows[::-1], int(best[n_frames]), run
+    steps, per_frame = similarity.shape
+    width = min(steps + 1, max_window)
+    run = static_run_lengths(similarity, tau)
+    shorter = shorter_runs(run, width).reshape(-1).tolist()
+    windows, total_reduced = partition(shorter, steps + 1, per_frame, width)
+    return windows, total_reduced, run
 
 
 def adjusted_ratio(retention: float, total: int, total_reduced: int) -> float:
@@ -190,23 +217,123 @@ def adjusted_ratio(retention: float, total: int, total_reduced: int) -> float:
 # ------------------------------------------------------------------------------ clustering merge
 
 
+@dataclass
+class _Sets:
+    """B token sets padded to N (set b = its first sizes[b] rows), each clustered into counts[b] centres.
+
+    Host lists carry the sizes; the (B,) device tensors are needed only where the sets are ragged:
+    sizes_t when some set is padded, counts_t when the counts differ, ks_t when the k differ.
+    noise: (B, N) float32 U(0, 1) draws (upstream's density noise is 1e-6 times them) or None.
+    """
+
+    sizes: list[int]
+    counts: list[int]
+    ks: list[int]
+    sizes_t: torch.Tensor | None = None
+    counts_t: torch.Tensor | None = None
+    ks_t: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+    def padded(self, n: int) -> bool:
+        return min(self.sizes) < n
+
+
+_DIRECT_MAX = 25  # torch.cdist computes sets of at most 25 tokens pair by pair, larger ones by matmul
+
+
+def _distances(x: torch.Tensor, sets: _Sets) -> torch.Tensor:
+    """(B, N, D) padded sets -> (B, N, N) float32 distances / sqrt(D), each set as it would alone.
+
+    :func:`llava.model.dpc_knn.pairwise_distances` of one set takes torch.cdist's pair-by-pair path for
+    at most 25 tokens and its matmul path above (self-distances not exactly 0 there); padding must not
+    move a small set onto the other path, so a batch mixing both recomputes the small sets' block.
+    """
+    dist = pairwise_distances(x)
+    n = x.shape[1]
+    if n <= _DIRECT_MAX or min(sets.sizes) > _DIRECT_MAX:
+        return dist  # every set on the path it takes alone
+    head = x[:, :_DIRECT_MAX].float()
+    direct = torch.cdist(head, head, compute_mode="donot_use_mm_for_euclid_dist") / (x.shape[-1] ** 0.5)
+    block = dist[:, :_DIRECT_MAX, :_DIRECT_MAX]
+    block.copy_(torch.where((sets.sizes_t <= _DIRECT_MAX)[:, None, None], direct, block))
+    return dist
+
+
+def _dpc_centres(dist: torch.Tensor, sets: _Sets, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, N) distances -> (B, N) bool centre masks: the counts[b] highest rho * delta of each set.
+
+    The rule of :func:`llava.model.dpc_knn.dpc_scores`, batched: density ties and score ties go to the
+    lower index; padded rows and columns take no part (density -1, below every real one).
+    positions: arange(>= N) on the device; valid: (B, N) the sets' real rows, None when none is padded.
+    """
+    batch, n, _ = dist.shape
+    positions = positions[:n].expand(batch, n)
+    padded = valid is not None
+    pairs = valid[:, :, None] & valid[:, None, :] if padded else None
+    nearest = torch.topk(torch.where(pairs, dist, torch.inf) if padded else dist, k=max(sets.ks), dim=-1, largest=False)
+    density = None
+    for k in sorted(set(sets.ks)):  # one pass per distinct k (one unless a set has fewer than knn centres)
+        rho = torch.exp(-(nearest.values[..., :k] ** 2).mean(dim=-1))
+        density = rho if density is None else torch.where(sets.ks_t[:, None] == k, rho, density)
+    if sets.noise is not None:
+        density = density + sets.noise * 1e-6
+    if padded:
+        density = torch.where(valid, density, -1.0)
+    # rank 0 = densest; equal densities rank by index, so "denser" is a strict total order
+    order = torch.sort(density, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    denser = rank[:, None, :] < rank[:, :, None]  # denser[b, i, j]: j is denser than i
+    far = (torch.where(pairs, dist, 0.0) if padded else dist).amax(dim=(1, 2))
+    delta = torch.where(denser, dist, far[:, None, None]).min(dim=-1).values
+    score = density * delta  # padded: -delta <= 0, ranked after every real score (they have lower indices)
+    best = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    place = torch.empty_like(best).scatter_(1, best, positions)
+    return place < (sets.counts_t[:, None] if len(set(sets.counts)) > 1 else sets.counts[0])
+
+
+def _merge(
+    x: torch.Tensor, centre: torch.Tensor, dist: torch.Tensor, beta: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, N, D) tokens, (B, N) centre masks, (B, N, N) distances -> (B, N, D), merged at the centres.
+
+    Every non-centre token (of ``valid``, default all) joins the centre nearest to it by ``dist`` (ties: the
+    lower index); a centre with members becomes beta * centre + (1 - beta) * mean(members), one without
+    stays itself. Rows that are not centres hold garbage.
+    """
+    batch, n, dim = x.shape
+    nearest = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N), first minimum
+    joins = ~centre if valid is None else valid ^ centre  # centres are valid
+    target = torch.where(joins, nearest, n)  # non-members go to a spare column n
+    sums = torch.zeros(batch, n + 1, dim, dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, target[..., None].expand(batch, n, dim), x)
+    # member counts: integers, exact in float32 whatever the order; cast like upstream's integer counts
+    counts = torch.zeros(batch, n + 1, device=x.device).scatter_add_(1, target, joins.float())
+    members = counts[:, :n, None].to(x.dtype)
+    merged = beta * x + (1.0 - beta) * (sums[:, :n] / members.clamp(min=1))
+    return torch.where(members > 0, merged, x)
+
+
+def _cluster_sets(
+    x: torch.Tensor, sets: _Sets, beta: float, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) padded sets -> (B, N) centre masks and (B, N, D) values (merged at the centres)."""
+    n = x.shape[1]
+    positions = torch.arange(n, device=x.device) if positions is None else positions
+    dist = _distances(x, sets)  # (B, N, N) float32
+    valid = positions[:n] < sets.sizes_t[:, None] if sets.padded(n) else None
+    centre = _dpc_centres(dist, sets, positions, valid)
+    return centre, _merge(x, centre, dist, beta, valid)
+
+
 def merge_into_centres(x: torch.Tensor, centres: torch.Tensor, distances: torch.Tensor, beta: float) -> torch.Tensor:
-    """(n, D) tokens, (c,) centre indices, (n, n) distances -> (c, D) merged centre values.
+    """(n, D) tokens, (c,) ascending centre indices, (n, n) distances -> (c, D) merged centre values.
 
     Every non-centre token joins the centre nearest to it by ``distances`` (ties: the earlier centre);
     a centre with members becomes beta * centre + (1 - beta) * mean(members), one without stays itself.
     """
-    n, dim = x.shape
-    count = centres.numel()
-    is_centre = torch.zeros(n, dtype=torch.bool, device=x.device)
-    is_centre[centres] = True
-    others = (~is_centre).nonzero().squeeze(1)
-    nearest = distances[others][:, centres].argmin(dim=1)
-    sums = torch.zeros(count, dim, dtype=x.dtype, device=x.device).index_add_(0, nearest, x[others])
-    members = torch.bincount(nearest, minlength=count).to(x.dtype)[:, None]
-    own = x[centres]
-    merged = beta * own + (1.0 - beta) * (sums / members.clamp(min=1))
-    return torch.where(members > 0, merged, own)
+    centre = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    centre[centres] = True
+    return _merge(x[None], centre[None], distances[None], beta)[0, centres]
 
 
 def cluster_merge(
@@ -216,13 +343,23 @@ def cluster_merge(
 
     k = min(knn, count) neighbours for the density, as upstream; see :func:`merge_into_centres`.
     """
-    distances = pairwise_distances(x)
-    k = min(knn, count)
-    centres = dpc_centres(x, k, count, distances=distances, generator=generator).sort().values
-    return centres, merge_into_centres(x, centres, distances, beta)
+    n = x.shape[0]
+    if not 0 <= count <= n:
+        raise ValueError(f"cluster_merge: asked for {count} centres among {n} tokens")
+    noise = None if generator is None else torch.rand(n, generator=generator)[None].to(x.device)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device), x[:0]
+    centre, merged = _cluster_sets(x[None], _Sets([n], [count], [min(knn, count)], noise=noise), beta)
+    centres = centre[0].nonzero().squeeze(1)
+    return centres, merged[0, centres]
 
 
 # ------------------------------------------------------------------------------ the method
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-to-device copy that does not stall the stream on CUDA (pinned memory, asynchronous)."""
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 def holitom_select(
@@ -231,6 +368,9 @@ def holitom_select(
     """One video's (F, P, D) features and (F, P) importance -> sources (K,) ascending and features (K, D).
 
     Output features are float32 (``score_dtype="float32"``) or the input dtype (``"model"``).
+    One host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together; the DP
+    runs on the host, then every size is known there and the device work is batched over the frames
+    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
     """
     options = options or HoliTomOptions()
     check_video_features(features, retention)
@@ -239,84 +379,221 @@ def holitom_select(
         raise ValueError(
             f"{_OWNER}: importance must be (F, P) = {(n_frames, per_frame)}, got {tuple(importance.shape)}"
         )
-    if not bool(torch.isfinite(features).all()) or not bool(torch.isfinite(importance).all()):
-        raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
     dtype = torch.float32 if options.score_dtype == "float32" else features.dtype
-    device = features.device
-    score = importance.float()
-    generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
 
-    similarity = frame_similarity(features, dtype)
-    windows, total_reduced, run = static_windows(similarity, options.tau, options.max_window)
+    # Queued behind the vision tower: no host wait until the one copy below.
+    similarity, norm_total = _similarity(features, dtype)
+    run = static_run_lengths(similarity, options.tau)
+    width = min(n_frames, options.max_window)
+    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
+    finite = (total * 0 == 0).long()
+    host = torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]).tolist()  # the one sync
+    if not host.pop() and not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(importance).all())):
+        raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
+    windows, total_reduced = partition(host, n_frames, per_frame, width)
     ratio = adjusted_ratio(float(retention), n_frames * per_frame, total_reduced)
-
-    sources: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    # One iteration per window (few): the static/dynamic split and the budgets differ between windows.
-    for u, v in windows:
-        static = run[u] >= v - u if v > u else torch.zeros(per_frame, dtype=torch.bool)
-        static_pos = static.nonzero().squeeze(1).to(device)
-        dynamic_pos = (~static).nonzero().squeeze(1).to(device)
-        n_static, n_dynamic = static_pos.numel(), dynamic_pos.numel()
-        window = features[u : v + 1].to(dtype)  # cast per window: no float32 copy of the whole video
-        if n_dynamic:
-            _dynamic(window, score[u : v + 1], u * per_frame, dynamic_pos, ratio, options, generator, sources, values)
-        if n_static:
-            static_x = window[:, static_pos].mean(dim=0)  # (n_s, D)
-            n_clusters = round(n_static * ratio)  # half-even, as upstream's round()
-            if n_clusters > 0:
-                centres, merged = cluster_merge(static_x, n_clusters, options.knn, options.beta, generator)
-                sources.append(u * per_frame + static_pos[centres])
-                values.append(merged)
-    if not sources:
+    plan = _Plan(windows, host, n_frames, per_frame, width, ratio, options)
+    if plan.kept == 0:
         raise ValueError(
             f"{_OWNER} kept no token at R={retention}: the video is static and round(n_static * r') is 0; "
             "raise R"
         )
-    source = torch.cat(sources)
-    order = torch.argsort(source)
-    return VideoSelection(source[order], torch.cat(values)[order])
+    return _build(features, importance, run, plan, dtype, options.beta)
 
 
-def _dynamic(
-    window: torch.Tensor,
-    score: torch.Tensor,
-    offset: int,
-    positions: torch.Tensor,
-    ratio: float,
-    options: HoliTomOptions,
-    generator: torch.Generator | None,
-    sources: list[torch.Tensor],
-    values: list[torch.Tensor],
-) -> None:
-    """Each frame of a window keeps its top dominant dynamic tokens and its contextual centres.
+class _Plan:
+    """Every budget the DP implies, as host data: per frame, and per token set to cluster.
 
-    window: (w, P, D) the window's features; score: (w, P) importance; offset: flat index of its first token.
+    Sets: one per window with static clusters (its static positions' means), grouped by window length,
+    then one per frame with contextual centres (its dynamic tokens that are not dominant).
     """
-    n_frames, per_frame, dim = window.shape
-    n_dynamic = positions.numel()
-    keep = math.ceil(n_dynamic * ratio)
-    n_dominant = round(keep * (1.0 - options.contextual_ratio))
-    n_contextual = keep - n_dominant
-    device = window.device
-    window_x = window[:, positions]  # (w, n_d, D)
-    frames = torch.arange(n_frames, device=device)
-    flat = offset + frames[:, None] * per_frame + positions[None, :]  # (w, n_d) flat indices
-    dominant = stable_top(score[:, positions], n_dominant)  # (w, n_dom), ties to the lower index
-    if n_dominant:
-        sources.append(flat.gather(1, dominant).reshape(-1))
-        values.append(window_x.gather(1, dominant[..., None].expand(-1, -1, dim)).reshape(-1, dim))
-    if n_contextual:
-        rest = torch.ones(n_frames, n_dynamic, dtype=torch.bool, device=device)
-        rest.scatter_(1, dominant, False)
-        rest_idx = rest.nonzero()[:, 1].view(n_frames, n_dynamic - n_dominant)  # index order per frame
-        # One DPC-kNN per frame: dpc_knn clusters one token set at a time (frames of a window are few).
-        for f in range(n_frames):
-            centres, merged = cluster_merge(
-                window_x[f, rest_idx[f]], n_contextual, options.knn, options.beta, generator
-            )
-            sources.append(flat[f, rest_idx[f, centres]])
-            values.append(merged)
+
+    def __init__(
+        self,
+        windows: list[tuple[int, int]],
+        shorter: list[int],
+        n_frames: int,
+        per_frame: int,
+        width: int,
+        ratio: float,
+        options: HoliTomOptions,
+    ) -> None:
+        self.frame_start: list[int] = []  # per frame: the run row of its window's first frame
+        self.frame_need: list[int] = []  # per frame: the run length a static position needs (F: none)
+        self.frame_dominant: list[int] = []  # per frame: its top-importance dynamic tokens
+        by_length: dict[int, list[tuple[int, int, int]]] = {}  # window length -> [(u, n_s, n_cl)]
+        contextual: list[tuple[int, int, int]] = []  # (t, n_rest, n_ctx)
+        draws: list[tuple[str, int, int]] = []  # noise draws in upstream's order: (kind, frame, n)
+        self.kept = 0
+        for u, v in windows:
+            n_static = per_frame - shorter[u * (width - 1) + v - u - 1] if v > u else 0
+            n_dynamic = per_frame - n_static
+            keep = math.ceil(n_dynamic * ratio)
+            n_dominant = round(keep * (1.0 - options.contextual_ratio))
+            n_contextual = keep - n_dominant
+            n_clusters = round(n_static * ratio)  # half-even, as upstream's round()
+            self.kept += (v - u + 1) * keep + n_clusters
+            for t in range(u, v + 1):
+                self.frame_start.append(u if v > u else min(u, n_frames - 2))
+                self.frame_need.append(v - u if v > u else n_frames)
+                self.frame_dominant.append(n_dominant)
+                if n_contextual:
+                    contextual.append((t, n_dynamic - n_dominant, n_contextual))
+                    draws.append(("c", t, n_dynamic - n_dominant))
+            if n_clusters:
+                by_length.setdefault(v - u + 1, []).append((u, n_static, n_clusters))
+                draws.append(("s", u, n_static))
+        self.any_static = any(need < n_frames for need in self.frame_need)
+        self.set_row: list[int] = []  # the row listing the set's tokens: u (static), F + t or t (contextual)
+        self.set_base: list[int] = []  # flat index of the set's frame: u * P or t * P
+        self.set_need: list[int] = []  # static sets: the run length their positions have (v - u)
+        self.groups: list[tuple[int, int, int, list[int]]] = []  # (first set, end, N_g, frames of the windows)
+        sizes, counts = [], []
+        for length in sorted(by_length):
+            members = by_length[length]
+            frames = [u + j for u, _, _ in members for j in range(length)]
+            self.groups.append((len(sizes), len(sizes) + len(members), max(n for _, n, _ in members), frames))
+            for u, n_static, n_clusters in members:
+                self.set_row.append(u)
+                self.set_need.append(length - 1)
+                self.set_base.append(u * per_frame)
+                sizes.append(n_static)
+                counts.append(n_clusters)
+        self.n_static_sets = len(sizes)
+        self.contextual_frames = [t for t, _, _ in contextual]
+        for t, n_rest, n_contextual in contextual:  # rows of [static; rest], or of rest alone
+            self.set_row.append(n_frames + t if self.any_static else t)
+            self.set_base.append(t * per_frame)
+            sizes.append(n_rest)
+            counts.append(n_contextual)
+        self.sets = _Sets(sizes, counts, [min(options.knn, c) for c in counts])
+        if options.seed is not None and sizes:
+            # upstream's density noise from one CPU generator, drawn in its order (per window: each frame's
+            # contextual set, then the static set): a host loop, one small draw per set, no device work
+            row_of = {("s", self.set_row[b]): b for b in range(self.n_static_sets)}
+            row_of.update({("c", t): self.n_static_sets + i for i, t in enumerate(self.contextual_frames)})
+            generator = torch.Generator().manual_seed(options.seed)
+            noise = torch.zeros(len(sizes), max(sizes))
+            for kind, frame, n in draws:
+                noise[row_of[(kind, frame)], :n] = torch.rand(n, generator=generator)
+            self.sets.noise = noise
+
+    def frame_masks(self) -> bool:
+        """Whether the (F, P) static masks are needed (the dominant top-k or the contextual sets use them);
+        static sets alone read their rows straight from the run lengths."""
+        return self.any_static and (any(self.frame_dominant) or bool(self.contextual_frames))
+
+    def device_ints(self) -> dict[str, list[int]]:
+        """The host ints the device work needs, by name (only those it needs for this video)."""
+        sets = self.sets
+        out: dict[str, list[int]] = {}
+        if self.frame_masks():
+            out["start"], out["need"] = self.frame_start, self.frame_need
+        elif self.n_static_sets:
+            out["set_need"] = self.set_need
+        if len(set(self.frame_dominant)) > 1:
+            out["dominant"] = self.frame_dominant
+        if sets.sizes:
+            out["row"], out["base"] = self.set_row, self.set_base
+            if sets.padded(max(sets.sizes)):
+                out["sizes"] = sets.sizes
+            if len(set(sets.counts)) > 1:
+                out["counts"] = sets.counts
+            if len(set(sets.ks)) > 1:
+                out["ks"] = sets.ks
+            if len(self.groups) > 1 or self.groups and self.groups[0][1] - self.groups[0][0] > 1:
+                for first, _, _, frames in self.groups:
+                    out[f"frames{first}"] = frames
+            if self.contextual_frames:
+                out["contextual"] = self.contextual_frames
+        return out
+
+
+def _build(
+    features: torch.Tensor, importance: torch.Tensor, run: torch.Tensor, plan: _Plan, dtype: torch.dtype, beta: float
+) -> VideoSelection:
+    """The selection from the plan: top-k batched over frames, the DPC-kNN merges over padded sets."""
+    n_frames, per_frame, dim = features.shape
+    device = features.device
+    sets = plan.sets
+    n_sets = len(sets.sizes)
+    # ONE host-to-device copy of every per-frame / per-set int, first after the sync (the stream is idle)
+    wanted = plan.device_ints()
+    packed = _to_device(torch.tensor([v for block in wanted.values() for v in block] or [0]), device)
+    ints, offset = {}, 0
+    for name, block in wanted.items():
+        ints[name], offset = packed[offset : offset + len(block)], offset + len(block)
+    if sets.noise is not None:
+        sets.noise = _to_device(sets.noise, device)
+    sets.sizes_t, sets.counts_t, sets.ks_t = ints.get("sizes"), ints.get("counts"), ints.get("ks")
+    positions = torch.arange(n_frames * per_frame, device=device)  # sliced for every arange below
+
+    # each frame's static mask (its window's) and dominant tokens (top importance among the dynamic ones)
+    static = run.index_select(0, ints["start"]) >= ints["need"][:, None] if plan.frame_masks() else None  # (F, P)
+    dominant = marks = None
+    if any(plan.frame_dominant):
+        score = importance.float() if static is None else torch.where(static, -torch.inf, importance.float())
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: the lower index
+        rank = torch.empty_like(order).scatter_(1, order, positions[:per_frame].expand(n_frames, per_frame))
+        dominant = rank < (ints["dominant"][:, None] if "dominant" in ints else plan.frame_dominant[0])
+        marks = dominant.reshape(-1).long()  # (F * P,): 1 where a token is kept (at its own index)
+
+    centre = merged = flat = None
+    if n_sets:
+        # each set's tokens in index order: the window's static positions or the frame's contextual tokens
+        # (dynamic, not dominant), listed by a stable sort of "not a member"
+        if plan.contextual_frames:
+            taken = [mask for mask in (static, dominant) if mask is not None]
+            if not taken:
+                rest = torch.ones(n_frames, per_frame, dtype=torch.bool, device=device)
+            else:
+                rest = ~taken[0] if len(taken) == 1 else ~(taken[0] | taken[1])
+            table = torch.cat([static, rest]) if static is not None else rest
+            rows = table.index_select(0, ints["row"])
+        elif static is not None:
+            rows = static.index_select(0, ints["row"])
+        else:  # static sets only: their windows' static positions straight from the run lengths
+            rows = run.index_select(0, ints["row"]) >= ints["set_need"][:, None]
+        width = max(sets.sizes)
+        tokens = torch.sort(torch.where(rows, 0, 1), dim=-1, stable=True).indices[:, :width]  # (B, N)
+        # the sets' values, (B, N, D): static means (one gather per window length) and contextual tokens;
+        # written straight into one zero-padded buffer unless a single part fills it
+        single = len(plan.groups) + bool(plan.contextual_frames) == 1 and (
+            not plan.groups or plan.groups[0][2] == width
+        )
+        x = None if single else torch.zeros(n_sets, width, dim, dtype=dtype, device=device)
+        for first, end, n_group, frames in plan.groups:
+            length = len(frames) // (end - first)
+            if f"frames{first}" in ints:
+                frame_index = ints[f"frames{first}"].view(end - first, length, 1)
+                window = features[frame_index, tokens[first:end, None, :n_group]]  # (n_g, L, N_g, D)
+            else:  # one window: a slice of the frames
+                window = features[frames[0] : frames[0] + length, tokens[first, :n_group]][None]
+            if x is None:
+                x = window.to(dtype).mean(dim=1)
+            else:
+                torch.mean(window.to(dtype), dim=1, out=x[first:end, :n_group])
+        if plan.contextual_frames:
+            n_rest = max(sets.sizes[plan.n_static_sets :])
+            picked = features[ints["contextual"][:, None], tokens[plan.n_static_sets :, :n_rest]]
+            if x is None:
+                x = picked.to(dtype)
+            else:
+                x[plan.n_static_sets :, :n_rest].copy_(picked)
+        centre, merged = _cluster_sets(x, sets, beta, positions)
+        flat = ints["base"][:, None] + tokens  # (B, N) flat index of each set token (a centre's source)
+        if marks is None:
+            marks = torch.zeros(n_frames * per_frame, dtype=torch.int64, device=device)
+        marks.scatter_add_(0, flat.reshape(-1), centre.reshape(-1).long())  # padding adds 0 (to any index)
+
+    # compaction with the count known on the host: the j-th kept token (ascending) goes to slot j + 1,
+    # everything else to slot 0, a sink
+    slot = marks.cumsum(0) * marks
+    source = torch.zeros(plan.kept + 1, dtype=torch.int64, device=device).scatter_(0, slot, positions)
+    values = features.reshape(-1, dim).index_select(0, source).to(dtype)
+    if centre is not None:
+        values.index_put_(((slot[flat] * centre).reshape(-1),), merged.reshape(-1, dim))  # non-centres: sink
+    return VideoSelection(source[1:], values[1:])
 
 
 def _select(video: VideoTokens, retention: float, options: HoliTomOptions) -> VideoSelection:
