@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava.model.compression import CompressionSpec
@@ -35,6 +36,20 @@ class Counter(TorchDispatchMode):
         )
         if bool_index or any(s in name for s in SYNC_OPS) or (name.startswith("repeat_interleave") and not kwargs):
             self.syncs.append(len(self.ops) - 1)
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchFunctionMode):
+    """Tensor.tolist() / .cpu() / .numpy() read device data without an aten op the dispatch mode sees."""
+
+    def __init__(self, counter: Counter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("tolist", "cpu", "numpy"):
+            self.counter.ops.append(f"host_read.{func.__name__}")
+            self.counter.syncs.append(len(self.counter.ops) - 1)
         return func(*args, **(kwargs or {}))
 
 
@@ -64,7 +79,7 @@ def main() -> None:
     for name in args.methods.split(","):
         spec = CompressionSpec(name, args.retention, {"execution": "eager"} if name == "vidcom2" else {})
         counter = Counter()
-        with counter:
+        with counter, HostReads(counter):
             [choice] = spec.select_videos([video])
             choice.mask.sum().item()  # the adapters' one count read
         first = counter.syncs[0] if counter.syncs else len(counter.ops)

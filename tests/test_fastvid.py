@@ -594,3 +594,217 @@ def test_method_declaration_and_select():
         METHOD.select(tokens_of(x, salience, glob), 0.25, FastVIDOptions())
     port = METHOD.select(VideoTokens(x, (12, 5, 6), {FRAME_GLOBAL: glob}), 0.25, FastVIDOptions(port="authors"))
     assert torch.equal(port.source, fastvid_select(x, None, glob, 0.25, FastVIDOptions(port="authors")).source)
+
+
+# ------------------------------------------------------------------------------------------------
+# The batched hot path: equal to the per-anchor-frame loop, one host sync, ops independent of the segments
+# ------------------------------------------------------------------------------------------------
+
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from llava.model.dpc_knn import dpc_centres  # noqa: E402
+from llava.model.fastvid import (  # noqa: E402
+    batched_dpc_ranks,
+    frame_budgets,
+    gap_flags,
+    padded_distances,
+    segments_from_cuts,
+)
+
+
+def loop_fastvid(x, salience, glob, retention, options, family=""):
+    """The method as a loop over anchor frames: per frame DPC-kNN on its non-salient tokens, then the merge of
+    its segment's candidates (the straightforward form the batched code replaces)."""
+    knobs = resolve_knobs(options, family)
+    n_frames, per_frame, dim = x.shape
+    if knobs.authors:
+        salience = x.float().norm(dim=-1)
+    r_f = int(per_frame * retention)
+    cut, near = gap_flags(glob, knobs.c, knobs.tau, knobs.ignore)
+    budgets = frame_budgets(knobs, segments_from_cuts(cut), near, per_frame, r_f)
+    order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices
+    dtype = torch.float32 if options.merge_dtype == "float32" else x.dtype
+    generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
+    out = {}
+    for f in range(n_frames):
+        for i in order[f, : budgets.salient[f]].tolist():
+            out[f * per_frame + i] = x[f, i].to(dtype)
+    for f in range(n_frames):
+        count = budgets.anchors[f]
+        if count == 0:
+            continue
+        rest = order[f, budgets.salient[f]:].sort().values
+        picks = dpc_centres(x[f, rest], knobs.k, count, generator=generator)
+        anchors = f * per_frame + rest[picks]
+        if knobs.variant != "onevision":
+            anchors = anchors.sort().values
+        lo, hi = budgets.scope[f]
+        candidate = torch.ones((hi - lo) * per_frame, dtype=torch.bool)
+        for g in range(lo, hi):
+            for i in order[g, : budgets.salient[g]].tolist():
+                candidate[(g - lo) * per_frame + i] = False
+        local = anchors - lo * per_frame
+        if knobs.variant != "onevision":
+            candidate[local] = False
+        tokens = x.reshape(-1, dim)[lo * per_frame : hi * per_frame]
+        new = merge_into_anchors(tokens, candidate, local, knobs.beta, dtype)
+        for a, value in zip(anchors.tolist(), new, strict=True):
+            out[a] = value
+    keys = sorted(out)
+    return torch.tensor(keys, dtype=torch.int64), torch.stack([out[k] for k in keys])
+
+
+def assert_same_as_loop(x, salience, glob, retention, options, family="", atol=1e-6):
+    got = fastvid_select(x, salience, glob, retention, options, family=family)
+    source, features = loop_fastvid(x, salience, glob, retention, options, family)
+    assert torch.equal(got.source, source)
+    assert got.features.dtype == features.dtype
+    torch.testing.assert_close(got.features, features, atol=atol, rtol=1e-5)
+    return got
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", ["random", "scene", "duplicates", "seed", "bf16", "model"])
+def test_batched_equals_the_anchor_frame_loop(variant, case):
+    """P = 64 (cdist's matmul form), long and short segments, several anchor frames per segment."""
+    g = gen(30)
+    x = torch.randn(14, 64, 10, generator=g)
+    salience = torch.rand(14, 64, generator=g)
+    glob = torch.randn(1, 6, generator=g) + 0.3 * torch.randn(14, 6, generator=g)
+    options = dict(variant=variant, dtm_p=2)
+    if case == "scene":
+        x, salience, glob = static_clip_with_cut(frames=14, cut=9, tokens=64, dim=10)
+    if case == "duplicates":  # exact density ties everywhere
+        x[:, 32:] = x[:, :32]
+    if case == "seed":
+        x[:, 32:] = x[:, :32]
+        options["seed"] = 11
+    if case in ("bf16", "model"):
+        x = x.to(torch.bfloat16)
+    if case == "model":
+        options["merge_dtype"] = "model"
+    lengths = segment_lengths(glob, 8, 0.84 if variant == "qwen" else 0.9)
+    assert max(lengths) >= 3
+    for retention in (0.1, 0.3, 0.8):
+        atol = 1e-2 if case == "model" else 1e-6
+        assert_same_as_loop(x, salience, glob, retention, FastVIDOptions(**options), atol=atol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_equals_the_loop_at_edges(variant):
+    x, salience, glob = random_video(frames=9, tokens=20, dim=6, seed=31)
+    x[:, 10:] = x[:, :10]  # duplicated tokens: exact ties decided by index
+    for knobs in (dict(stprune_d=0.0), dict(stprune_d=1.0), dict(density_k=1), dict(density_k=30), dict(dtm_p=1),
+                  dict(dyseg_c=1, dyseg_tau=-1.0)):
+        for retention in (0.05, 0.5, 1.0):
+            assert_same_as_loop(x, salience, glob, retention, FastVIDOptions(variant=variant, **knobs))
+    assert_same_as_loop(x, None, glob, 0.3, FastVIDOptions(port="authors"))
+
+
+def test_frames_on_both_sides_of_cdist_method_switch():
+    """video variant, P = 40: anchor frames keep 20-39 non-salient tokens, so the padded batch mixes frames that
+    cdist alone computes by exact differences (<= 25 rows) and by a matmul (> 25): each keeps its own."""
+    g = gen(32)
+    x = torch.randn(6, 40, 8, generator=g)
+    x[:, 20:] = x[:, :20]  # duplicates: distance exactly 0 by differences, ~1e-4 by the matmul form
+    salience = torch.rand(6, 40, generator=g)
+    glob = torch.ones(6, 4)
+    glob[3] = -1.0  # segments [0..2], [3], [4, 5]
+    options = FastVIDOptions(variant="video", dyseg_c=1, dtm_p=1)
+    sizes = [40 - s for s, a in zip(*_budget_lists(x, salience, glob, 0.6, options), strict=True) if a]
+    assert min(sizes) <= 25 < max(sizes)
+    assert_same_as_loop(x, salience, glob, 0.6, options)
+
+
+def _budget_lists(x, salience, glob, retention, options):
+    knobs = resolve_knobs(options)
+    cut, near = gap_flags(glob, knobs.c, knobs.tau, knobs.ignore)
+    budgets = frame_budgets(knobs, segments_from_cuts(cut), near, x.shape[1], int(x.shape[1] * retention))
+    return budgets.salient, budgets.anchors
+
+
+def test_batched_dpc_ranks_match_one_frame_at_a_time():
+    """Rows of different lengths (some below k, some across 25), ties, noise: each row ranks its tokens as
+    dpc_centres does on that row alone (noise: the same draws), and the padding ranks last."""
+    g = gen(33)
+    counts = [3, 1, 40, 25, 26, 12]
+    width = max(counts)
+    x = torch.randn(len(counts), width, 5, generator=g)
+    x[:, 1::2] = x[:, ::2][:, : width // 2]  # pairs of equal tokens: exact density ties
+    valid = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]
+    dist = padded_distances(x, counts, torch.tensor(counts))
+    noise = torch.zeros(len(counts), width)
+    for b, n in enumerate(counts):
+        noise[b, :n] = torch.rand(n, generator=gen(100 + b))
+    for k in (1, 4):
+        for seeded in (False, True):
+            ranks = batched_dpc_ranks(dist, k, counts=counts, valid=valid, noise=noise if seeded else None)
+            for b, n in enumerate(counts):
+                want = dpc_centres(x[b, :n], k, n, generator=gen(100 + b) if seeded else None)
+                assert ranks[b, :n].tolist() == want.tolist()
+                assert sorted(ranks[b, n:].tolist()) == list(range(n, width))
+
+
+class _Counter(TorchDispatchMode):
+    """aten ops, and host reads: _local_scalar_dense / nonzero (dispatched) and Tensor.tolist (not dispatched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        self.ops.append(name)
+        if any(s in name for s in ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item")):
+            self.syncs.append(len(self.ops) - 1)
+        return func(*args, **(kwargs or {}))
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "tolist":
+            self.counter.ops.append("tolist")
+            self.counter.syncs.append(len(self.counter.ops) - 1)
+        return func(*args, **(kwargs or {}))
+
+
+def _count(x, salience, glob, options, family=""):
+    fastvid_select(x, salience, glob, 0.25, options, family=family)  # warm-up
+    counter = _Counter()
+    with _HostReads(counter), counter:
+        fastvid_select(x, salience, glob, 0.25, options, family=family)
+    return counter
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [None, 4])
+def test_one_host_sync_and_a_fixed_number_of_ops_after_it(variant, seed):
+    """One host read (the DySeg flags with the finite check), and the ops after it do not grow with the number
+    of anchor frames: 8 or 24 one-frame segments cost the same (the seeded path adds its CPU draws only)."""
+    after = {}
+    for frames in (8, 24):
+        g = gen(35)
+        x = torch.randn(frames, 64, 16, generator=g).to(torch.bfloat16)
+        salience, glob = torch.rand(frames, 64, generator=g), torch.randn(frames, 32, generator=g)
+        counter = _count(x, salience, glob, FastVIDOptions(variant=variant, seed=seed))
+        assert [counter.ops[i] for i in counter.syncs] == ["tolist"]
+        ops_after = counter.ops[counter.syncs[0]:]
+        draws = ("rand.generator", "select.int", "slice.Tensor", "copy_.default")  # seeded: CPU draws per frame
+        after[frames] = len([op for op in ops_after if seed is None or op not in draws])
+        assert after[frames] <= ((65 if seed is None else 90) if variant == "onevision" else 140)
+    assert after[8] == after[24]
+
+
+def test_non_finite_signals_are_refused_at_the_one_sync():
+    x, salience, glob = random_video(seed=36)
+    for name in ("salience", "glob"):
+        bad_salience, bad_glob = salience.clone(), glob.clone()
+        (bad_salience if name == "salience" else bad_glob)[2, 3] = float("inf")
+        for variant in VARIANTS:
+            with pytest.raises(ValueError, match="contain NaN or Inf"):
+                fastvid_select(x, bad_salience, bad_glob, 0.25, FastVIDOptions(variant=variant))

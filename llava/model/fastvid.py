@@ -53,11 +53,25 @@ Differences from the original code (all three variants):
   segment's length; upstream decides by "anchor count == n_ctx", which for p = 1, or p = 2 with
   n_ctx = 1, also makes anchor frames of multi-frame segments merge within their frame only.
 - Merging runs in float32 (upstream: the model dtype); ``merge_dtype="model"`` merges in the features'
-  dtype. Density distances are float32 in both, as upstream.
+  dtype (the cluster sums accumulate in float32 and round once, as a matmul in that dtype does). Density
+  distances are float32 in both, as upstream.
 - video: upstream strips LLaVA-Video's row newlines itself (hard-coded 64 x 13 x 13) and re-inserts the
   newline of every row that keeps a token; here the features come without newlines (P = 169) and the
   adapter's layout policy places newlines.
 - Output: one selection per video (upstream: batch size 1, one video per request).
+
+Implementation (GPU): one host sync per video, a small read of DySeg's cut flags with the finite check.
+Before it, all that the segments do not decide is queued: the salience order and, for onevision (every
+frame has the same salient count), every frame's non-salient rows and their DPC-kNN ranks in one
+(F, M, M) batch. After it, a fixed number of batched ops however many anchor frames: video / qwen rank
+their anchor frames' non-salient tokens in one padded, masked batch; the merge scores every frame's rows
+against the anchors of its segment (one bmm, padded to the segment with most anchor slots), takes the
+argmax within each anchor frame's slots, and sums the one-hot clusters per frame and then per segment
+(matmuls, deterministic); the output comes from one sort of the kept keys, sized from the budgets. Only
+``seed`` draws its noise in a short CPU loop over anchor frames (one draw each, as the reference does).
+Against a loop over anchor frames the outputs are the same up to float32 summation order (sources equal;
+features within about 1 ulp; an exact cosine tie, e.g. between orthogonal integer vectors, may then go
+either way, as it may between CPU and CUDA).
 
 The VidCom2 authors' Qwen port (``port="authors"``, labelled): salience = the L2 norm of each token's
 features (FRAME_SALIENCE is not read: ``Method.needs`` lists FRAME_GLOBAL alone), the qwen variant,
@@ -75,7 +89,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.model.dpc_knn import dpc_centres, stable_top
+from llava.model.dpc_knn import pairwise_distances, stable_top
 from llava.model.method_api import (
     FRAME_GLOBAL,
     FRAME_SALIENCE,
@@ -225,6 +239,20 @@ def resolve_knobs(options: FastVIDOptions | None, family: str = "") -> Knobs:
 # ---------------------------------------------------------------------------------------------
 
 
+def gap_tensors(
+    frame_global: torch.Tensor, c: int, tau: float, ignore: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, G) -> (cut, near): (F - 1,) bool tensors on the globals' device, no sync (see :func:`gap_flags`)."""
+    unit = F.normalize(frame_global.float(), dim=-1, eps=_EPS)
+    sim = (unit[:-1] * unit[1:]).sum(dim=-1)  # (F-1,)
+    gaps = sim.shape[0]
+    lowest = torch.zeros(gaps, dtype=torch.bool, device=sim.device)
+    lowest[stable_top(-sim, min(c - 1, gaps))] = True  # c - 1 clamped to F - 1: upstream's topk crashes
+    cut = lowest | (sim < tau)
+    near = sim < ignore if ignore is not None else torch.zeros_like(cut)
+    return cut, near
+
+
 def gap_flags(
     frame_global: torch.Tensor, c: int, tau: float, ignore: float | None = None
 ) -> tuple[list[bool], list[bool]]:
@@ -233,14 +261,7 @@ def gap_flags(
     cut[t]: the segment ends after frame t (c_t among the min(c - 1, F - 1) smallest, ties to the lower
     gap, or c_t < tau). near[t]: c_t < ignore (qwen's sub-segment cuts; all False without ``ignore``).
     """
-    unit = F.normalize(frame_global.float(), dim=-1, eps=_EPS)
-    sim = (unit[:-1] * unit[1:]).sum(dim=-1)  # (F-1,)
-    gaps = sim.shape[0]
-    lowest = torch.zeros(gaps, dtype=torch.bool, device=sim.device)
-    lowest[stable_top(-sim, min(c - 1, gaps))] = True  # c - 1 clamped to F - 1: upstream's topk crashes
-    cut = lowest | (sim < tau)
-    near = sim < ignore if ignore is not None else torch.zeros_like(cut)
-    flags = torch.stack([cut, near]).tolist()
+    flags = torch.stack(gap_tensors(frame_global, c, tau, ignore)).tolist()
     return flags[0], flags[1]
 
 
@@ -343,11 +364,179 @@ def merge_into_anchors(
     values = tokens.to(dtype)
     unit = F.normalize(values, dim=-1, eps=_EPS)
     choice = (unit @ unit[anchors].T).argmax(dim=1)  # (M,)
-    member = F.one_hot(choice, anchors.shape[0]).to(dtype) * candidate[:, None].to(dtype)
+    columns = torch.arange(anchors.shape[0], device=choice.device)
+    member = ((choice[:, None] == columns) & candidate[:, None]).to(dtype)  # one-hot without F.one_hot's syncs
     size = member.sum(dim=0)  # (A,)
     mean = (member.T @ values) / size.clamp(min=1)[:, None]
     weight = (1.0 / (size + 1)).clamp(min=beta)[:, None]
     return weight * values[anchors] + (1 - weight) * mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched over anchor frames: DPC-kNN ranks and the merge as padded, masked tensor ops
+# ---------------------------------------------------------------------------------------------
+
+
+def batched_dpc_ranks(
+    dist: torch.Tensor,
+    k: int,
+    *,
+    counts: list[int] | None = None,
+    valid: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, M, M) float32 distances -> (B, M) token positions by decreasing DPC score, all rows at once.
+
+    Row b is :func:`llava.model.dpc_knn.dpc_scores` + ``stable_top`` on its first ``counts[b]`` tokens
+    (``valid`` (B, M) bool marks them; None = all M): k clamped to the row's count, equal densities ranked
+    by position, ``noise`` (B, M) of U(0, 1) draws added to the density times 1e-6 (upstream's tie-break).
+    Padding ranks after every real token.
+    """
+    rows, m, _ = dist.shape
+    counts = [m] * rows if counts is None else counts
+    k_all = max(1, min(int(k), m))
+    padded = dist if valid is None else dist.masked_fill(~valid[:, None, :], math.inf)
+    nearest = torch.topk(padded, k=k_all, dim=-1, largest=False).values  # ascending, padding last
+    density = torch.exp(-(nearest**2).mean(dim=-1))
+    short = sorted({max(1, min(int(k), n)) for n in counts} - {k_all})
+    if short:  # rows of fewer than k tokens: their own k (rare; at most k - 1 extra steps)
+        k_row = valid.sum(dim=-1).clamp(max=int(k))[:, None]
+        for few in short:
+            density = torch.where(k_row == few, torch.exp(-(nearest[..., :few] ** 2).mean(dim=-1)), density)
+    if noise is not None:
+        density = density + noise.to(density.device) * 1e-6
+    if valid is not None:
+        density = density.masked_fill(~valid, -math.inf)
+    order = stable_top(density, m)  # rank 0 = densest; ties by position: "denser" is a strict total order
+    positions = torch.arange(m, device=dist.device)
+    rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
+    denser = rank[:, None, :] < rank[:, :, None]  # denser[b, i, j]: j is denser than i
+    if valid is None:
+        far = dist.amax(dim=(1, 2))
+    else:
+        far = dist.masked_fill(~(valid[:, :, None] & valid[:, None, :]), -math.inf).amax(dim=(1, 2))
+    delta = torch.where(denser, dist, far[:, None, None]).min(dim=-1).values
+    score = density * delta
+    if valid is not None:
+        score = score.masked_fill(~valid, -math.inf)
+    return stable_top(score, m)
+
+
+_CDIST_EXACT_MAX = 25  # torch.cdist's default mode takes exact differences up to 25 rows, a matmul above
+
+
+def padded_distances(x: torch.Tensor, counts: list[int], counts_on_device: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) rows of which the first ``counts[b]`` are real -> (B, M, M) float32 distances / sqrt(D).
+
+    Each row's distances are computed as :func:`llava.model.dpc_knn.pairwise_distances` computes them for
+    that frame alone: cdist picks its method by size, so padding a frame of <= 25 tokens past 25 would
+    switch it to the matmul form (other rounding; duplicated tokens get distance ~1e-4 rather than 0).
+    ``counts_on_device``: the same counts as a (B,) tensor (read only when they straddle 25).
+    """
+    if max(counts) <= _CDIST_EXACT_MAX or min(counts) > _CDIST_EXACT_MAX:
+        return pairwise_distances(x)  # one method for every row, the one each frame alone would get
+    x = x.float()
+    scale = x.shape[-1] ** 0.5
+    exact = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / scale
+    matmul = torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist") / scale
+    return torch.where((counts_on_device <= _CDIST_EXACT_MAX)[:, None, None], exact, matmul)
+
+
+@dataclass(frozen=True)
+class AnchorLayout:
+    """Host-side shape of the batched merge, from the budgets (small lists; read from one packed tensor).
+
+    frames: the A anchor frames, ascending; counts: their anchor counts; width: max count (slots per
+    anchor frame); slots: Q, the most anchor frames in one segment; segment_of: (F,) every frame's
+    segment; frame_slots: (F, Q) the q-th anchor frame (index into ``frames``) of each frame's segment
+    (0 = padding); slot_counts: (F, Q) that anchor frame's count (0 = padding); own: (F, Q) 1 where it is
+    the frame itself; seg_slot: (A,) segment * Q + q of every anchor frame.
+    """
+
+    frames: list[int]
+    counts: list[int]
+    width: int
+    slots: int
+    n_segments: int
+    segment_of: list[int]
+    frame_slots: list[int]
+    slot_counts: list[int]
+    own: list[int]
+    seg_slot: list[int]
+
+
+def anchor_layout(anchors: list[int], segments: list[tuple[int, int]]) -> AnchorLayout:
+    """Per-frame anchor counts + segments -> the padded layout (loops over segments and their frames)."""
+    frames = [f for f, count in enumerate(anchors) if count > 0]
+    index = {f: i for i, f in enumerate(frames)}
+    members = [[f for f in range(start, start + length) if anchors[f] > 0] for start, length in segments]
+    slots = max(1, max(len(group) for group in members))
+    segment_of, frame_slots, slot_counts, own, seg_slot = [], [], [], [], []
+    for s, (start, length) in enumerate(segments):
+        group = members[s] + [None] * (slots - len(members[s]))
+        seg_slot += [s * slots + q for q in range(len(members[s]))]
+        for g in range(start, start + length):
+            segment_of.append(s)
+            frame_slots += [0 if a is None else index[a] for a in group]
+            slot_counts += [0 if a is None else anchors[a] for a in group]
+            own += [int(a == g) for a in group]
+    counts = [anchors[f] for f in frames]
+    return AnchorLayout(frames, counts, max(counts, default=0), slots, len(segments), segment_of, frame_slots,
+                        slot_counts, own, seg_slot)
+
+
+def _packed(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Host integer lists -> int64 tensors on ``device`` through one copy (non-blocking: no stream sync)."""
+    flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the stream: pin it first
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=True).split([len(values) for values in lists]))
+
+
+def merge_batched(
+    unit: torch.Tensor,
+    values: torch.Tensor,
+    values32: torch.Tensor,
+    anchor_rows: torch.Tensor,
+    candidate: torch.Tensor | None,
+    layout: AnchorLayout,
+    tables: dict[str, torch.Tensor],
+    beta: float,
+) -> torch.Tensor:
+    """:func:`merge_into_anchors` for every anchor frame at once -> (A, width, D) new anchor values.
+
+    unit / values / values32: (F, M, D) the frames' token rows (unit-normalised / in the merge dtype / in
+    float32: the cluster sums accumulate in float32 and round to the merge dtype once); anchor_rows:
+    (A, width) each anchor's row in the flattened (F * M) table, in tie-break order (slots past an anchor
+    frame's count are padding); candidate: (F, M, Q) bool, may token m of frame g join the q-th anchor frame
+    of its segment (None = all). Every frame scores its rows against the anchors of its own segment
+    (a bmm over frames, padded to Q * width), argmax within each anchor frame's slots; the one-hot sums per
+    frame are added up per segment by an indicator matmul (deterministic, unlike index_add on CUDA).
+    """
+    n_frames, rows, dim = unit.shape
+    slots, width, dtype = layout.slots, layout.width, values.dtype
+    columns = slots * width
+    steps = tables["steps"]
+    per_frame = anchor_rows[tables["frame_slots"]].reshape(n_frames, columns)  # (F, Q * width)
+    real = steps[:width] < tables["slot_counts"][..., None]  # (F, Q, width)
+    sims = torch.bmm(unit, unit.reshape(-1, dim)[per_frame].mT)  # (F, M, Q * width) cosines
+    sims = sims.masked_fill_(~real.reshape(n_frames, 1, columns), -math.inf)
+    choice = sims.view(n_frames, rows, slots, width).argmax(dim=-1)  # ties: the first slot
+    member = choice[..., None] == steps[:width]  # (F, M, Q, width) one-hot
+    if candidate is not None:
+        member &= candidate[..., None]
+    member = member.view(n_frames, rows, columns)
+    sums = torch.bmm(member.mT.to(torch.float32), values32)  # (F, Q * width, D)
+    sizes = member.sum(dim=1, dtype=torch.float32)  # (F, Q * width), exact counts
+    if layout.n_segments < n_frames:  # add the frames of each segment
+        indicator = (tables["segment_of"][None, :] == steps[: layout.n_segments, None]).to(torch.float32)  # (S, F)
+        sums = indicator @ sums.reshape(n_frames, columns * dim)
+        sizes = indicator @ sizes
+    sums = sums.reshape(-1, width, dim)[tables["seg_slot"]].to(dtype)  # (A, width, D)
+    size = sizes.reshape(-1, width)[tables["seg_slot"]].to(dtype)  # (A, width)
+    mean = sums / size.clamp(min=1)[..., None]
+    weight = (size + 1).reciprocal().clamp(min=beta)[..., None]  # = 1 / (size + 1), bit for bit
+    return weight * values.reshape(-1, dim)[anchor_rows] + (1 - weight) * mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +566,10 @@ def fastvid_select(
 
     ``salience`` may be None with port="authors" (the L2 norms of the features are used). Returns
     sources (K,) ascending and features (K, D) (float32, or the features' dtype with merge_dtype="model").
+
+    One host sync: the DySeg flags with the finite check. Before it, everything the segments do not
+    decide is queued (salience order; onevision: every frame's non-salient rows and their DPC-kNN ranks,
+    as each frame has the same salient count). After it, a fixed number of batched ops.
     """
     check_video_features(features, retention)
     options = options or FastVIDOptions()
@@ -392,42 +585,116 @@ def fastvid_select(
             f"{OWNER} needs R >= 1/P = {1 / per_frame:.4g} (P = {per_frame} tokens per frame), so that every "
             f"frame keeps int(P * R) >= 1 tokens; got R = {retention}"
         )
-    finite = torch.isfinite(features).all() & torch.isfinite(salience).all() & torch.isfinite(frame_global).all()
-    if not bool(finite):
-        raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
-
-    cut, near = gap_flags(frame_global, knobs.c, knobs.tau, knobs.ignore)
-    budgets = frame_budgets(knobs, segments_from_cuts(cut), near, per_frame, r_f)
-
-    device = features.device
-    order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices  # ties: lower index
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_frame, device=device).expand_as(order))
-    salient = rank < torch.tensor(budgets.salient, device=device)[:, None]  # (F, P)
-    flat = features.reshape(n_frames * per_frame, dim)
+    device, total = features.device, n_frames * per_frame
     dtype = torch.float32 if options.merge_dtype == "float32" else features.dtype
     generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
+    onevision = knobs.variant == "onevision"
+    flat = features.reshape(total, dim)
+    frame_start = torch.arange(0, total, per_frame, device=device)  # (F,) first flat index of each frame
 
-    sources, values = [], []
-    for f, count in enumerate(budgets.anchors):  # loop over anchor frames: each has its own budget and scope
-        if count == 0:
-            continue
-        rest = order[f, budgets.salient[f] :].sort().values  # the frame's non-salient tokens, ascending
-        picks = dpc_centres(features[f, rest], knobs.k, count, generator=generator)  # by decreasing score
-        if knobs.variant != "onevision":
-            picks = picks.sort().values  # these scripts order anchors by index (cosine ties go to the lowest)
-        lo, hi = budgets.scope[f]
-        local = (f - lo) * per_frame + rest[picks]  # anchor rows within the scope
-        candidate = ~salient[lo:hi].reshape(-1)
-        if knobs.variant != "onevision":
-            candidate[local] = False  # video / qwen: the frame's own anchors are not candidates
-        sources.append(local + lo * per_frame)
-        values.append(merge_into_anchors(flat[lo * per_frame : hi * per_frame], candidate, local, knobs.beta, dtype))
+    # --- queued before the sync -------------------------------------------------------------------
+    finite = torch.isfinite(features).all() & torch.isfinite(salience).all() & torch.isfinite(frame_global).all()
+    cut, near = gap_tensors(frame_global, knobs.c, knobs.tau, knobs.ignore)
+    order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices  # ties: lower index
+    if onevision:  # every frame: n_sal salient tokens, its other M tokens are the rows of the merge
+        n_sal = r_f - int(r_f * knobs.d)
+        m = per_frame - n_sal
+        rest = order[:, n_sal:].sort(dim=1).values  # (F, M) the non-salient tokens, ascending
+        rest_source = (rest + frame_start[:, None]).reshape(-1)  # (F * M,) their flat indices
+        row_start = torch.arange(n_frames, device=device)[:, None] * m  # (F, 1) first row of each frame
+        kept = (order[:, :n_sal] + frame_start[:, None]).reshape(-1)
+        kept_values = flat[kept].to(dtype)
+        rows = features[torch.arange(n_frames, device=device)[:, None], rest]  # (F, M, D)
+        values = rows.to(dtype)
+        rows = values if dtype == torch.float32 else rows.float()  # float32: distances and cluster sums
+        dist = ranks = None
+        if m > 0 and r_f > n_sal:  # some frame gets anchors
+            dist = pairwise_distances(rows)
+            if generator is None:  # (F, M) every frame's rows (into F * M), in decreasing score
+                ranks = batched_dpc_ranks(dist, knobs.k) + row_start
+    else:
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_frame, device=device).expand_as(order))
+        order_source = order + frame_start[:, None]  # (F, P) flat indices by decreasing salience
+        values = features.to(dtype)  # (F, P, D): every token is a row; the salient ones are masked out
+        rows = values.float()  # float32: distances and cluster sums (the same tensor by default)
+    unit = F.normalize(values, dim=-1, eps=_EPS)
 
-    kept = salient.reshape(-1).nonzero().squeeze(1)
-    source = torch.cat([kept, *sources])
-    merged = torch.cat([flat[kept].to(dtype), *values])
-    source, permutation = torch.sort(source)
-    return VideoSelection(source, merged[permutation])
+    # --- the sync: DySeg's flags and the finite check, one small read ----------------------------
+    gaps = n_frames - 1
+    flags = torch.cat([cut, near, finite.reshape(1)]).tolist()
+    if not flags[-1]:
+        raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
+    segments = segments_from_cuts(flags[:gaps])
+    budgets = frame_budgets(knobs, segments, flags[gaps : 2 * gaps], per_frame, r_f)
+    layout = anchor_layout(budgets.anchors, segments)
+    n_anchor_frames, width = len(layout.frames), layout.width
+    count = sum(budgets.salient) + sum(layout.counts)
+    if onevision:
+        sal_max = n_sal
+    else:
+        sal_max = max(budgets.salient)
+        n_rest = [per_frame - budgets.salient[f] for f in layout.frames]
+    rest_max = 0 if onevision or not n_anchor_frames else max(n_rest)
+
+    lists = {"frames": layout.frames, "counts": layout.counts, "segment_of": layout.segment_of,
+             "frame_slots": layout.frame_slots, "slot_counts": layout.slot_counts, "own": layout.own,
+             "seg_slot": layout.seg_slot}
+    if not onevision:
+        lists["salient"] = budgets.salient
+        lists["n_rest"] = n_rest
+    tables = dict(zip(lists, _packed(list(lists.values()), device), strict=True))
+    tables["frame_slots"] = tables["frame_slots"].view(n_frames, layout.slots)
+    tables["slot_counts"] = tables["slot_counts"].view(n_frames, layout.slots)
+    tables["steps"] = torch.arange(max(width, sal_max, rest_max, layout.n_segments, 1), device=device)
+    steps = tables["steps"]
+
+    if not onevision:  # the salient tokens of each frame, padded to the largest count
+        salient = rank < tables["salient"][:, None]  # (F, P)
+        taken = steps[:sal_max] < tables["salient"][:, None]  # (F, sal_max)
+        kept = torch.where(taken, order_source[:, :sal_max], total).reshape(-1)
+        kept_values = flat[order_source[:, :sal_max].reshape(-1)].to(dtype)  # padding rows: dropped at the end
+
+    if n_anchor_frames == 0:
+        keys, merged = kept, kept_values
+    else:
+        frames = tables["frames"]
+        real = steps[:width] < tables["counts"][:, None]  # (A, width)
+        draws = None
+        if generator is not None:  # upstream's noise, drawn anchor frame by anchor frame as the loop did
+            sizes = [m] * n_anchor_frames if onevision else n_rest
+            draws = torch.zeros(n_anchor_frames, m if onevision else rest_max)
+            for i, size in enumerate(sizes):  # seeded path only: one CPU draw per anchor frame
+                draws[i, :size] = torch.rand(size, generator=generator)
+        if onevision:
+            if ranks is None:
+                ranks = batched_dpc_ranks(dist[frames], knobs.k, noise=draws) + row_start[frames]
+            else:
+                ranks = ranks[frames]
+            anchor_rows = ranks[:, :width]  # (A, width) in decreasing score: cosine ties go to the higher score
+            source = rest_source[anchor_rows]
+            candidate = None  # the rows are the non-salient tokens: all candidates, anchors included
+        else:
+            # each anchor frame's non-salient tokens ascending (a stable sort puts them before the salient)
+            rest = torch.sort(salient[frames].to(torch.uint8), dim=1, stable=True).indices[:, :rest_max]
+            pool = rows[frames[:, None], rest]
+            dist = padded_distances(pool, n_rest, tables["n_rest"])
+            inside = None if min(n_rest) == rest_max else steps[:rest_max] < tables["n_rest"][:, None]  # (A, rest_max)
+            ranks = batched_dpc_ranks(dist, knobs.k, counts=n_rest, valid=inside, noise=draws)
+            # these scripts order a frame's anchors by index (cosine ties go to the lowest); padding sorts last
+            token = torch.where(real, rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
+            mine = torch.zeros(n_anchor_frames, per_frame + 1, dtype=torch.bool, device=device)
+            mine = mine.scatter_(1, token, True)[:, :per_frame]  # (A, P) the frame's own anchors
+            anchor_rows = frame_start[frames][:, None] + token.clamp(max=per_frame - 1)
+            source = anchor_rows
+            own_anchor = torch.zeros_like(salient).index_copy_(0, frames, mine)  # (F, P)
+            own = tables["own"].view(n_frames, layout.slots) != 0  # (F, Q)
+            # candidates: the segment's tokens neither salient nor among the anchor frame's own anchors
+            candidate = ~(salient[..., None] | (own_anchor[..., None] & own[:, None, :]))
+        new = merge_batched(unit, values, rows, anchor_rows, candidate, layout, tables, knobs.beta)
+        keys = torch.cat([kept, torch.where(real, source, total).reshape(-1)])
+        merged = torch.cat([kept_values, new.reshape(-1, dim)])
+    keys, permutation = torch.sort(keys)  # padding (key F * P) sorts last
+    return VideoSelection(keys[:count], merged[permutation[:count]])
 
 
 def _select(video: VideoTokens, retention: float, options: FastVIDOptions) -> VideoSelection:
