@@ -70,6 +70,9 @@ def main() -> None:
         spec = CompressionSpec(name, args.retention)
         for _ in range(3):  # warm-up (compilation, caches)
             time_selection(spec, video, 0)
+        cpu_video = VideoTokens(features.cpu().float(), video.grid, {k: v.cpu() for k, v in sig.items()}, args.family)
+        gpu_float = VideoTokens(features.float(), video.grid, sig, args.family)
+        same = torch.equal(spec.select_videos([cpu_video])[0].mask, spec.select_videos([gpu_float])[0].mask.cpu())
         behind = statistics.median(time_selection(spec, video, 30.0) for _ in range(args.repeats))
         idle = statistics.median(time_selection(spec, video, 0.0) for _ in range(args.repeats))
         rows.append(
@@ -79,12 +82,13 @@ def main() -> None:
                 "retention": args.retention,
                 "behind_tower_ms": round(behind, 3),
                 "idle_gpu_ms": round(idle, 3),
+                "float32_sources_equal_cpu": same,
                 "gpu": torch.cuda.get_device_name(device),
                 "torch": torch.__version__,
                 "command": "python scripts/profile_methods_gpu.py " + " ".join(sys.argv[1:]),
             }
         )
-        print(f"{name:10} behind the tower {behind:7.3f} ms   idle GPU {idle:7.3f} ms")
+        print(f"{name:10} behind the tower {behind:7.3f} ms   idle GPU {idle:7.3f} ms   float32 = CPU: {same}")
     if args.out is not None:
         with args.out.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
