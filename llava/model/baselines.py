@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.model.method_api import Method, NoOptions, VideoSelection, VideoTokens
+from llava.model.method_api import Method, NoOptions, selecting
 from llava.model.vidcom2 import check_video_features
 
 
@@ -66,17 +66,8 @@ def uniform_keep_indices(features: torch.Tensor, retention: float, options: NoOp
 
 
 
-def _selecting(indices_of):
-    """A pre-LLM select function from an index function of (features, R, options)."""
-
-    def select(video: VideoTokens, retention: float, options) -> VideoSelection:
-        return VideoSelection(indices_of(video.features, retention, options))
-
-    return select
-
-
-NONE = Method("none", NoOptions, select=_selecting(keep_all_indices), summary="keep every token")
-RANDOM = Method("random", RandomOptions, select=_selecting(random_keep_indices), summary="k random tokens per frame")
+NONE = Method("none", NoOptions, select=selecting(keep_all_indices), summary="keep every token")
+RANDOM = Method("random", RandomOptions, select=selecting(random_keep_indices), summary="k random tokens per frame")
 UNIFORM = Method(
-    "uniform", NoOptions, select=_selecting(uniform_keep_indices), summary="k evenly spaced tokens per frame"
+    "uniform", NoOptions, select=selecting(uniform_keep_indices), summary="k evenly spaced tokens per frame"
 )

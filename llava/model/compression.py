@@ -31,6 +31,7 @@ from llava.model.method_api import (
     VideoTokens,
     option_defaults,
     parse_options,
+    selecting,
 )
 from llava.model.vidcom2 import NON_FINITE_MESSAGE, check_retention
 
@@ -67,10 +68,7 @@ def register_compressor(name: str, *, mask: MaskSelect | None = None) -> Callabl
     indices``; ``mask`` is its optional batched mask form (see method_api.MaskSelect)."""
 
     def wrap(fn: IndexCompressor) -> IndexCompressor:
-        def select(video: VideoTokens, retention: float, options: Any) -> VideoSelection:
-            return VideoSelection(fn(video.features, retention, options))
-
-        register_method(Method(name, NoOptions, select=select, masks=mask))
+        register_method(Method(name, NoOptions, select=selecting(fn), masks=mask))
         return fn
 
     return wrap
@@ -174,7 +172,7 @@ class CompressionSpec:
 
     @property
     def label(self) -> str:
-        return "VidCom2" if self.compressor == "vidcom2" else self.compressor
+        return self.method.label or self.compressor
 
     @property
     def is_identity(self) -> bool:

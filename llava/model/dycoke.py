@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from llava.model.method_api import Method, VideoSelection, VideoTokens, check_choice, parse_options
+from llava.model.method_api import Method, check_choice, parse_options, selecting
 from llava.model.vidcom2 import NON_FINITE_MESSAGE, check_retention, check_video_features
 
 ANCHOR_LAYOUTS = ("released", "every_window")
@@ -232,14 +232,10 @@ def dycoke_keep_indices(
     return indices
 
 
-def _select(video: VideoTokens, retention: float, options: DyCokeOptions) -> VideoSelection:
-    return VideoSelection(dycoke_keep_indices(video.features, retention, options))
-
-
 METHOD = Method(
     name="dycoke",
     options=DyCokeOptions,
-    select=_select,
+    select=selecting(dycoke_keep_indices),
     masks=dycoke_keep_masks,
     merges=False,
     summary="DyCoke TTM: whole anchor frames; other frames keep the positions least similar to their anchor",

@@ -115,6 +115,7 @@ class Method:
     masks: optional batched mask form of a select-only ``select`` (used by the models' fast path).
     merges: True when ``select`` may return new feature values.
     summary: one line for listings.
+    label: the name messages use (e.g. "VidCom2"); the registry name when empty.
     needs: optional ``options -> signals``, for methods whose switches change what they read (e.g. a
         port that scores by feature norm needs no attention); ``signals`` is then the most it may need.
     """
@@ -128,6 +129,7 @@ class Method:
     merges: bool = False
     summary: str = ""
     needs: Callable[[Any], frozenset[str]] | None = None
+    label: str = ""  # how messages name the method (default: its name)
 
     def __post_init__(self) -> None:
         if not is_dataclass(self.options):
@@ -233,6 +235,16 @@ def check_range(owner: str, key: str, value: float, low: float, high: float, *, 
     if not ok:
         bracket = "(" if low_open else "["
         raise ValueError(f"{owner} option {key} must be in {bracket}{low}, {high}], got {value}")
+
+
+def selecting(indices_of: Callable[[torch.Tensor, float, Any], torch.Tensor]) -> PreLLMSelect:
+    """A pre-LLM select function from a select-only index function ``(features (F, P, D), R, options) -> kept
+    flat indices (K,)``: the shape of VidCom2, DyCoke, random and uniform."""
+
+    def select(video: VideoTokens, retention: float, options: Any) -> VideoSelection:
+        return VideoSelection(indices_of(video.features, retention, options))
+
+    return select
 
 
 def selection_from_mask(mask: torch.Tensor) -> VideoSelection:

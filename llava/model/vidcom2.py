@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llava.model.method_api import Method, VideoSelection, VideoTokens
+from llava.model.method_api import Method, selecting
 
 FRAME_SCORES = ("neg_mean", "pos_mean", "neg_max", "pos_max", "neg_min", "pos_min", "equal")
 TOKEN_SCORES = ("v+f", "f", "v", "-(v+f)", "-f", "-v", "external")
@@ -696,14 +696,11 @@ def vidcom2_keep_indices(
     return indices
 
 
-def _select(video: VideoTokens, retention: float, config: VidCom2Config) -> VideoSelection:
-    return VideoSelection(vidcom2_keep_indices(video.features, retention, config))
-
-
 METHOD = Method(
     name="vidcom2",
     options=VidCom2Config,
-    select=_select,
+    select=selecting(vidcom2_keep_indices),
     masks=vidcom2_keep_masks,
     summary="frame budgets from frame uniqueness, then each frame's most unique tokens",
+    label="VidCom2",
 )
