@@ -24,13 +24,12 @@ from transformers import AutoProcessor, PreTrainedModel
 from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
-from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
+from transformers_patched.qwen_vit_signals import QWEN_SIGNALS
 
-QWEN_SIGNALS = frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL})
 QWEN_DEFAULT_FPS = 2.0  # qwen-vl-utils' default sampling rate
 QWEN_DEFAULT_MAX_FRAMES = 768
 
@@ -237,7 +236,7 @@ class QwenVideoLLM:
     @property
     def supplied_signals(self) -> frozenset[str]:
         """The signals these families compute for compression methods (transformers_patched.qwen_vit_signals)."""
-        return QWEN_SIGNALS
+        return frozenset(QWEN_SIGNALS)
 
     def run(
         self,

@@ -246,7 +246,3 @@ def selecting(indices_of: Callable[[torch.Tensor, float, Any], torch.Tensor]) ->
 
     return select
 
-
-def selection_from_mask(mask: torch.Tensor) -> VideoSelection:
-    """(F, P) or (F*P,) bool keep mask -> a select-only VideoSelection (one host sync: nonzero)."""
-    return VideoSelection(mask.reshape(-1).nonzero().squeeze(1))
