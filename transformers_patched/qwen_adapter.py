@@ -24,7 +24,8 @@ from transformers import AutoProcessor, PreTrainedModel
 from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
-from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
+from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
+from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop, maybe_stage
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
@@ -180,7 +181,7 @@ class QwenVideoLLM:
         sources: list[Any] = []  # video items in message order across the batch, decoded together below
         images: list[Any] = []
         videos_per_row: list[int] = []
-        with stages.maybe_stage(timer, "read_video"):
+        with maybe_stage(timer, "read_video"):
             for conversation in conversations:
                 videos_per_row.append(0)
                 for message in conversation:
@@ -196,7 +197,7 @@ class QwenVideoLLM:
                                 raise ValueError("an image item of the messages has no 'image'")
                             images.append(_load_image(item["image"]))
             clips: list[VideoClip] = read_videos(sources, sampling)  # on threads, in order
-        with stages.maybe_stage(timer, "preprocess"):
+        with maybe_stage(timer, "preprocess"):
             texts = [
                 self.processor.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
                 for c in conversations
@@ -256,26 +257,37 @@ class QwenVideoLLM:
             keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
             lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags)
-        stop_check = self._stop_check(generation.stop) if generation.stop else None
-        ids, _ = stages.generate(self.model, lm_inputs, generation, stop_check=stop_check, timer=timer)
+            batch = stages.lm_inputs(lm_inputs)
+        stack = stages.qwen_stack(self.model)
+        tokenizer = self.processor.tokenizer
+        out = generate(
+            stack,
+            batch,
+            generation,
+            stop_ids=stages.eos_token_ids(self.model),
+            stop_check=stop_string_check(tokenizer, generation.stop),
+            timer=timer,
+            plan=compression.llm_plan(stack.num_layers),
+        )
         results = []
         seconds = {stage: 0.0 for stage in ("read_video", "preprocess", "vision", "compress", "prefill", "decode")}
         seconds.update(timer.seconds)
-        for row, row_ids in enumerate(ids.tolist()):
-            out_ids = self._trim(row_ids)
-            answer = cut_at_stop(self.processor.tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
+        for row, out_ids in enumerate(out.ids):
+            answer = cut_at_stop(tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
+            before = int(lm_inputs.tokens_before[row])
             results.append(
                 InferenceResult(
                     answer=answer,
                     output_ids=out_ids,
-                    visual_tokens_before=int(lm_inputs.tokens_before[row]),
+                    visual_tokens_before=before,
                     visual_tokens_after=int(lm_inputs.tokens_after[row]),
                     timings=dict(seconds),
                     extra={
                         "family": self.family,
                         "compression": compression.describe(),
-                        "batch_size": int(ids.shape[0]),
-                        "prompt_tokens_after": int(lm_inputs.attention_mask[row].sum()),
+                        "batch_size": len(out.ids),
+                        "prompt_tokens_after": batch.lengths[row],
+                        "layer_average_retention": layer_average_retention(out.layer_visual, row, before),
                     },
                 )
             )
@@ -330,24 +342,6 @@ class QwenVideoLLM:
         conversations = [video_question_messages(v, q) for v, q in zip(videos, questions, strict=True)]
         return self.answer_messages(conversations, compression=compression, generation=generation, sampling=sampling)
 
-    # ------------------------------------------------------------------ helpers
-
-    def _trim(self, ids: list[int]) -> list[int]:
-        """Generated ids up to (not including) the first EOS."""
-        eos = set(stages.eos_token_ids(self.model))
-        for i, token in enumerate(ids):
-            if token in eos:
-                return ids[:i]
-        return ids
-
-    def _stop_check(self, stop: tuple[str, ...]) -> Any:
-        tokenizer = self.processor.tokenizer
-
-        def check(ids: torch.Tensor) -> torch.Tensor:
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stop) for t in texts], device=ids.device)
-
-        return check
 
 
 def video_question_messages(video: str | Path | VideoClip, question: str) -> Conversation:

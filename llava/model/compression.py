@@ -24,6 +24,7 @@ import torch
 from llava.model import baselines, dycoke, fastvid, holitom, vidcom2, visionzip
 from llava.model.method_api import (
     GRID,
+    InLLMPlan,
     MaskSelect,
     Method,
     NoOptions,
@@ -178,6 +179,17 @@ class CompressionSpec:
     def is_identity(self) -> bool:
         """True when every token is kept, whatever the video."""
         return self.compressor == "none" or float(self.retention) >= 1.0
+
+    @property
+    def selects_before_llm(self) -> bool:
+        """True when the method changes the video's tokens before the language model."""
+        return not self.is_identity and self.method.select is not None
+
+    def llm_plan(self, num_layers: int) -> InLLMPlan | None:
+        """The in-LLM plan of one request on an LM of ``num_layers`` layers (None: nothing to do there)."""
+        if self.is_identity or self.method.plan is None:
+            return None
+        return self.method.plan(num_layers, float(self.retention), self.config)
 
     @property
     def signals(self) -> frozenset[str]:

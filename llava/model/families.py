@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from llava.model.compression import CompressionSpec
-from llava.model.generate import decode, prefill
+from llava.model.generate import llava_stack
 from llava.model.layout import GRID_NEWLINES
 from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
 from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
+from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
 from llava.model.loading import load_llava
 from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
@@ -36,7 +37,7 @@ from llava.runtime import (
     InferenceResult,
     ModelFamily,
     StageTimer,
-    decode_room,
+    cut_at_stop,
 )
 from llava.video_io import VideoClip, read_videos
 
@@ -237,12 +238,19 @@ class LlavaVideoLLM:
     ) -> list[InferenceResult]:
         with timer.stage("prefill"):
             batch = self.model.build_inputs(prompts, self.position_mode)
-            logits, cache = prefill(self.model.language_model, batch, decode_room(generation))
-        with timer.stage("decode"):
-            stop_ids = [] if generation.ignore_eos else self.stop_ids
-            decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, stop_ids)
+        stack = llava_stack(self.model.language_model)
+        out = generate(
+            stack,
+            batch,
+            generation,
+            stop_ids=self.stop_ids,
+            stop_check=stop_string_check(self.tokenizer, generation.stop),
+            timer=timer,
+            plan=compression.llm_plan(stack.num_layers),
+        )
+        texts = [cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), generation.stop) for ids in out.ids]
         results = []
-        for (_, block, _), info, ids, text in zip(prompts, infos, decoded.output_ids, decoded.texts, strict=True):
+        for row, ((_, block, _), info, ids, text) in enumerate(zip(prompts, infos, out.ids, texts, strict=True)):
             layout = block.layout
             extra = {
                 **layout.stats(),
@@ -252,7 +260,8 @@ class LlavaVideoLLM:
                 "grid_newlines": self.grid_newlines if self.model.spec.newline_position == "grid" else None,
                 "position_mode": self.position_mode,
                 "batch_size": len(prompts),
-                "prompt_tokens": int(batch.attention_mask.shape[1]),
+                "prompt_tokens": int(batch.valid.shape[1]),
+                "layer_average_retention": layer_average_retention(out.layer_visual, row, layout.total_tokens),
             }
             results.append(
                 InferenceResult(
