@@ -372,8 +372,8 @@ def test_bfloat16_runs(qwen, videos):
 
 
 def test_errors_are_clear(qwen, videos, tmp_path):
-    with pytest.raises(ValueError, match="unknown compressor 'fastv'"):
-        CompressionSpec("fastv", 0.25)
+    with pytest.raises(ValueError, match="unknown compressor 'fastvv'"):
+        CompressionSpec("fastvv", 0.25)
     for retention in (0.0, 1.5):
         with pytest.raises(ValueError, match="retention"):
             CompressionSpec("vidcom2", retention)

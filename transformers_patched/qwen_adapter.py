@@ -25,6 +25,7 @@ from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
 from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
+from llava.model.method_api import LLM_ATTENTION_ROWS
 from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop, maybe_stage
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
@@ -82,6 +83,7 @@ class PreparedBatch:
     clips: list[VideoClip]
     questions: list[str]
     videos_per_row: list[int]
+    positions: torch.Tensor | None = None  # (4, B, L) prompt positions, computed on the host (qwen_stages)
 
 
 class QwenVideoLLM:
@@ -213,19 +215,22 @@ class QwenVideoLLM:
                 )
             if images:
                 kwargs["images"] = images
-            batch = processor(**kwargs)
-            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = dict(processor(**kwargs))
             if clips and self.arch.timed_rope:
                 patch = int(self.processor.video_processor.temporal_patch_size)
-                inputs["second_per_grid_ts"] = torch.tensor(
+                batch["second_per_grid_ts"] = torch.tensor(
                     [seconds_per_temporal_patch(c, patch) for c in clips], dtype=torch.float32
                 )
+            # positions from the CPU ids and grids now: no GPU work to wait for, none left for later
+            positions = stages.prompt_positions(self.model, batch).to(self.device)
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) and k != "second_per_grid_ts" else v
+                      for k, v in batch.items()}  # fmt: skip
             dtype = self.model.dtype
             for key in ("pixel_values", "pixel_values_videos"):
                 if key in inputs:
                     inputs[key] = inputs[key].to(dtype)
         questions = [_last_user_text(c) for c in conversations]
-        return PreparedBatch(inputs=inputs, clips=clips, questions=questions, videos_per_row=videos_per_row)
+        return PreparedBatch(inputs, clips, questions, videos_per_row, positions)
 
     # ------------------------------------------------------------------ running
 
@@ -233,11 +238,13 @@ class QwenVideoLLM:
         if not isinstance(compression, CompressionSpec):
             raise TypeError(f"compression must be a CompressionSpec, got {type(compression).__name__}")
         compression.check_supported(self.family, self.supplied_signals)
+        compression.llm_plan(self.model.config.text_config.num_hidden_layers)  # its layers and R, checked now
 
     @property
     def supplied_signals(self) -> frozenset[str]:
-        """The signals these families compute for compression methods (transformers_patched.qwen_vit_signals)."""
-        return frozenset(QWEN_SIGNALS)
+        """The signals these families compute for compression methods: the vision tower's
+        (transformers_patched.qwen_vit_signals) and attention rows inside the LM (the layer-wise driver)."""
+        return frozenset({*QWEN_SIGNALS, LLM_ATTENTION_ROWS})
 
     def run(
         self,
@@ -252,11 +259,11 @@ class QwenVideoLLM:
         timer = timer or StageTimer(self.device)
         inputs = prepared.inputs
         with timer.stage("vision"):
-            vision = stages.encode_vision(self.model, inputs, compression.signals)
+            vision = stages.encode_vision(self.model, inputs, compression.tower_signals)
         with timer.stage("compress"):
             keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
-            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags)
+            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags, prepared.positions)
             batch = stages.lm_inputs(lm_inputs)
         stack = stages.qwen_stack(self.model)
         tokenizer = self.processor.tokenizer

@@ -208,10 +208,33 @@ def _rope_kwargs(arch: QwenArch, inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+def prompt_positions(model: PreTrainedModel, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """(4, B, L) positions of the uncompressed prompt: a running text row, then the M-RoPE rows.
+
+    Depends on the token ids and grids only, so adapters compute it on the host from the processor's
+    CPU output, before any GPU work: transformers' get_rope_index is host-heavy (loops and reads per
+    visual item) and would otherwise run after the compression step's sync, with the GPU idle."""
+    attention_mask = inputs["attention_mask"]
+    text = text_positions(attention_mask)
+    if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+        return text[None].expand(4, -1, -1)  # text only: plain positions on every row
+    if inputs.get("mm_token_type_ids") is None:
+        raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
+    host = {k: v.cpu() if torch.is_tensor(v) else v for k, v in _rope_kwargs(_arch(model), inputs).items()}
+    mrope, _ = model.model.get_rope_index(inputs["input_ids"].cpu(), **host)
+    return torch.cat([text[None], mrope.to(text.device)], dim=0)
+
+
+@torch.inference_mode()
 def build_prefill(
-    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, keep_flags: list[torch.Tensor]
+    model: PreTrainedModel,
+    inputs: Mapping[str, Any],
+    vision: VisionOutputs,
+    keep_flags: list[torch.Tensor],
+    positions: torch.Tensor | None = None,
 ) -> PrefillInputs:
-    """Assemble the full sequence, compute M-RoPE positions on it, then keep only the kept tokens."""
+    """Assemble the full sequence, take its (4, B, L) positions (``positions``, from
+    :func:`prompt_positions` on the host, or computed here), then keep only the kept tokens."""
     if inputs.get("mm_token_type_ids") is None:
         raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
     arch = _arch(model)
@@ -231,11 +254,9 @@ def build_prefill(
             embeds[pos] = torch.cat(feats).to(embeds.dtype)
 
     has_visual = bool(vision.video_embeds or vision.image_embeds)
-    if has_visual:
-        mrope, _ = model.model.get_rope_index(input_ids, **_rope_kwargs(arch, inputs))
-    else:  # text only: plain positions on every M-RoPE row
-        mrope = text_positions(attention_mask)[None].expand(3, -1, -1)
-    positions = torch.cat([text_positions(attention_mask)[None], mrope.to(device)], dim=0)  # (4, B, L)
+    if positions is None:
+        positions = prompt_positions(model, inputs)
+    positions = positions.to(device)
 
     sizes = [int(f.shape[0]) for f in vision.video_embeds]
     flags = video_keep_flags(keep_flags, sizes, device)

@@ -27,7 +27,7 @@ from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
 from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
 from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
 from llava.model.loading import load_llava
-from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
+from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, LLM_ATTENTION_ROWS, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
 from llava.model.siglip_signals import load_siglip_head
 from llava.model.tiny import tiny_builder
@@ -101,10 +101,11 @@ class LlavaVideoLLM:
     @property
     def supplied_signals(self) -> frozenset[str]:
         """Signals this model computes for compression methods: the SigLIP feature layer's received
-        attention and keys always; FastVID's frame salience and global vector only with SigLIP's
-        attention-pooling head loaded (:meth:`load_vision_head`; LLaVA checkpoints do not hold it)."""
+        attention and keys always, attention rows inside the LM (the layer-wise driver) always; FastVID's
+        frame salience and global vector only with SigLIP's attention-pooling head loaded
+        (:meth:`load_vision_head`; LLaVA checkpoints do not hold it)."""
         head = {FRAME_SALIENCE, FRAME_GLOBAL} if self.model.vision_head is not None else set()
-        return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, *head})
+        return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, LLM_ATTENTION_ROWS, *head})
 
     @property
     def signal_hint(self) -> str:
@@ -146,7 +147,7 @@ class LlavaVideoLLM:
         """Each video's decoded frames -> its compressed visual block. Every video is encoded on its own
         (the vision stage); then all are compressed together in one stage (one selection launch per
         shape, one host synchronisation), each on its own budget."""
-        encoded = [self.features_from_frames(frames, timer, compression.signals) for frames in videos]
+        encoded = [self.features_from_frames(frames, timer, compression.tower_signals) for frames in videos]
         with torch.inference_mode(), timer.stage("compress"):
             return self.model.compress_videos(
                 [f for f, _ in encoded], compression, self.grid_newlines, [s for _, s in encoded]
@@ -187,6 +188,7 @@ class LlavaVideoLLM:
             raise ValueError("answer_batch needs at least one video")
         self._check_settings()
         compression.check_supported(self.family, self.supplied_signals, self.signal_hint)  # before any video is read
+        compression.llm_plan(self.model.language_model.config.num_hidden_layers)  # its layers and R, checked now
         timer = StageTimer(self.device)
         with timer.stage("read_video"):  # all videos at once, decoded on threads
             decoded = self.read_frames(list(videos), sampling)

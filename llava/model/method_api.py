@@ -54,8 +54,11 @@ FRAME_GLOBAL = "frame_global"
 output; Qwen: the mean of the frame's merged embeddings."""
 QUESTION_TOKENS = "question_tokens"
 """The question's token embeddings at the LM input (in-LLM methods)."""
+LLM_ATTENTION_ROWS = "llm_attention_rows"
+"""In-LLM: the attention statistic of a boundary's query rows (LayerState.scores), which the layer-wise
+driver computes from a layer's own query and keys (llava.model.attention_rows)."""
 
-SIGNALS = (GRID, VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL, QUESTION_TOKENS)
+SIGNALS = (GRID, VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL, QUESTION_TOKENS, LLM_ATTENTION_ROWS)
 
 
 @dataclass(frozen=True)
