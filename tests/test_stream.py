@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -110,8 +111,20 @@ def test_stream_command_writes_rows_with_speedups_and_labels(tmp_path: Path) -> 
         (["--stream", "2", "--prefetch-workers", "0"], "--prefetch-workers must be >= 1"),
         (["--stream", "2", "--answer-tokens", "0"], "--answer-tokens must be >= 1"),
         (["--stream", "2", "--models", "tiny_nope"], "unknown tiny model tiny_nope"),
+        (["--stream", "2,3,4"], "one sample count, or one per --answer-tokens value"),
     ],
 )
 def test_bad_stream_options_fail_before_any_model_is_built(flag, message, capsys, tmp_path: Path) -> None:
     assert main(["bench", *flag, "--device", "cpu", "--out", str(tmp_path / "x.csv")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_one_sample_count_per_answer_length_or_one_for_all() -> None:
+    from llava.bench import _add_arguments
+    from llava.bench.stream_cli import check_stream_arguments
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    both = parser.parse_args(["--stream", "48,12", "--answer-tokens", "1,32"])
+    assert check_stream_arguments(both) == {1: 48, 32: 12}
+    assert check_stream_arguments(parser.parse_args(["--stream", "5"])) == {1: 5, 32: 5}

@@ -387,13 +387,13 @@ def run_stream_command(
     short keeps the rows it finished)."""
     from tqdm import tqdm
 
-    answer_tokens = check_stream_arguments(args)
+    samples_per_length = check_stream_arguments(args)
     cases = stream_cases(
         compressors,
         args.retentions,
         args.frames,
         args.batch_sizes,
-        answer_tokens,
+        list(samples_per_length),
         args.prefetch_workers,
         serial_baseline=args.serial_baseline,
     )
@@ -417,7 +417,7 @@ def run_stream_command(
             for case in cases:
                 options = case_options(case, vidcom2_options, method_options)  # type: ignore[arg-type]
                 spec = CompressionSpec(case.compressor, case.retention, options)
-                samples = stream_samples(videos[case.frames], args.stream)
+                samples = stream_samples(videos[case.frames], samples_per_length[case.max_new_tokens])
                 desc = f"{model.name} {case.compressor}@{case.retention:g} tok={case.max_new_tokens} w={case.workers}"
                 with tqdm(total=len(samples), unit="sample", desc=desc, disable=args.no_progress, leave=False) as bar:
                     stats = run_stream(

@@ -20,10 +20,10 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stream (--stream N)")
     g.add_argument(
         "--stream",
-        type=int,
         default=None,
-        metavar="N",
-        help="measure samples/s of N-sample evaluation streams instead of single requests",
+        metavar="N[,N...]",
+        help="measure samples/s of N-sample evaluation streams instead of single requests; one N per "
+        "--answer-tokens value, or one for all",
     )
     g.add_argument("--answer-tokens", default="1,32", help="answer lengths (max_new_tokens, EOS ignored)")
     g.add_argument("--prefetch-workers", type=int, default=DEFAULT_WORKERS, help="reader threads (>= 1)")
@@ -39,13 +39,23 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_stream_arguments(args: argparse.Namespace) -> list[int]:
-    """The answer lengths; every stream option checked before any model is built."""
-    answer_tokens = [int(x) for x in str(args.answer_tokens).split(",") if x]
-    if args.stream < 1:
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from None
+
+
+def check_stream_arguments(args: argparse.Namespace) -> dict[int, int]:
+    """{answer length: samples}; every stream option checked before any model is built."""
+    counts = _int_list("--stream", args.stream)
+    answer_tokens = _int_list("--answer-tokens", args.answer_tokens)
+    if not counts or min(counts) < 1:
         raise ValueError(f"--stream must be >= 1 sample, got {args.stream}")
     if not answer_tokens or min(answer_tokens) < 1:
         raise ValueError(f"--answer-tokens must be >= 1, got {args.answer_tokens}")
+    if len(counts) not in (1, len(answer_tokens)):
+        raise ValueError(f"--stream {args.stream}: give one sample count, or one per --answer-tokens value")
     if args.prefetch_workers < 1:
         raise ValueError(
             f"--prefetch-workers must be >= 1 (--serial-baseline adds the serial stream), got {args.prefetch_workers}"
@@ -60,4 +70,4 @@ def check_stream_arguments(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--video-frames must be >= 1, got {args.video_frames}")
     if args.decode_mode != "eager" and args.warmup < 1:
         raise ValueError(f"--decode-mode {args.decode_mode} needs --warmup >= 1 (the first batch compiles)")
-    return answer_tokens
+    return dict(zip(answer_tokens, counts * len(answer_tokens) if len(counts) == 1 else counts, strict=True))
