@@ -105,7 +105,14 @@ class InferenceResult:
 
     @property
     def achieved_retention(self) -> float:
+        """Video tokens kept at the LM input over those before (pre-LLM methods)."""
         return self.visual_tokens_after / self.visual_tokens_before if self.visual_tokens_before else 1.0
+
+    @property
+    def layer_average_retention(self) -> float:
+        """Video tokens entering each LM layer, averaged over layers, over those before compression: the
+        "equivalent retention" in-LLM methods are compared at (= achieved_retention for pre-LLM ones)."""
+        return float(self.extra.get("layer_average_retention", self.achieved_retention))
 
     def to_json(self) -> str:
         data = asdict(self)

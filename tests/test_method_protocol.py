@@ -50,7 +50,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def _module_file(method: Method) -> Path:
-    module = sys.modules[method.select.__module__] if method.select else None
+    fn = method.select or method.plan
+    module = sys.modules[fn.__module__] if fn else None
     assert module is not None and module.__file__
     return Path(module.__file__)
 

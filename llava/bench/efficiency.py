@@ -307,6 +307,7 @@ def bench_model(
             "visual_tokens_before": result.visual_tokens_before,
             "visual_tokens_after": result.visual_tokens_after,
             "achieved_retention": round(result.achieved_retention, 4),
+            "layer_average_retention": round(result.layer_average_retention, 4),
             "prompt_tokens": prompt_tokens,
             **{f"{s}_ms": round(stages[s] * 1e3, 3) for s in STAGES},
             "decode_ms_per_token": round(stages["decode"] * 1e3 / max(1, decode_tokens - 1), 3),

@@ -312,6 +312,7 @@ def stream_row(model: str, case: StreamCase, stats: StreamStats, options: dict[s
         "visual_tokens_before": first.visual_tokens_before,
         "visual_tokens_after": first.visual_tokens_after,
         "achieved_retention": round(first.achieved_retention, 4),
+        "layer_average_retention": round(first.layer_average_retention, 4),
         "output_tokens_mean": round(statistics.fmean(stats.output_tokens), 3),
         "peak_allocated_mib": round(stats.peak_allocated_mib, 1),
         "peak_reserved_mib": round(stats.peak_reserved_mib, 1),
