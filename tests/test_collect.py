@@ -2,129 +2,19 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from vidcom2_lmms_eval.collect import PAPER_COLUMNS, CollectError, collect, relative_average
 from vidcom2_lmms_eval.efficiency_table import collect_efficiency
-from vidcom2_lmms_eval.mini_benchmarks import task_module
 from vidcom2_lmms_eval.paper import paper_model
-from vidcom2_lmms_eval.scoring import MLVU_DEV_TYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lmms_helpers"))
+from fake_runs import DURATIONS, METRIC, OV, STAMP, bench_csv, oks, write_run  # noqa: E402
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 PAPER = PAPER_DIR / "paper_accuracy.csv"
-OV = "lmms-lab/llava-onevision-qwen2-7b-ov"
-DURATIONS = ("short", "medium", "long")
-STAMP = "20260101_000000"
-
-
-def _metrics(task: str, oks: list[bool], failed: set[int]) -> list[dict]:
-    """Per-sample verdicts as each lmms-eval task logs them; a failed sample logs an empty answer."""
-    out = []
-    for i, ok in enumerate(oks):
-        pred = "" if i in failed else ("A" if ok else "B")
-        if task.startswith("mvbench_"):
-            out.append({"pred_answer": pred, "gt_answer": "A", "score": int(pred == "A")})
-        elif task == "longvideobench_val_v":  # a failed sample gets a random letter: here the right one
-            out.append(
-                {
-                    "id": str(i),
-                    "duration_group": 60,
-                    "question_category": "TOS",
-                    "answer": "A",
-                    "parsed_pred": "A" if i in failed else pred,
-                }
-            )
-        elif task == "mlvu_dev":
-            out.append({"task_type": MLVU_DEV_TYPES[i % 7], "pred_answer": pred, "answer": "A"})
-        else:
-            out.append({"duration": DURATIONS[i % 3], "pred_answer": pred, "answer": "A"})
-    return out
-
-
-def _reported(task: str, metrics: list[dict]) -> float:
-    """results.json's number, from lmms-eval's own aggregation where it is importable cheaply."""
-    if task.startswith("mvbench_"):
-        return task_module("mvbench").mvbench_aggregate_results(metrics)
-    if task == "mlvu_dev":
-        return task_module("mlvu").mlvu_aggregate_results_dev(metrics)
-    if task == "longvideobench_val_v":  # fraction
-        return sum(m["parsed_pred"] == m["answer"] for m in metrics) / len(metrics)
-    return 100.0 * sum(m["pred_answer"] == m["answer"] for m in metrics) / len(metrics)
-
-
-METRIC = {
-    "mvbench_action_count": "mvbench_accuracy",
-    "mvbench_moving_count": "mvbench_accuracy",
-    "longvideobench_val_v": "lvb_acc",
-    "mlvu_dev": "mlvu_percetion_score",
-    "videomme": "videomme_perception_score",
-}
-
-
-def _write_run(root: Path, name: str, compressor: str, retention: float, oks: dict[str, list[bool]], **kw) -> Path:
-    """One run folder: results.json, a samples log per task, the meter (+ its samples) and the launch file."""
-    failed: dict[str, set[int]] = kw.get("failed", {})
-    d = root / name / "model"
-    d.mkdir(parents=True)
-    results, n_samples, records = {}, {}, []
-    for task, ok in oks.items():
-        metrics = _metrics(task, ok, failed.get(task, set()))
-        results[task] = {f"{METRIC[task]},none": _reported(task, metrics), f"{METRIC[task]}_stderr,none": "N/A"}
-        n_samples[task] = {"original": len(ok), "effective": len(ok)}
-        (d / f"{STAMP}_samples_{task}.jsonl").write_text(
-            "".join(json.dumps({"doc_id": i, METRIC[task]: m}) + "\n" for i, m in enumerate(metrics))
-        )
-        for i in range(len(ok)):
-            status = "failed" if i in failed.get(task, set()) else "ok"
-            records.append({"task": task, "doc_id": i, "rank": 0, "status": status})
-    (d / f"{STAMP}_results.json").write_text(
-        json.dumps({"results": results, "n-samples": n_samples, "lmms_eval_version": "0.7.3"})
-    )
-    n, n_failed = len(records), sum(r["status"] == "failed" for r in records)
-    summary = {
-        "samples": n,
-        "ok": n - n_failed,
-        "failed": n_failed,
-        "cached": 0,
-        "stage_seconds_sum": {
-            "read_video": 1.0,
-            "preprocess": 0.5,
-            "vision": 2.0,
-            "compress": 0.1,
-            "prefill": 4.0 * retention,
-            "decode": 3.0,
-        },
-        "wall_seconds_sum": 20.0,
-        "visual_tokens_before_sum": 1000,
-        "visual_tokens_after_sum": int(1000 * retention),
-        "achieved_retention": retention,
-        "peak_allocated_bytes_max": 2 * 1024**3,
-        "peak_reserved_bytes_max": 3 * 1024**3,
-    }
-    info = {
-        "model_id": kw.get("model_id", "llava_onevision"),
-        "pretrained": kw.get("pretrained", OV),
-        "frames": kw.get("frames", 32),
-        "compressor": compressor,
-        "retention": retention,
-        "compression": f"{compressor}@{retention}",
-        "compression_options": kw.get("options", {}),
-        "world_size": 4,
-        "elapsed_seconds": 50.0,
-    }
-    env = {"lmms_eval": "0.7.3", "transformers": "5.17.0", "torch": "2.11", "gpu": "H100", "commit": "abc1234"}
-    per_task = {t: summary for t in oks}
-    (d / "20260101T000000_vidcom2_meter.json").write_text(
-        json.dumps({"run": info, "environment": env, "overall": summary, "per_task": per_task})
-    )
-    (d / "20260101T000000_vidcom2_meter_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (d / "vidcom2_launch.json").write_text(json.dumps({"wall_seconds": kw.get("wall", 100.0)}))
-    return d
-
-
-def _oks(n_right: dict[str, int], n: int = 6) -> dict[str, list[bool]]:
-    return {t: [i < n_right[t] for i in range(n)] for t in METRIC}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -144,14 +34,14 @@ def test_relative_average_reproduces_the_paper_table():
 
 def test_collect_hand_computed(tmp_path):
     # 6 docs per task; videomme durations cycle short/medium/long, MLVU types cycle over 7 (6 present)
-    base = _oks(
+    base = oks(
         {"mvbench_action_count": 6, "mvbench_moving_count": 3, "longvideobench_val_v": 3, "mlvu_dev": 6, "videomme": 6}
     )
-    comp = _oks(
+    comp = oks(
         {"mvbench_action_count": 3, "mvbench_moving_count": 3, "longvideobench_val_v": 2, "mlvu_dev": 3, "videomme": 4}
     )
-    _write_run(tmp_path / "logs", "none_f32", "none", 1.0, base)
-    _write_run(tmp_path / "logs", "vidcom2_r0.25_f32", "vidcom2", 0.25, comp)
+    write_run(tmp_path / "logs", "none_f32", "none", 1.0, base)
+    write_run(tmp_path / "logs", "vidcom2_r0.25_f32", "vidcom2", 0.25, comp)
     out = collect(tmp_path / "logs", tmp_path / "res", "llava_ov", PAPER, expect_runs=2)
     summary = {r["method"]: r for r in _rows(out["summary"])}
     b, c = summary["none"], summary["vidcom2"]
@@ -179,9 +69,9 @@ def test_collect_hand_computed(tmp_path):
 
 
 def test_failed_samples_are_wrong_in_every_benchmark(tmp_path):
-    oks = _oks({t: 6 for t in METRIC})  # every answer right, but some samples failed
+    verdicts = oks({t: 6 for t in METRIC})  # every answer right, but some samples failed
     failed = {"mvbench_action_count": {5}, "longvideobench_val_v": {0, 1}, "mlvu_dev": {0}, "videomme": {2}}
-    _write_run(tmp_path / "logs", "none_f32", "none", 1.0, oks, failed=failed)
+    write_run(tmp_path / "logs", "none_f32", "none", 1.0, verdicts, failed=failed)
     out = collect(tmp_path / "logs", tmp_path / "res", "t")
     bench = {r["benchmark"]: r for r in _rows(out["benchmarks"])}
     # lmms-eval: MVBench drops the empty answer (100%), LVB's random letter was right (100%)
@@ -216,8 +106,8 @@ def test_paper_model_matching(tmp_path):
 def test_a_local_checkpoint_without_a_match_fails_loudly(tmp_path):
     ckpt = tmp_path / "my_checkpoint"
     ckpt.mkdir()
-    oks = _oks({t: 3 for t in METRIC})
-    _write_run(tmp_path / "logs", "none_f32", "none", 1.0, oks, pretrained=str(ckpt))
+    verdicts = oks({t: 3 for t in METRIC})
+    write_run(tmp_path / "logs", "none_f32", "none", 1.0, verdicts, pretrained=str(ckpt))
     stale = tmp_path / "res" / "t_vs_paper.csv"
     stale.parent.mkdir()
     stale.write_text("old\n")
@@ -230,10 +120,10 @@ def test_a_local_checkpoint_without_a_match_fails_loudly(tmp_path):
 
 
 def test_variants_are_rows_of_their_own_and_runs_can_be_selected(tmp_path):
-    oks = _oks({t: 3 for t in METRIC})
+    verdicts = oks({t: 3 for t in METRIC})
     for name, options in (("vidcom2_r0.25_f32", {}), ("vidcom2_r0.25_frame_score-equal_f32", {"frame_score": "equal"})):
-        _write_run(tmp_path / "logs", name, "vidcom2", 0.25, oks, options=options)
-    _write_run(tmp_path / "logs", "none_f32", "none", 1.0, oks)
+        write_run(tmp_path / "logs", name, "vidcom2", 0.25, verdicts, options=options)
+    write_run(tmp_path / "logs", "none_f32", "none", 1.0, verdicts)
     out = collect(tmp_path / "logs", tmp_path / "res", "t", PAPER)
     summary = {r["variant"]: r for r in _rows(out["summary"]) if r["method"] == "vidcom2"}
     assert set(summary) == {"", "frame_score=equal"}
@@ -248,7 +138,7 @@ def test_variants_are_rows_of_their_own_and_runs_can_be_selected(tmp_path):
 def test_collect_fails_loudly(tmp_path):
     with pytest.raises(CollectError, match="no lmms-eval"):
         collect(tmp_path, tmp_path / "res", "x")
-    d = _write_run(tmp_path / "logs", "none_f32", "none", 1.0, _oks({t: 1 for t in METRIC}))
+    d = write_run(tmp_path / "logs", "none_f32", "none", 1.0, oks({t: 1 for t in METRIC}))
     with pytest.raises(CollectError, match="expected 3 runs"):
         collect(tmp_path / "logs", tmp_path / "res", "x", expect_runs=3)
     results = json.loads((d / f"{STAMP}_results.json").read_text())
@@ -261,50 +151,16 @@ def test_collect_fails_loudly(tmp_path):
         collect(tmp_path / "logs", tmp_path / "res", "x")
 
 
-def _bench_csv(path: Path) -> Path:
-    fields = [
-        "model",
-        "compressor",
-        "compressor_options",
-        "retention",
-        "frames",
-        "batch",
-        "achieved_retention",
-        "read_video_ms",
-        "preprocess_ms",
-        "vision_ms",
-        "compress_ms",
-        "prefill_ms",
-        "decode_ms",
-        "end_to_end_ms",
-        "samples_per_s",
-        "peak_allocated_mib",
-        "peak_reserved_mib",
-        "repeats",
-        "gpu",
-    ]
-    rows = [
-        ["llava_ov_7b", "none", "", 1.0, 32, 1, 1.0, 60, 3, 40, 0, 160, 400, 663, 1.5, 16384, 17000, 3, "H200"],
-        ["llava_ov_7b", "vidcom2", "", 0.25, 32, 1, 0.25, 70, 3, 40, 1, 40, 340, 494, 2.0, 15360, 16000, 3, "H200"],
-        ["llava_ov_7b", "none", "", 1.0, 8, 1, 1.0, 10, 1, 10, 0, 40, 400, 461, 2.1, 15000, 15000, 3, "H200"],
-    ]
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(fields)
-        w.writerows(rows)
-    return path
-
-
 def test_efficiency_table_against_the_paper(tmp_path):
     mv = {"mvbench_action_count": [True, True, False, True], "mvbench_moving_count": [True, False, False, True]}
     for name, method, r, wall in (("none_f32", "none", 1.0, 200.0), ("vidcom2_r0.25_f32", "vidcom2", 0.25, 150.0)):
-        _write_run(tmp_path / "logs", name, method, r, mv, wall=wall)
+        write_run(tmp_path / "logs", name, method, r, mv, wall=wall)
     path = collect_efficiency(
         tmp_path / "logs",
         tmp_path / "res",
         "llava_ov",
         PAPER_DIR / "paper_efficiency.csv",
-        bench_csv=_bench_csv(tmp_path / "bench.csv"),
+        bench_csv=bench_csv(tmp_path / "bench.csv"),
         bench_model="llava_ov_7b",
     )
     rows = {(r["source"], r["method"]): r for r in _rows(path)}
