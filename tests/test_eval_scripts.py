@@ -83,7 +83,13 @@ def _env(**overrides: str) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         **overrides,
     }
-    for key in ("COMPRESSOR", "R_RATIO", "PAPER_MODEL", "METHODS", "RETENTIONS", "FRAMES", "TASKS", "DRY_RUN"):
+    # only the overrides a test sets reach the script; the datasets-cache variables would send lmms-eval
+    # away from the miniature benchmarks in $HF_HOME/datasets
+    cache_dirs = ("HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE")
+    table = ("COMPRESSOR", "R_RATIO", "PAPER_MODEL", "METHODS", "RETENTIONS", "FRAMES", "TASKS", "DRY_RUN")
+    table += ("GEN_KWARGS", "EXTRA_MODEL_ARGS", "INCLUDE_PATH", "SKIP_BASELINE", "BENCH", "GPUS", "MODEL", "LAUNCHER")
+    table += ("OUTPUT_DIR", "RESULTS_DIR")
+    for key in (*cache_dirs, *table):
         if key not in overrides:
             env.pop(key, None)
     return env

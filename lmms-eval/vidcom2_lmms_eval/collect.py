@@ -15,6 +15,11 @@ Averages (VidCom2 paper, Table 2): ``avg_rel_7col`` is the mean over the 7 colum
 LongVideoBench, MLVU, VideoMME overall/short/medium/long of score / uncompressed score, in percent;
 ``avg_4bench`` the plain mean of the 4 benchmark scores. ``avg_rel_all`` is the relative average
 over whatever columns a run has (e.g. the synthetic task alone).
+
+Paper comparison (``--paper``): a run's paper model comes from :func:`vidcom2_lmms_eval.paper.paper_model`;
+its paper row is the one of its (model, frames, method, R), for the run with the method's defaults or
+the only run of that setting (a table row that needs options), never for an ablation variant beside it.
+When no run has a paper row the benchmarks and summary CSVs are written and the collection fails.
 """
 
 from __future__ import annotations
@@ -234,10 +239,12 @@ def _common(run: dict[str, Any], key: tuple, match: str) -> dict[str, Any]:
     }
 
 
-def _paper_row(paper: dict[tuple, dict[str, str]], key: tuple) -> dict[str, str] | None:
+def _paper_row(paper: dict[tuple, dict[str, str]], key: tuple, alone: bool) -> dict[str, str] | None:
+    """The paper's row for a run: the run with the method's defaults, or the only run of its
+    (model, frames, method, R) (a table row that needs options); not an ablation variant beside them."""
     model, frames, method, retention, options = key
-    if options or method not in PAPER_METHOD_NAMES:
-        return None  # ablation variants and methods the paper does not name have no paper row
+    if (options and not alone) or method not in PAPER_METHOD_NAMES:
+        return None
     return paper.get(paper_key(model, frames, PAPER_METHOD_NAMES[method], retention))
 
 
@@ -271,6 +278,9 @@ def rows_for(
             raise CollectError(f"two runs for {key}: {keyed[key][0]['dir']} and {run['dir']}")
         keyed[key] = (run, match)
     paper = paper or {}
+    per_setting: dict[tuple, int] = {}
+    for key in keyed:
+        per_setting[key[:4]] = per_setting.get(key[:4], 0) + 1
     bench_rows, summary_rows, vs_rows = [], [], []
     order = sorted(keyed, key=lambda k: (k[0], k[1] or 0, k[2] != "none", k[2], -k[3], k[4]))
     for key in order:
@@ -285,7 +295,7 @@ def rows_for(
             "avg_rel_7col": relative_average(scores, base, PAPER_COLUMNS),
             "avg_4bench": plain_average(scores, FOUR_BENCHMARKS),
         }
-        prow = _paper_row(paper, key)
+        prow = _paper_row(paper, key, per_setting[key[:4]] == 1)
         paper_avgs = {c: _paper_value(prow, c) for c in averages}
         summary_rows.append(
             {
