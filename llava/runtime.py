@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,6 +159,11 @@ class StageTimer:
                 self.add(name, start.elapsed_time(end) / 1e3)
             self._pending.clear()
         return dict(self._done)
+
+
+def maybe_stage(timer: StageTimer | None, name: str) -> Any:
+    """``timer.stage(name)``, or a no-op context when no timer is given."""
+    return timer.stage(name) if timer is not None else nullcontext()
 
 
 class VideoLLM(Protocol):

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from driver_calls import llava_prefill, qwen_prefill, qwen_step
 from transformers import DynamicCache, Qwen2Config
 
 from llava.families_index import load_video_llm
-from llava.model import generate as llava_generate
+from llava.model import lm_driver
 from llava.model.compression import CompressionSpec
 from llava.model.families import LlavaVideoLLM
 from llava.model.kv_arena import ArenaLayer, arena_cache
+from llava.model.lm_driver import LMInputs
 from llava.model.loading import load_llava
 from llava.model.prompt import split_prompt
 from llava.model.tiny import write_tiny_llava
@@ -119,14 +121,14 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @torch.inference_mode()
-def llava_logits(llm: LlavaVideoLLM, batch: llava_generate.BatchInputs, room: int) -> tuple[torch.Tensor, DynamicCache]:
+def llava_logits(llm: LlavaVideoLLM, batch: LMInputs, room: int) -> tuple[torch.Tensor, DynamicCache]:
     """(steps, B, V): prefill logits, then greedy decode steps on the cache prefill returned."""
     lm = llm.model.language_model
-    logits, cache = llava_generate.prefill(lm, batch, room)
+    logits, cache = llava_prefill(lm, batch, room)
     out, mask = [logits], batch.attention_mask
     for t in range(STEPS):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = (batch.next_position + t)[:, None]
+        positions = (batch.next_position[0] + t)[:, None]
         tokens = out[-1].argmax(-1)[:, None]
         step = lm(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache)
         out.append(step.logits[:, -1].float())
@@ -149,7 +151,7 @@ def test_llava_logits_identical_to_dynamic_cache(
     ours, cache = llava_logits(llm, batch, room)
     if room >= STEPS:  # every decode step fitted the block
         assert len({storage(layer.keys) for layer in cache.layers}) == 1
-    monkeypatch.setattr(llava_generate, "arena_cache", lambda config, room: DynamicCache(config=config))
+    monkeypatch.setattr(lm_driver, "arena_cache", lambda config, room: DynamicCache(config=config))
     assert torch.equal(ours, llava_logits(llm, batch, room)[0])
 
 
@@ -177,15 +179,15 @@ def test_qwen_logits_identical_to_dynamic_cache(
     prepared = stages.build_prefill(llm.model, inputs, vision, kept)
 
     def run() -> tuple[torch.Tensor, DynamicCache]:
-        logits, state = stages.prefill(llm.model, prepared, STEPS)
-        out = [logits]
+        state = qwen_prefill(llm.model, prepared, STEPS)
+        out = [state.logits]
         for _ in range(STEPS):
-            out.append(stages.decode_step(llm.model, state, out[-1].argmax(-1)))
+            out.append(qwen_step(llm.model, state, out[-1].argmax(-1)))
         return torch.stack(out), state.cache
 
     ours, cache = run()
     assert len({storage(layer.keys) for layer in cache.layers}) == 1
-    monkeypatch.setattr(stages, "arena_cache", lambda config, room: DynamicCache(config=config))
+    monkeypatch.setattr(lm_driver, "arena_cache", lambda config, room: DynamicCache(config=config))
     assert torch.equal(ours, run()[0])
 
 

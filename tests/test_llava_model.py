@@ -11,7 +11,7 @@ import torch
 
 from llava.model.compression import CompressionSpec, register_compressor
 from llava.model.families import LlavaVideoLLM
-from llava.model.generate import BatchInputs
+from llava.model.lm_driver import LMInputs as BatchInputs
 from llava.model.loading import build_random, load_llava
 from llava.model.prompt import split_prompt
 from llava.model.tiny import tiny_lmms_lab_config, write_tiny_llava
@@ -139,9 +139,8 @@ def test_llm_receives_exactly_the_kept_tokens(ckpts: dict[str, Path], videos: Pa
         seq = torch.cat([embed(torch.tensor(before)), *pieces, embed(torch.tensor(after))])[None]
         expected = model.language_model(inputs_embeds=seq).logits
     captured: list[torch.Tensor] = []
-    hook = model.language_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: captured.append(kwargs["inputs_embeds"]) if "inputs_embeds" in kwargs else None,
-        with_kwargs=True,
+    hook = model.language_model.model.layers[0].register_forward_pre_hook(  # what the first layer receives
+        lambda mod, args: captured.append(args[0])
     )
     try:
         result = llm.answer(video, QUESTION, compression=spec, sampling=FRAMES, generation=GEN)
@@ -176,7 +175,7 @@ def test_original_positions_continue_from_the_uncompressed_length(ckpts: dict[st
     full = lm_inputs(llm, videos / "mixed.mp4", CompressionSpec())
     pruned = lm_inputs(llm, videos / "mixed.mp4", CompressionSpec("vidcom2", 0.25))
     assert pruned.embeds.shape[1] < full.embeds.shape[1]
-    assert int(pruned.next_position[0]) == int(full.next_position[0]) == full.embeds.shape[1]
+    assert int(pruned.next_position[0, 0]) == int(full.next_position[0, 0]) == full.embeds.shape[1]
     assert pruned.position_ids[0, -1] == full.position_ids[0, -1]
     assert torch.all(pruned.position_ids[0, 1:] > pruned.position_ids[0, :-1])
 

@@ -33,7 +33,9 @@ from llava.model.method_api import (
 
 _BROKEN = itertools.count()
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_IMPORTS_ALLOWED = {"llava.model.method_api", "llava.model.dpc_knn", "llava.model.vidcom2"}
+METHOD_IMPORTS_ALLOWED = {
+    "llava.model.method_api", "llava.model.dpc_knn", "llava.model.vidcom2", "llava.model.inllm_select",
+}  # fmt: skip
 
 
 def _imports(path: Path) -> set[str]:

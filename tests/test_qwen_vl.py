@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from driver_calls import qwen_generate, qwen_prefill, qwen_step
 from transformers import AutoModelForImageTextToText
 
 from llava.families_index import load_video_llm
@@ -62,16 +63,16 @@ def run_stages(llm: QwenVideoLLM, inputs: dict, spec: CompressionSpec, options: 
     vision = stages.encode_vision(llm.model, inputs)
     kept = stages.select_video_tokens(llm.model, inputs, vision, spec)
     prepared = stages.build_prefill(llm.model, inputs, vision, kept)
-    ids, logits = stages.generate(llm.model, prepared, options)
+    ids, logits = qwen_generate(llm.model, prepared, options)
     return ids, logits, prepared
 
 
 def decode_logits(llm: QwenVideoLLM, prepared, ids: torch.Tensor) -> torch.Tensor:
     """(steps, B, V) logits of the prefill and every decode step, feeding ``ids`` (teacher forcing)."""
-    logits, state = stages.prefill(llm.model, prepared)
-    out = [logits]
+    state = qwen_prefill(llm.model, prepared)
+    out = [state.logits]
     for step in range(ids.shape[1] - 1):
-        out.append(stages.decode_step(llm.model, state, ids[:, step]))
+        out.append(qwen_step(llm.model, state, ids[:, step]))
     return torch.stack(out)
 
 
@@ -158,9 +159,9 @@ def test_keep_all_equals_stock_transformers(qwen, videos, spec):
     assert torch.equal(ids, stock.sequences[:, inputs["input_ids"].shape[1] :])
     torch.testing.assert_close(logits, stock.logits[0].float(), atol=1e-5, rtol=1e-5)
     # every decode step, not only the argmax: positions after the prompt must match stock
-    step_logits, state = stages.prefill(qwen.model, prepared)
+    state = qwen_prefill(qwen.model, prepared)
     for step in range(ids.shape[1] - 1):
-        step_logits = stages.decode_step(qwen.model, state, ids[:, step])
+        step_logits = qwen_step(qwen.model, state, ids[:, step])
         torch.testing.assert_close(step_logits, stock.logits[step + 1].float(), atol=1e-5, rtol=1e-5)
     assert torch.equal(prepared.tokens_before, prepared.tokens_after)
 
@@ -178,12 +179,13 @@ def test_compressed_prefill_and_greedy_equal_hand_built_forward(qwen, videos):
     assert not torch.allclose(reference_logits(qwen.model, lm, keep, [], renumber=True), expected, atol=1e-4)
     # greedy decoding, step by step: logits of every decode step against the no-cache reference
     generated = ids[0].tolist()
-    step_logits, state = stages.prefill(qwen.model, prepared)
+    state = qwen_prefill(qwen.model, prepared)
+    step_logits = state.logits
     for step, token in enumerate(generated):
         expected = reference_logits(qwen.model, lm, keep, generated[:step])
         torch.testing.assert_close(step_logits[0], expected, atol=1e-5, rtol=1e-5, msg=f"decode step {step}")
         assert int(step_logits[0].argmax()) == token, f"step {step}"
-        step_logits = stages.decode_step(qwen.model, state, torch.tensor([token]))
+        step_logits = qwen_step(qwen.model, state, torch.tensor([token]))
 
 
 def test_eager_and_sdpa_agree(qwen, videos):
@@ -370,8 +372,8 @@ def test_bfloat16_runs(qwen, videos):
 
 
 def test_errors_are_clear(qwen, videos, tmp_path):
-    with pytest.raises(ValueError, match="unknown compressor 'fastv'"):
-        CompressionSpec("fastv", 0.25)
+    with pytest.raises(ValueError, match="unknown compressor 'fastvv'"):
+        CompressionSpec("fastvv", 0.25)
     for retention in (0.0, 1.5):
         with pytest.raises(ValueError, match="retention"):
             CompressionSpec("vidcom2", retention)

@@ -13,13 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from driver_calls import llava_generate, llava_prefill, qwen_generate, qwen_static_logits, static_decoder
 from torch._dynamo.utils import counters
 
 from llava.families_index import load_video_llm
 from llava.model import static_decode
 from llava.model.compression import CompressionSpec
 from llava.model.families import LlavaVideoLLM
-from llava.model.generate import BatchInputs, decode, prefill, static_step
+from llava.model.generate import llava_stack, static_step
+from llava.model.lm_driver import LMInputs as BatchInputs
+from llava.model.lm_driver import prefill as driver_prefill
 from llava.model.loading import load_llava
 from llava.model.prompt import split_prompt
 from llava.model.static_decode import (
@@ -93,23 +96,24 @@ def llava_batch(llm: LlavaVideoLLM, videos: Path, names: list[str], questions: t
 
 def llava_ids(llm: LlavaVideoLLM, batch: BatchInputs, mode: str) -> list[list[int]]:
     lm = llm.model.language_model
-    logits, cache = prefill(lm, batch)
     options = GenerationOptions(max_new_tokens=STEPS, decode_mode=mode)
-    return decode(lm, llm.tokenizer, logits, cache, batch, options, stop_ids=[]).output_ids
+    return llava_generate(lm, batch, options)
 
 
 @torch.inference_mode()
 def llava_logits(llm: LlavaVideoLLM, batch: BatchInputs, ids: torch.Tensor, mode: str) -> torch.Tensor:
     """(steps, B, V): prefill logits, then one step per fed id (teacher forcing)."""
     lm = llm.model.language_model
-    logits, cache = prefill(lm, batch)
+    stack = llava_stack(lm)
+    state = driver_prefill(stack, batch)
+    logits, cache = state.logits, state.cache
     out = [logits]
     mask = batch.attention_mask
     decoder = None
     if mode != "eager":
-        decoder = start_static_decode(lm, static_step, lm.config, cache, mask, ids.shape[1], mode)
+        decoder = static_decoder(stack, state, ids.shape[1], mode)
     for t in range(ids.shape[1] - 1):
-        positions = (batch.next_position + t)[:, None]
+        positions = (batch.next_position[0] + t)[:, None]
         if decoder is not None:
             out.append(decoder.step(ids[:, t], positions))
             continue
@@ -150,16 +154,16 @@ def test_static_mask_and_cache_layout(llava: LlavaVideoLLM, videos: Path) -> Non
     rows, length = prompt.shape
     assert static_cache_length(length, STEPS) == 256 and static_cache_length(250, 6) == 256
     assert static_cache_length(250, 7) == 512
-    _, cache = prefill(lm, batch)
+    _, cache = llava_prefill(lm, batch)
     decoder = start_static_decode(lm, static_step, lm.config, cache, prompt, STEPS, "static")
     tokens = torch.zeros(rows, dtype=torch.long)
     for t in range(3):
-        decoder.step(tokens, (batch.next_position + t)[:, None])
+        decoder.step(tokens, (batch.next_position[0] + t)[:, None])
     expected = torch.zeros(rows, 256, dtype=prompt.dtype)
     expected[:, :length] = prompt
     expected[:, length : length + 3] = 1
     assert torch.equal(decoder.attention_mask, expected) and decoder.next_slot == length + 3
-    _, cache = prefill(lm, batch)
+    _, cache = llava_prefill(lm, batch)
     again = start_static_decode(lm, static_step, lm.config, cache, prompt, STEPS, "static")
     assert again.cache is decoder.cache  # same shape: the kept cache is reused
     for static, dynamic in zip(again.cache.layers, cache.layers, strict=True):
@@ -191,10 +195,7 @@ def qwen_prepared(llm: QwenVideoLLM, videos: Path, rows: int) -> stages.PrefillI
 
 
 def qwen_logits(llm: QwenVideoLLM, prepared: stages.PrefillInputs, ids: torch.Tensor, mode: str) -> torch.Tensor:
-    logits, state = stages.prefill(llm.model, prepared)
-    if mode != "eager":
-        stages.use_static_cache(llm.model, state, ids.shape[1], mode)
-    return torch.stack([logits] + [stages.decode_step(llm.model, state, ids[:, t]) for t in range(ids.shape[1] - 1)])
+    return qwen_static_logits(llm.model, prepared, ids, mode)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -205,8 +206,8 @@ def test_qwen_static_matches_eager(
     assert prepared.position_ids.shape[:2] == (4, rows)
     if rows == 2:
         assert (prepared.attention_mask == 0).any(), "the two prompts must differ in length (left padding)"
-    eager, _ = stages.generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
-    static, _ = stages.generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True, decode_mode="static"))
+    eager, _ = qwen_generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
+    static, _ = qwen_generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True, decode_mode="static"))
     assert step_calls["step"] == STEPS - 1
     assert eager.shape == (rows, STEPS) and torch.equal(static, eager)
     reference = qwen_logits(qwen, prepared, eager, "eager")
@@ -234,9 +235,9 @@ def test_compiled_graph_is_whole_and_host_sync_free(
     batch = llava_batch(llava, videos, ["moving.mp4", "mixed.mp4"], QUESTIONS)
     assert llava_ids(llava, batch, "compiled") == llava_ids(llava, batch, "eager")
     prepared = qwen_prepared(qwen, videos, 2)
-    eager, _ = stages.generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
+    eager, _ = qwen_generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
     options = GenerationOptions(STEPS, ignore_eos=True, decode_mode="compiled")
-    assert torch.equal(stages.generate(qwen.model, prepared, options)[0], eager)
+    assert torch.equal(qwen_generate(qwen.model, prepared, options)[0], eager)
     assert ops["graphs"] == 2  # one per family, each traced once for all its steps
     syncs = {op for op in ops if op in ("item", "tolist") or "_local_scalar_dense" in op or "nonzero" in op}
     assert not syncs, f"host syncs in the compiled step: {syncs}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from transformers import AutoProcessor, PreTrainedModel
 from transformers.video_utils import VideoMetadata
 
 from llava.model.compression import CompressionSpec
-from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop
+from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
+from llava.model.method_api import LLM_ATTENTION_ROWS
+from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop, maybe_stage
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_arch import QwenArch, arch_of_config, load_model
@@ -73,14 +75,27 @@ def seconds_per_temporal_patch(clip: VideoClip, temporal_patch_size: int) -> flo
     return round(spacing * temporal_patch_size, 6)
 
 
+# Inputs get_rope_index reads on the host: they stay there when a prepared batch moves to the device.
+HOST_INPUTS = ("second_per_grid_ts",)
+
+
 @dataclass
 class PreparedBatch:
-    """Processor output on the model's device plus what the results report about it."""
+    """Processor output plus what the results report about it.
+
+    on_device: the tensors are on the model's device (:meth:`QwenVideoLLM.prepare`); False after the host
+    stage alone (:meth:`QwenVideoLLM.prepare_batch`: on the CPU, or where preprocess_device put them,
+    pixel values already in the model's dtype). seconds: host stage seconds the results' timings get
+    (filled by prepare_batch when it timed itself).
+    """
 
     inputs: dict[str, Any]
     clips: list[VideoClip]
     questions: list[str]
     videos_per_row: list[int]
+    on_device: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # (4, B, L) prompt positions, computed on the host (qwen_stages)
 
 
 class QwenVideoLLM:
@@ -170,17 +185,26 @@ class QwenVideoLLM:
         raise TypeError(f"a video item must be a path or a VideoClip, got {type(item).__name__}")
 
     def prepare(
-        self, conversations: Sequence[Conversation], sampling: FrameSampling = FrameSampling(), *, timer: Any = None
+        self,
+        conversations: Sequence[Conversation],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: Any = None,
+        on_host: bool = False,
+        pin_memory: bool = False,
     ) -> PreparedBatch:
         """Chat messages (HF format; video items carry ``video``: path or VideoClip, images ``image``)
-        -> processor output on the device. Items are kept in message order across the batch."""
+        -> processor output on the device. Items are kept in message order across the batch.
+
+        ``on_host``: stop before the copy to the device (the host stage of :meth:`prepare_batch`);
+        ``pin_memory`` then puts the CPU tensors in pinned memory when the model is on a GPU."""
         if not conversations:
             raise ValueError("conversations must hold at least one conversation")
         sampling = qwen_sampling(sampling)
         sources: list[Any] = []  # video items in message order across the batch, decoded together below
         images: list[Any] = []
         videos_per_row: list[int] = []
-        with stages.maybe_stage(timer, "read_video"):
+        with maybe_stage(timer, "read_video"):
             for conversation in conversations:
                 videos_per_row.append(0)
                 for message in conversation:
@@ -196,7 +220,7 @@ class QwenVideoLLM:
                                 raise ValueError("an image item of the messages has no 'image'")
                             images.append(_load_image(item["image"]))
             clips: list[VideoClip] = read_videos(sources, sampling)  # on threads, in order
-        with stages.maybe_stage(timer, "preprocess"):
+        with maybe_stage(timer, "preprocess"):
             texts = [
                 self.processor.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
                 for c in conversations
@@ -212,19 +236,96 @@ class QwenVideoLLM:
                 )
             if images:
                 kwargs["images"] = images
-            batch = processor(**kwargs)
-            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = dict(processor(**kwargs))
             if clips and self.arch.timed_rope:
                 patch = int(self.processor.video_processor.temporal_patch_size)
-                inputs["second_per_grid_ts"] = torch.tensor(
+                batch["second_per_grid_ts"] = torch.tensor(
                     [seconds_per_temporal_patch(c, patch) for c in clips], dtype=torch.float32
                 )
-            dtype = self.model.dtype
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in inputs:
-                    inputs[key] = inputs[key].to(dtype)
+            # positions from the CPU ids and grids now: no GPU work to wait for, none left for later
+            positions = stages.prompt_positions(self.model, batch)
+            if on_host:  # cast where the processor ran (half the bytes to copy later), pin for a fast copy
+                inputs = self._cast_pixels(dict(batch.items()))
+                if pin_memory and self.device.type == "cuda":
+                    inputs = {k: v.pin_memory() if _cpu_tensor(v) else v for k, v in inputs.items()}
+            else:
+                inputs = self._cast_pixels(self._on_device(batch))
+                positions = positions.to(self.device)
         questions = [_last_user_text(c) for c in conversations]
-        return PreparedBatch(inputs=inputs, clips=clips, questions=questions, videos_per_row=videos_per_row)
+        return PreparedBatch(
+            inputs=inputs,
+            clips=clips,
+            questions=questions,
+            videos_per_row=videos_per_row,
+            on_device=not on_host,
+            positions=positions,
+        )
+
+    def _on_device(self, inputs: Any) -> dict[str, Any]:
+        """Tensors moved to the model's device (asynchronously from pinned memory), HOST_INPUTS left."""
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v
+            for k, v in inputs.items()
+        }
+
+    def _cast_pixels(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.model.dtype)
+        return inputs
+
+    def prepare_batch(
+        self,
+        videos: Sequence[str | Path | VideoClip],
+        questions: Sequence[str],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: StageTimer | None = None,
+        pin_memory: bool = False,
+    ) -> PreparedBatch:
+        """The host half of :meth:`answer_batch`: read and decode the videos (on threads), run the HF
+        processor (on the CPU unless preprocess_device), no copy to the GPU - so a prefetch thread can run
+        it while the GPU answers an earlier batch. Without ``timer`` it times itself (host clock) and the
+        result carries the seconds. Raises :class:`llava.video_io.VideoReadError` for an unreadable video."""
+        if len(videos) != len(questions):
+            raise ValueError(f"answer_batch got {len(videos)} videos but {len(questions)} questions")
+        conversations = [video_question_messages(v, q) for v, q in zip(videos, questions, strict=True)]
+        own = timer is None
+        timer = timer or StageTimer()
+        prepared = self.prepare(conversations, sampling, timer=timer, on_host=True, pin_memory=pin_memory)
+        if own:
+            prepared.seconds = timer.seconds
+        return prepared
+
+    def answer_prepared(
+        self,
+        prepared: PreparedBatch,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        timer: StageTimer | None = None,
+    ) -> list[InferenceResult]:
+        """The device half: copy a prepared batch to the GPU (charged to ``preprocess``), then :meth:`run`;
+        each result's ``extra`` gets its videos' frame counts and timestamps. ``timer``: the request's timer
+        when the caller timed the host stage with it; by default a new one, charged ``prepared.seconds``.
+        ``prepared`` is not changed: it may be answered again."""
+        self._check_compression(compression)
+        if timer is None:
+            timer = StageTimer(self.device)
+            for stage, seconds in prepared.seconds.items():
+                timer.add(stage, seconds)
+        if not prepared.on_device:
+            with timer.stage("preprocess"):
+                inputs, positions = self._on_device(prepared.inputs), prepared.positions
+                positions = positions.to(self.device, non_blocking=True) if positions is not None else None
+                prepared = replace(prepared, inputs=inputs, on_device=True, positions=positions)
+        results = self.run(prepared, compression=compression, generation=generation, timer=timer)
+        clips = iter(prepared.clips)
+        for result, count in zip(results, prepared.videos_per_row, strict=True):
+            row_clips = [next(clips) for _ in range(count)]
+            result.extra["frames"] = [c.num_frames for c in row_clips]
+            result.extra["frame_timestamps"] = [np.round(c.timestamps, 3).tolist() for c in row_clips]
+        return results
 
     # ------------------------------------------------------------------ running
 
@@ -232,11 +333,13 @@ class QwenVideoLLM:
         if not isinstance(compression, CompressionSpec):
             raise TypeError(f"compression must be a CompressionSpec, got {type(compression).__name__}")
         compression.check_supported(self.family, self.supplied_signals)
+        compression.llm_plan(self.model.config.text_config.num_hidden_layers)  # its layers and R, checked now
 
     @property
     def supplied_signals(self) -> frozenset[str]:
-        """The signals these families compute for compression methods (transformers_patched.qwen_vit_signals)."""
-        return frozenset(QWEN_SIGNALS)
+        """The signals these families compute for compression methods: the vision tower's
+        (transformers_patched.qwen_vit_signals) and attention rows inside the LM (the layer-wise driver)."""
+        return frozenset({*QWEN_SIGNALS, LLM_ATTENTION_ROWS})
 
     def run(
         self,
@@ -251,31 +354,42 @@ class QwenVideoLLM:
         timer = timer or StageTimer(self.device)
         inputs = prepared.inputs
         with timer.stage("vision"):
-            vision = stages.encode_vision(self.model, inputs, compression.signals)
+            vision = stages.encode_vision(self.model, inputs, compression.tower_signals)
         with timer.stage("compress"):
             keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
-            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags)
-        stop_check = self._stop_check(generation.stop) if generation.stop else None
-        ids, _ = stages.generate(self.model, lm_inputs, generation, stop_check=stop_check, timer=timer)
+            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags, prepared.positions)
+            batch = stages.lm_inputs(lm_inputs)
+        stack = stages.qwen_stack(self.model)
+        tokenizer = self.processor.tokenizer
+        out = generate(
+            stack,
+            batch,
+            generation,
+            stop_ids=stages.eos_token_ids(self.model),
+            stop_check=stop_string_check(tokenizer, generation.stop),
+            timer=timer,
+            plan=compression.llm_plan(stack.num_layers),
+        )
         results = []
         seconds = {stage: 0.0 for stage in ("read_video", "preprocess", "vision", "compress", "prefill", "decode")}
         seconds.update(timer.seconds)
-        for row, row_ids in enumerate(ids.tolist()):
-            out_ids = self._trim(row_ids)
-            answer = cut_at_stop(self.processor.tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
+        for row, out_ids in enumerate(out.ids):
+            answer = cut_at_stop(tokenizer.decode(out_ids, skip_special_tokens=True), generation.stop)
+            before = int(lm_inputs.tokens_before[row])
             results.append(
                 InferenceResult(
                     answer=answer,
                     output_ids=out_ids,
-                    visual_tokens_before=int(lm_inputs.tokens_before[row]),
+                    visual_tokens_before=before,
                     visual_tokens_after=int(lm_inputs.tokens_after[row]),
                     timings=dict(seconds),
                     extra={
                         "family": self.family,
                         "compression": compression.describe(),
-                        "batch_size": int(ids.shape[0]),
-                        "prompt_tokens_after": int(lm_inputs.attention_mask[row].sum()),
+                        "batch_size": len(out.ids),
+                        "prompt_tokens_after": batch.lengths[row],
+                        "layer_average_retention": layer_average_retention(out.layer_visual, row, before),
                     },
                 )
             )
@@ -293,13 +407,7 @@ class QwenVideoLLM:
         self._check_compression(compression)  # before any video is read
         timer = StageTimer(self.device)
         prepared = self.prepare(conversations, sampling, timer=timer)
-        results = self.run(prepared, compression=compression, generation=generation, timer=timer)
-        clips = iter(prepared.clips)
-        for result, count in zip(results, prepared.videos_per_row, strict=True):
-            row_clips = [next(clips) for _ in range(count)]
-            result.extra["frames"] = [c.num_frames for c in row_clips]
-            result.extra["frame_timestamps"] = [np.round(c.timestamps, 3).tolist() for c in row_clips]
-        return results
+        return self.answer_prepared(prepared, compression=compression, generation=generation, timer=timer)
 
     def answer(
         self,
@@ -330,24 +438,6 @@ class QwenVideoLLM:
         conversations = [video_question_messages(v, q) for v, q in zip(videos, questions, strict=True)]
         return self.answer_messages(conversations, compression=compression, generation=generation, sampling=sampling)
 
-    # ------------------------------------------------------------------ helpers
-
-    def _trim(self, ids: list[int]) -> list[int]:
-        """Generated ids up to (not including) the first EOS."""
-        eos = set(stages.eos_token_ids(self.model))
-        for i, token in enumerate(ids):
-            if token in eos:
-                return ids[:i]
-        return ids
-
-    def _stop_check(self, stop: tuple[str, ...]) -> Any:
-        tokenizer = self.processor.tokenizer
-
-        def check(ids: torch.Tensor) -> torch.Tensor:
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stop) for t in texts], device=ids.device)
-
-        return check
 
 
 def video_question_messages(video: str | Path | VideoClip, question: str) -> Conversation:
@@ -364,6 +454,10 @@ def _last_user_text(conversation: Conversation) -> str:
         if texts:
             return " ".join(texts)
     return ""
+
+
+def _cpu_tensor(value: Any) -> bool:
+    return torch.is_tensor(value) and value.device.type == "cpu"
 
 
 def _load_image(item: Any) -> Any:

@@ -1,13 +1,13 @@
 """The stages of one Qwen-VL request, each callable on its own (the GPU benchmark times them separately).
 
-    inputs (processor output) -> encode_vision -> select_video_tokens -> build_prefill -> prefill
-                              -> decode_step ... (generate runs the loop)
+    inputs (processor output) -> encode_vision -> select_video_tokens -> build_prefill -> lm_inputs
+                              -> llava.model.lm_driver.generate(qwen_stack(model), ...)
 
 We drive the stock transformers modules ourselves (the vision tower ``model.model.visual``, called as
 ``get_video_features`` / ``get_image_features`` call it but without their host sync, see ``_run_tower``;
-positions through ``get_rope_index``; then ``model.model.language_model`` and ``lm_head``) instead of
-patching their forward: the LM simply receives the shortened sequence with
-gathered M-RoPE positions and an explicit 2-D mask. No transformers code is copied or modified.
+positions through ``get_rope_index``; then the text decoder's own layers, run by the shared layer-wise
+driver) instead of patching their forward: the LM simply receives the shortened sequence with gathered
+M-RoPE positions. No transformers code is copied or modified.
 
 ``inputs`` is a mapping with the processor's keys: input_ids, attention_mask, mm_token_type_ids and,
 when present, pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw, second_per_grid_ts.
@@ -23,11 +23,8 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from llava.model.compression import CompressionSpec
-from llava.model.generate import choose_next_tokens
-from llava.model.kv_arena import arena_cache
+from llava.model.lm_driver import DecoderStack, LMInputs
 from llava.model.method_api import VideoTokens
-from llava.model.static_decode import StaticDecoder, start_static_decode
-from llava.runtime import GenerationOptions, decode_room
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
     gather_packed,
@@ -68,6 +65,7 @@ class PrefillInputs:
     temporal / height / width M-RoPE rows; attention_mask (B, L') int64; visual_pos_masks (B, L') and
     deepstack_embeds (one (N_visual_kept, D) per layer) for Qwen3-VL.
     tokens_before / tokens_after: (B,) video tokens per row before and after compression.
+    video_mask (B, L') bool: the kept video tokens (what in-LLM methods may drop).
     """
 
     inputs_embeds: torch.Tensor
@@ -75,22 +73,9 @@ class PrefillInputs:
     attention_mask: torch.Tensor
     tokens_before: torch.Tensor
     tokens_after: torch.Tensor
+    video_mask: torch.Tensor | None = None
     visual_pos_masks: torch.Tensor | None = None
     deepstack_embeds: list[torch.Tensor] | None = None
-
-
-@dataclass
-class DecodeState:
-    """What a decode step needs: the KV cache, the growing 2-D mask and the next (4, B, 1) positions.
-
-    After :func:`use_static_cache`, ``static`` decodes on a static cache (which then is ``cache``) and
-    keeps its own (B, cache length) mask; ``attention_mask`` stays the prompt's.
-    """
-
-    cache: Cache
-    attention_mask: torch.Tensor
-    next_position_ids: torch.Tensor
-    static: StaticDecoder | None = None
 
 
 def _arch(model: PreTrainedModel) -> QwenArch:
@@ -196,7 +181,7 @@ def select_video_tokens(
             raise ValueError(f"video features have {embeds.shape[0]} tokens, video_grid_thw says {frames}x{per_frame}")
         features = embeds.reshape(frames, per_frame, embeds.shape[-1])
         videos.append(VideoTokens(features, (frames, gh // m, gw // m), sig, family))
-    if compression.is_identity:
+    if not compression.selects_before_llm:
         return [torch.ones(v.features.shape[:2].numel(), dtype=torch.bool, device=v.features.device) for v in videos]
     selected = compression.select_videos(videos)
     masks = [choice.mask.reshape(-1) for choice in selected]
@@ -223,10 +208,33 @@ def _rope_kwargs(arch: QwenArch, inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+def prompt_positions(model: PreTrainedModel, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """(4, B, L) positions of the uncompressed prompt: a running text row, then the M-RoPE rows.
+
+    Depends on the token ids and grids only, so adapters compute it on the host from the processor's
+    CPU output, before any GPU work: transformers' get_rope_index is host-heavy (loops and reads per
+    visual item) and would otherwise run after the compression step's sync, with the GPU idle."""
+    attention_mask = inputs["attention_mask"]
+    text = text_positions(attention_mask)
+    if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+        return text[None].expand(4, -1, -1)  # text only: plain positions on every row
+    if inputs.get("mm_token_type_ids") is None:
+        raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
+    host = {k: v.cpu() if torch.is_tensor(v) else v for k, v in _rope_kwargs(_arch(model), inputs).items()}
+    mrope, _ = model.model.get_rope_index(inputs["input_ids"].cpu(), **host)
+    return torch.cat([text[None], mrope.to(text.device)], dim=0)
+
+
+@torch.inference_mode()
 def build_prefill(
-    model: PreTrainedModel, inputs: Mapping[str, Any], vision: VisionOutputs, keep_flags: list[torch.Tensor]
+    model: PreTrainedModel,
+    inputs: Mapping[str, Any],
+    vision: VisionOutputs,
+    keep_flags: list[torch.Tensor],
+    positions: torch.Tensor | None = None,
 ) -> PrefillInputs:
-    """Assemble the full sequence, compute M-RoPE positions on it, then keep only the kept tokens."""
+    """Assemble the full sequence, take its (4, B, L) positions (``positions``, from
+    :func:`prompt_positions` on the host, or computed here), then keep only the kept tokens."""
     if inputs.get("mm_token_type_ids") is None:
         raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
     arch = _arch(model)
@@ -246,11 +254,9 @@ def build_prefill(
             embeds[pos] = torch.cat(feats).to(embeds.dtype)
 
     has_visual = bool(vision.video_embeds or vision.image_embeds)
-    if has_visual:
-        mrope, _ = model.model.get_rope_index(input_ids, **_rope_kwargs(arch, inputs))
-    else:  # text only: plain positions on every M-RoPE row
-        mrope = text_positions(attention_mask)[None].expand(3, -1, -1)
-    positions = torch.cat([text_positions(attention_mask)[None], mrope.to(device)], dim=0)  # (4, B, L)
+    if positions is None:
+        positions = prompt_positions(model, inputs)
+    positions = positions.to(device)
 
     sizes = [int(f.shape[0]) for f in vision.video_embeds]
     flags = video_keep_flags(keep_flags, sizes, device)
@@ -277,81 +283,65 @@ def build_prefill(
         attention_mask=packed_mask,
         tokens_before=video_pos.sum(dim=1),
         tokens_after=(video_pos & keep).sum(dim=1),
+        video_mask=gather_packed(video_pos, index, False),
         visual_pos_masks=visual_pos_masks,
         deepstack_embeds=deepstack,
     )
 
 
-def _language_model(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
-    """Hidden state of the last position, (B, D)."""
-    out = model.model.language_model(input_ids=None, use_cache=True, **kwargs)
-    return out.last_hidden_state[:, -1]
-
-
-@torch.inference_mode()
-def prefill(model: PreTrainedModel, prepared: PrefillInputs, room: int = 0) -> tuple[torch.Tensor, DecodeState]:
-    """Run the LM over the shortened prompt: next-token logits (B, V) float32 and the decode state, whose
-    KV cache is allocated with room for ``room`` more tokens (see llava.model.kv_arena)."""
-    cache = arena_cache(model.config.text_config, room)
-    extra: dict[str, Any] = {}
-    if prepared.deepstack_embeds is not None:
-        extra = {"visual_pos_masks": prepared.visual_pos_masks, "deepstack_visual_embeds": prepared.deepstack_embeds}
-    hidden = _language_model(
-        model,
-        inputs_embeds=prepared.inputs_embeds,
-        attention_mask=prepared.attention_mask,
-        position_ids=prepared.position_ids,
-        past_key_values=cache,
-        **extra,
-    )
-    state = DecodeState(cache, prepared.attention_mask, prepared.position_ids[:, :, -1:] + 1)
-    return model.lm_head(hidden).float(), state
-
-
 def static_step(
     model: PreTrainedModel, cache: Cache, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """One decode token per row on a static cache: the forward the static / compiled decode modes run
-    (module level, so a compiled step is keyed by it). positions (4, B, 1); returns (B, V) float32."""
-    hidden = _language_model(
-        model,
+    """One decode token per row on a static cache: the stock text-model forward the static / compiled decode
+    modes run (module level, so a compiled step is keyed by it). positions (4, B, 1); returns (B, V) float32."""
+    out = model.model.language_model(
+        input_ids=None,
         inputs_embeds=model.get_input_embeddings()(tokens[:, None]),
         attention_mask=mask,
         position_ids=positions,
         past_key_values=cache,
+        use_cache=True,
     )
-    return model.lm_head(hidden).float()
+    return model.lm_head(out.last_hidden_state[:, -1]).float()
 
 
-@torch.inference_mode()
-def use_static_cache(model: PreTrainedModel, state: DecodeState, max_new_tokens: int, mode: str) -> DecodeState:
-    """Move a prefilled ``state`` onto a static cache (``mode`` "static" or "compiled", see
-    llava.model.static_decode) with room for ``max_new_tokens``; later decode steps use it."""
-    state.static = start_static_decode(
-        model, static_step, model.config.text_config, state.cache, state.attention_mask, max_new_tokens, mode
+def qwen_stack(model: PreTrainedModel) -> DecoderStack:
+    """The VL model's text decoder as a :class:`~llava.model.lm_driver.DecoderStack` (M-RoPE: 3 rows)."""
+    text = model.model.language_model
+    return DecoderStack(
+        embed=text.embed_tokens,
+        layers=text.layers,
+        norm=text.norm,
+        head=model.lm_head,
+        rotary=text.rotary_emb,
+        config=model.config.text_config,
+        rope_rows=3,
+        static_model=model,
+        static_step=static_step,
+        # the static forward takes a text row first (its mask code reads it), then the 3 M-RoPE rows
+        static_positions=lambda nxt: torch.cat([nxt[:1], nxt])[..., None],
     )
-    state.cache = state.static.cache  # the prefill's DynamicCache can be freed
-    return state
 
 
-@torch.inference_mode()
-def decode_step(model: PreTrainedModel, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (B,) and return the next logits (B, V) float32; ``state`` advances."""
-    if state.static is not None:
-        logits = state.static.step(tokens, state.next_position_ids)
-        state.next_position_ids = state.next_position_ids + 1
-        return logits
-    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], dim=1)
-    hidden = _language_model(
-        model,
-        inputs_embeds=model.get_input_embeddings()(tokens[:, None]),
-        attention_mask=mask,
-        position_ids=state.next_position_ids,
-        past_key_values=state.cache,
+def lm_inputs(prepared: PrefillInputs) -> LMInputs:
+    """The packed prompt as the driver's inputs (one host read: the rows' lengths and video counts)."""
+    valid = prepared.attention_mask.bool()
+    counts = torch.stack([valid.sum(1), prepared.tokens_after.to(valid.device)]).tolist()
+    positions = prepared.position_ids[1:]
+    index = None
+    if prepared.deepstack_embeds is not None:
+        index = prepared.visual_pos_masks.reshape(-1).nonzero().squeeze(1)
+    return LMInputs(
+        embeds=prepared.inputs_embeds,
+        valid=valid,
+        positions=positions,
+        next_position=positions[:, :, -1] + 1,
+        visual=prepared.video_mask,
+        lengths=tuple(counts[0]),
+        visual_counts=tuple(counts[1]),
+        deepstack=prepared.deepstack_embeds,
+        deepstack_index=index,
     )
-    state.attention_mask = mask
-    state.next_position_ids = state.next_position_ids + 1
-    return model.lm_head(hidden).float()
 
 
 def eos_token_ids(model: PreTrainedModel) -> list[int]:
@@ -359,60 +349,3 @@ def eos_token_ids(model: PreTrainedModel) -> list[int]:
     if eos is None:
         eos = model.config.text_config.eos_token_id
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-
-
-@torch.inference_mode()
-def generate(
-    model: PreTrainedModel,
-    prepared: PrefillInputs,
-    options: GenerationOptions = GenerationOptions(),
-    *,
-    stop_check: Any = None,
-    timer: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill then decode until every row emitted EOS (or ``stop_check(ids) -> (B,) bool`` fires).
-
-    ``options.ignore_eos`` (benchmarks) generates exactly max_new_tokens unless a stop string fires.
-    ``options.decode_mode`` static / compiled decodes on a static cache filled from the (unchanged) prefill.
-
-    Returns (generated ids (B, T) with finished rows padded, prefill logits (B, V)). ``timer`` is an
-    optional :class:`llava.runtime.StageTimer` charged with "prefill" and "decode".
-    """
-    eos = torch.tensor(eos_token_ids(model), device=prepared.inputs_embeds.device)
-    pad = model.generation_config.pad_token_id
-    pad = int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0
-    generator = None
-    if options.do_sample and options.seed is not None:
-        generator = torch.Generator(device=prepared.inputs_embeds.device).manual_seed(int(options.seed))
-    with maybe_stage(timer, "prefill"):
-        first_logits, state = prefill(model, prepared, decode_room(options))
-    with maybe_stage(timer, "decode"):
-        if options.decode_mode != "eager" and options.max_new_tokens > 1:
-            use_static_cache(model, state, options.max_new_tokens, options.decode_mode)
-        logits = first_logits
-        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        steps = []
-        for step in range(options.max_new_tokens):
-            token = choose_next_tokens(logits, options, generator).masked_fill(finished, pad)
-            steps.append(token)
-            if not getattr(options, "ignore_eos", False):
-                finished = finished | torch.isin(token, eos)
-            if stop_check is not None:
-                finished = finished | stop_check(torch.stack(steps, dim=1))
-            if bool(finished.all()) or step + 1 == options.max_new_tokens:
-                break
-            logits = decode_step(model, state, token)
-    return torch.stack(steps, dim=1), first_logits
-
-
-class _NullStage:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def maybe_stage(timer: Any, name: str) -> Any:
-    """``timer.stage(name)``, or a no-op context when no timer is given."""
-    return timer.stage(name) if timer is not None else _NullStage()

@@ -1,6 +1,6 @@
 """Tiny random-init checkpoints of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``vidcom2 make-tiny --arch ...``).
 
-Same architectures as the real models, shrunk (hidden 64, 2 LM layers, 2 ViT layers), with a
+Same architectures as the real models, shrunk (hidden 64, 16 LM layers, 2 ViT layers), with a
 char-level tokenizer that holds the Qwen special tokens and a Qwen-style chat template, and the
 processor files, so ``from_pretrained`` / ``AutoProcessor`` load the directory offline.
 Pixel budgets are small (frames of at most 112x112 / 128x128 pixels) so CPU tests stay fast.
@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
 TINY_TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
-    num_hidden_layers=2,
+    num_hidden_layers=16,  # deep enough for the in-LLM methods' default layers (FastV 2, PDrop / SparseVLM 2-6-15)
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=4096,

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
-from llava.model import baselines, dycoke, fastvid, holitom, vidcom2, visionzip
+from llava.model import baselines, dycoke, fastv, fastvid, holitom, pdrop, vidcom2, visionzip
 from llava.model.method_api import (
     GRID,
+    LLM_ATTENTION_ROWS,
+    QUESTION_TOKENS,
+    InLLMPlan,
     MaskSelect,
     Method,
     NoOptions,
@@ -45,6 +48,8 @@ METHODS: tuple[Method, ...] = (
     dycoke.METHOD,
     fastvid.METHOD,
     holitom.METHOD,
+    fastv.METHOD,
+    pdrop.METHOD,
 )
 
 _REGISTRY: dict[str, Method] = {}
@@ -180,9 +185,25 @@ class CompressionSpec:
         return self.compressor == "none" or float(self.retention) >= 1.0
 
     @property
+    def selects_before_llm(self) -> bool:
+        """True when the method changes the video's tokens before the language model."""
+        return not self.is_identity and self.method.select is not None
+
+    def llm_plan(self, num_layers: int) -> InLLMPlan | None:
+        """The in-LLM plan of one request on an LM of ``num_layers`` layers (None: nothing to do there)."""
+        if self.is_identity or self.method.plan is None:
+            return None
+        return self.method.plan(num_layers, float(self.retention), self.config)
+
+    @property
     def signals(self) -> frozenset[str]:
         """The model signals the method needs beyond the features and the grid (none when identity)."""
         return frozenset() if self.is_identity else self.method.signals_for(self.config) - {GRID}
+
+    @property
+    def tower_signals(self) -> frozenset[str]:
+        """The signals the vision tower computes for the method (those read inside the LM excluded)."""
+        return self.signals - {LLM_ATTENTION_ROWS, QUESTION_TOKENS}
 
     def check_supported(self, family: str, supplied: Iterable[str], hint: str = "") -> None:
         """Raise, before any work, when model family ``family`` cannot supply a signal the method needs

@@ -13,7 +13,7 @@ LLaVA-Video 64 frames at fps 1 with force_sample (i.e. 64 uniform frames).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from llava.model.compression import CompressionSpec
-from llava.model.generate import decode, prefill
+from llava.model.generate import llava_stack
 from llava.model.layout import GRID_NEWLINES
 from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
 from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
+from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
 from llava.model.loading import load_llava
-from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, VIT_KEYS, VIT_RECEIVED_ATTENTION
+from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, LLM_ATTENTION_ROWS, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
 from llava.model.siglip_signals import load_siglip_head
 from llava.model.tiny import tiny_builder
@@ -36,7 +37,7 @@ from llava.runtime import (
     InferenceResult,
     ModelFamily,
     StageTimer,
-    decode_room,
+    cut_at_stop,
 )
 from llava.video_io import VideoClip, read_videos
 
@@ -56,6 +57,21 @@ def resolve_sampling(sampling: FrameSampling, family: str) -> FrameSampling:
             return replace(default, num_frames=sampling.max_frames)
         return replace(default, max_frames=sampling.max_frames)
     return default
+
+
+@dataclass(frozen=True)
+class PreparedVideos:
+    """A batch of (video, question) requests after the host stage (:meth:`LlavaVideoLLM.prepare_batch`).
+
+    frames: per video (F, H, W, 3) uint8 RGB (numpy, or a pinned torch tensor). infos: what each result's
+    ``extra`` reports about its video. prompts: per request the token ids before and after the video
+    placeholder. seconds: the host stages' seconds (read_video), added to the results' timings.
+    """
+
+    frames: list[np.ndarray | torch.Tensor]
+    infos: list[dict[str, Any]]
+    prompts: list[tuple[list[int], list[int]]]
+    seconds: dict[str, float]
 
 
 def _frames_and_info(item: np.ndarray | VideoClip) -> tuple[np.ndarray, dict[str, Any]]:
@@ -100,10 +116,11 @@ class LlavaVideoLLM:
     @property
     def supplied_signals(self) -> frozenset[str]:
         """Signals this model computes for compression methods: the SigLIP feature layer's received
-        attention and keys always; FastVID's frame salience and global vector only with SigLIP's
-        attention-pooling head loaded (:meth:`load_vision_head`; LLaVA checkpoints do not hold it)."""
+        attention and keys always, attention rows inside the LM (the layer-wise driver) always; FastVID's
+        frame salience and global vector only with SigLIP's attention-pooling head loaded
+        (:meth:`load_vision_head`; LLaVA checkpoints do not hold it)."""
         head = {FRAME_SALIENCE, FRAME_GLOBAL} if self.model.vision_head is not None else set()
-        return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, *head})
+        return frozenset({VIT_RECEIVED_ATTENTION, VIT_KEYS, LLM_ATTENTION_ROWS, *head})
 
     @property
     def signal_hint(self) -> str:
@@ -130,7 +147,7 @@ class LlavaVideoLLM:
         return [_frames_and_info(item) for item in decoded]
 
     def features_from_frames(
-        self, frames: np.ndarray, timer: StageTimer, signals: Iterable[str] = ()
+        self, frames: np.ndarray | torch.Tensor, timer: StageTimer, signals: Iterable[str] = ()
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decoded (F, H, W, 3) frames -> (the pooled features compression chooses from, the signals its
         method needs) (preprocess, vision)."""
@@ -140,12 +157,12 @@ class LlavaVideoLLM:
             return self.model.encode_video_with_signals(pixels, signals)
 
     def blocks_from_frames(
-        self, videos: list[np.ndarray], compression: CompressionSpec, timer: StageTimer
+        self, videos: list[np.ndarray | torch.Tensor], compression: CompressionSpec, timer: StageTimer
     ) -> list[VisualBlock]:
         """Each video's decoded frames -> its compressed visual block. Every video is encoded on its own
         (the vision stage); then all are compressed together in one stage (one selection launch per
         shape, one host synchronisation), each on its own budget."""
-        encoded = [self.features_from_frames(frames, timer, compression.signals) for frames in videos]
+        encoded = [self.features_from_frames(frames, timer, compression.tower_signals) for frames in videos]
         with torch.inference_mode(), timer.stage("compress"):
             return self.model.compress_videos(
                 [f for f, _ in encoded], compression, self.grid_newlines, [s for _, s in encoded]
@@ -169,6 +186,60 @@ class LlavaVideoLLM:
             [(frames, info)] = self.read_frames([video], sampling)
         return self.blocks_from_frames([frames], compression, timer)[0], info
 
+    # ------------------------------------------------------------------ host stage / device stage
+    def prepare_batch(
+        self,
+        videos: list[str | Path | np.ndarray | VideoClip],
+        questions: list[str],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: StageTimer | None = None,
+        pin_memory: bool = False,
+    ) -> PreparedVideos:
+        """The host half of :meth:`answer_batch`: read and decode the videos (on threads), tokenise the
+        prompts. Touches no GPU, so a prefetch thread can run it while the GPU answers an earlier batch.
+
+        ``timer``: the request's timer (answer_batch passes its own); without one it times itself (host
+        clock) and the result carries the seconds. ``pin_memory``: when the model is on a GPU, hand the
+        frames over in pinned host memory (a faster copy later). Raises
+        :class:`llava.video_io.VideoReadError` (naming the file) for an unreadable video."""
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
+        if not videos:
+            raise ValueError("answer_batch needs at least one video")
+        own = timer is None
+        timer = timer or StageTimer()
+        with timer.stage("read_video"):  # all videos at once, decoded on threads
+            decoded = self.read_frames(list(videos), sampling)
+        frames: list[np.ndarray | torch.Tensor] = [f for f, _ in decoded]
+        if pin_memory and self.device.type == "cuda":
+            frames = [torch.from_numpy(np.ascontiguousarray(f)).pin_memory() for f in frames]
+        placeholder = self.model.spec.placeholder
+        prompts = [split_prompt(self.tokenizer, question, placeholder) for question in questions]
+        return PreparedVideos(frames, [info for _, info in decoded], prompts, timer.seconds if own else {})
+
+    def answer_prepared(
+        self,
+        prepared: PreparedVideos,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        timer: StageTimer | None = None,
+    ) -> list[InferenceResult]:
+        """The device half of :meth:`answer_batch` on a :meth:`prepare_batch` result: vision, compression
+        (each video on its own budget), prefill and decoding. ``timer``: the request's timer when the caller
+        timed the host stage with it; by default a new one, charged the host seconds ``prepared`` carries.
+        ``prepared`` is not changed: it may be answered again."""
+        self._check_settings()
+        compression.check_supported(self.family, self.supplied_signals, self.signal_hint)
+        if timer is None:
+            timer = StageTimer(self.device)
+            for stage, seconds in prepared.seconds.items():
+                timer.add(stage, seconds)
+        blocks = self.blocks_from_frames(list(prepared.frames), compression, timer)
+        prompts = [(before, block, after) for (before, after), block in zip(prepared.prompts, blocks, strict=True)]
+        return self._generate(prompts, list(prepared.infos), timer, compression, generation)
+
     def answer_batch(
         self,
         videos: list[str | Path | np.ndarray],
@@ -179,22 +250,14 @@ class LlavaVideoLLM:
         sampling: FrameSampling = FrameSampling(),
     ) -> list[InferenceResult]:
         """Answer several (video, question) pairs in one left-padded batch; every video is compressed
-        with its own budget. Timings are those of the whole batch (``extra.batch_size`` says so)."""
-        if len(videos) != len(questions):
-            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
-        if not videos:
-            raise ValueError("answer_batch needs at least one video")
+        with its own budget. Timings are those of the whole batch (``extra.batch_size`` says so).
+        The same as :meth:`answer_prepared` of :meth:`prepare_batch`."""
         self._check_settings()
         compression.check_supported(self.family, self.supplied_signals, self.signal_hint)  # before any video is read
+        compression.llm_plan(self.model.language_model.config.num_hidden_layers)  # its layers and R, checked now
         timer = StageTimer(self.device)
-        with timer.stage("read_video"):  # all videos at once, decoded on threads
-            decoded = self.read_frames(list(videos), sampling)
-        blocks = self.blocks_from_frames([frames for frames, _ in decoded], compression, timer)
-        prompts = []
-        for question, block in zip(questions, blocks, strict=True):
-            before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
-            prompts.append((before, block, after))
-        return self._generate(prompts, [info for _, info in decoded], timer, compression, generation)
+        prepared = self.prepare_batch(videos, questions, sampling, timer=timer)
+        return self.answer_prepared(prepared, compression=compression, generation=generation, timer=timer)
 
     def answer(
         self,
@@ -237,12 +300,19 @@ class LlavaVideoLLM:
     ) -> list[InferenceResult]:
         with timer.stage("prefill"):
             batch = self.model.build_inputs(prompts, self.position_mode)
-            logits, cache = prefill(self.model.language_model, batch, decode_room(generation))
-        with timer.stage("decode"):
-            stop_ids = [] if generation.ignore_eos else self.stop_ids
-            decoded = decode(self.model.language_model, self.tokenizer, logits, cache, batch, generation, stop_ids)
+        stack = llava_stack(self.model.language_model)
+        out = generate(
+            stack,
+            batch,
+            generation,
+            stop_ids=self.stop_ids,
+            stop_check=stop_string_check(self.tokenizer, generation.stop),
+            timer=timer,
+            plan=compression.llm_plan(stack.num_layers),
+        )
+        texts = [cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), generation.stop) for ids in out.ids]
         results = []
-        for (_, block, _), info, ids, text in zip(prompts, infos, decoded.output_ids, decoded.texts, strict=True):
+        for row, ((_, block, _), info, ids, text) in enumerate(zip(prompts, infos, out.ids, texts, strict=True)):
             layout = block.layout
             extra = {
                 **layout.stats(),
@@ -252,7 +322,8 @@ class LlavaVideoLLM:
                 "grid_newlines": self.grid_newlines if self.model.spec.newline_position == "grid" else None,
                 "position_mode": self.position_mode,
                 "batch_size": len(prompts),
-                "prompt_tokens": int(batch.attention_mask.shape[1]),
+                "prompt_tokens": int(batch.valid.shape[1]),
+                "layer_average_retention": layer_average_retention(out.layer_visual, row, layout.total_tokens),
             }
             results.append(
                 InferenceResult(

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from llava.model.compression import CompressionSpec
-from llava.model.generate import BatchInputs, pad_left
+from llava.model.generate import pad_left
 from llava.model.layout import (
     PendingLayout,
     VisualLayout,
@@ -34,6 +34,7 @@ from llava.model.layout import (
     pending_layout,
 )
 from llava.model.llava_config import LlavaSpec
+from llava.model.lm_driver import LMInputs
 from llava.model.method_api import FRAME_GLOBAL, VideoTokens
 from llava.model.siglip_signals import pool_like_features, siglip_signals
 
@@ -194,7 +195,7 @@ class LlavaVideoModel(nn.Module):
         and nothing waits on the host after the sync (see llava.model.layout).
         """
         position = self.spec.newline_position
-        if compression.is_identity:
+        if not compression.selects_before_llm:
             return [self._uncompressed_block(f) for f in features]
         signals = list(signals) if signals is not None else [{} for _ in features]
         if len(signals) != len(features):
@@ -236,7 +237,8 @@ class LlavaVideoModel(nn.Module):
         table = self._rows_with_newline(features)
         size = full_length(frames, h, w, position)
         sources = block_sources(frames, h, w, position, features.device)
-        layout = VisualLayout(sources, torch.arange(size, device=features.device), size, frames * h * w)
+        total = frames * h * w
+        layout = VisualLayout(sources, torch.arange(size, device=features.device), size, total, _kept=total)
         return VisualBlock(table.index_select(0, layout.source), layout)
 
     def image_block(self, pixels: torch.Tensor) -> VisualBlock:
@@ -256,8 +258,9 @@ class LlavaVideoModel(nn.Module):
         self,
         prompts: list[tuple[list[int], VisualBlock, list[int]]],
         position_mode: str = "contiguous",
-    ) -> BatchInputs:
-        """[(ids before, visual block, ids after)] -> left-padded LM inputs.
+    ) -> LMInputs:
+        """[(ids before, visual block, ids after)] -> left-padded LM inputs (video tokens flagged for
+        in-LLM methods; newlines are not video tokens).
 
         contiguous: positions 0..L-1 over the shortened sequence (the paper's code).
         original: each visual entry keeps its uncompressed position and the text after the video
@@ -265,19 +268,23 @@ class LlavaVideoModel(nn.Module):
         """
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}, got {position_mode!r}")
-        sequences, positions, next_positions = [], [], []
+        sequences, positions, next_positions, visual, counts = [], [], [], [], []
         for before, block, after in prompts:
             n0, nv, n1 = len(before), block.layout.length, len(after)
             sequences.append(torch.cat([self.embed_ids(before), block.embeds.to(self.dtype), self.embed_ids(after)]))
+            flags = torch.zeros(n0 + nv + n1, dtype=torch.bool, device=self.device)
+            flags[n0 : n0 + nv] = block.layout.source < block.layout.total_tokens
+            visual.append(flags)
+            counts.append(block.layout.kept_tokens)
             if position_mode == "contiguous":
                 pos = torch.arange(n0 + nv + n1, device=self.device)
                 next_positions.append(n0 + nv + n1)
             else:
-                visual = n0 + block.layout.original_offsets.to(self.device)
+                offsets = n0 + block.layout.original_offsets.to(self.device)
                 tail = n0 + block.layout.full_length + torch.arange(n1, device=self.device)
-                pos = torch.cat([torch.arange(n0, device=self.device), visual, tail])
+                pos = torch.cat([torch.arange(n0, device=self.device), offsets, tail])
                 # the last original offset is below full_length, so text after the video (or, with none,
                 # the first new token) continues from the uncompressed length; known on the host: no sync
                 next_positions.append(n0 + block.layout.full_length + n1)
             positions.append(pos)
-        return pad_left(sequences, positions, next_positions)
+        return pad_left(sequences, positions, next_positions, visual, counts)

@@ -54,8 +54,11 @@ FRAME_GLOBAL = "frame_global"
 output; Qwen: the mean of the frame's merged embeddings."""
 QUESTION_TOKENS = "question_tokens"
 """The question's token embeddings at the LM input (in-LLM methods)."""
+LLM_ATTENTION_ROWS = "llm_attention_rows"
+"""In-LLM: the attention statistic of a boundary's query rows (LayerState.scores), which the layer-wise
+driver computes from a layer's own query and keys (llava.model.attention_rows)."""
 
-SIGNALS = (GRID, VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL, QUESTION_TOKENS)
+SIGNALS = (GRID, VIT_RECEIVED_ATTENTION, VIT_KEYS, FRAME_SALIENCE, FRAME_GLOBAL, QUESTION_TOKENS, LLM_ATTENTION_ROWS)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,70 @@ class VideoSelection:
     valid: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """Where an in-LLM method acts: before decoder layer ``layer`` runs (0 < layer < L).
+
+    rows: whose attention it reads: "last" (the last prompt token) or "marked" (the rows its plan marked,
+    e.g. SparseVLM's raters; each sees keys up to itself). source: "previous" = the attention of layer
+    ``layer - 1`` as it ran (FastV, SparseVLM, HoliTom); "probe" = layer ``layer``'s own projections on
+    its input, computed before it runs (PDrop).
+    """
+
+    layer: int
+    rows: str = "last"
+    source: str = "previous"
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """The batch at a boundary. hidden (B, L, D) entering the layer; valid (B, L) real tokens (left
+    padded); visual (B, L) the video tokens still in; scores (B, L) float32: the requested rows'
+    attention, softmax per head, head mean, mean over rows; visual_before / visual_now: per row, video
+    tokens at the LM input and now (host ints)."""
+
+    layer: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    scores: torch.Tensor
+    visual_before: tuple[int, ...]
+    visual_now: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerAction:
+    """What an in-LLM method keeps at a boundary. keep (B, L) bool over the current tokens (only video
+    tokens are read: text always stays); kept_counts: video tokens kept per row (host ints, = keep's
+    count per row: they size the shorter batch without a sync); values: optional (B, L, D) new hidden
+    states (merging methods), read at the kept tokens."""
+
+    keep: torch.Tensor
+    kept_counts: tuple[int, ...]
+    values: torch.Tensor | None = None
+
+
+class InLLMPlan:
+    """An in-LLM method's plan for one request: its boundaries, its position rule ("inherit": kept
+    tokens keep their positions and decoding continues from the uncompressed length; "compact":
+    renumbered 0..n-1 after each boundary, each later layer group decoding from its own length), and
+    :meth:`act`. Subclasses override what they use."""
+
+    boundaries: tuple[Boundary, ...] = ()
+    positions: str = "inherit"
+    full_map: bool = False  # attention=eager: read rows from the layer's whole (B, H, L, L) map (memory comparisons)
+
+    def mark_rows(self, embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) bool rows whose attention "marked" boundaries read, from the LM input; None if unused."""
+        return None
+
+    def act(self, boundary: Boundary, state: LayerState) -> LayerAction:
+        raise NotImplementedError
+
+
+InLLMPlanner = Callable[[int, float, Any], InLLMPlan]
+"""(number of LLM layers, R, options) -> the plan of one request."""
+
 PreLLMSelect = Callable[[VideoTokens, float, Any], VideoSelection]
 MaskSelect = Callable[[Sequence[torch.Tensor], float, Any], torch.Tensor]
 """Batched select-only form: B same-shape videos (F, P, D), R, options -> (B, F, P) bool keep masks,
@@ -112,6 +179,7 @@ class Method:
         :func:`parse_options` from ``{name: value}`` (strings from a command line are converted).
     signals: names of the signals it needs (besides the features and the grid).
     select: the pre-LLM function (per video); None for methods acting only inside the LLM.
+    plan: the in-LLM planner ``(layers, R, options) -> InLLMPlan``; None for methods acting only before it.
     masks: optional batched mask form of a select-only ``select`` (used by the models' fast path).
     merges: True when ``select`` may return new feature values.
     summary: one line for listings.
@@ -130,6 +198,7 @@ class Method:
     summary: str = ""
     needs: Callable[[Any], frozenset[str]] | None = None
     label: str = ""  # how messages name the method (default: its name)
+    plan: InLLMPlanner | None = None  # the in-LLM planner (methods acting inside the LM)
 
     def __post_init__(self) -> None:
         if not is_dataclass(self.options):
@@ -139,6 +208,8 @@ class Method:
             raise ValueError(f"method {self.name!r} declares unknown signal(s) {sorted(unknown)}; known: {SIGNALS}")
         if Stage.PRE_LLM in self.stages and self.select is None:
             raise ValueError(f"method {self.name!r} acts before the LLM but has no select function")
+        if Stage.IN_LLM in self.stages and self.plan is None:
+            raise ValueError(f"method {self.name!r} acts inside the LLM but has no plan function")
 
     def signals_for(self, options: Any) -> frozenset[str]:
         """The signals the method reads with these options."""

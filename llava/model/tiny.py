@@ -3,7 +3,7 @@
 ``vidcom2 make-tiny --arch {llava_ov,llava_vid} --format {lmms-lab,hf} --seed S --out DIR``. The
 architecture is the real one at toy size: SigLIP 98px / patch 14 (a 7x7 grid: odd like the real
 27x27, so bilinear pooling rounds up to 4x4 and average pooling down to 3x3), 3 tower layers with
-the last dropped (mm_vision_select_layer -2), Qwen2 hidden 64 / 2 layers, a char-level tokenizer.
+the last dropped (mm_vision_select_layer -2), Qwen2 hidden 64 / 16 layers, a char-level tokenizer.
 The weights depend only on the seed and the arch, so the two formats of one seed hold the same
 numbers under different names (the format-equivalence tests rely on it).
 """
@@ -34,7 +34,7 @@ TINY_VISION: dict[str, Any] = {
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 16,  # deep enough for the in-LLM methods' default layers (FastV 2, PDrop / SparseVLM 2-6-15)
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "vocab_size": 128,
