@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# Reproduce the Qwen2.5-VL-7B-Instruct (lmms-eval defaults: 32 frames, max_pixels 1605632): uncompressed baseline and VidCom2 at R = 0.25 and 0.15 through lmms-eval,
-# then results/qwen2_5_vl_{benchmarks,summary,vs_paper}.csv. Overrides: see scripts/eval_common.sh,
-# e.g.  GPUS=4 RETENTIONS="0.25" TASKS=mvbench OUTPUT_DIR=/data/logs bash scripts/eval_qwen2_5_vl.sh
+# Qwen2.5-VL-7B-Instruct (lmms-eval defaults: 32 frames, max_pixels 1605632) with the Qwen3-VL table's methods at
+# the paper's main retentions: uncompressed; VidCom2, VisionZip, FastVID, HoliTom at R = 0.25 and 0.15; each
+# through lmms-eval on VideoMME, MLVU, LongVideoBench and MVBench, then results/qwen2_5_vl_{benchmarks,summary}.csv
+# (no published numbers to compare with). Overrides: see scripts/eval_common.sh, e.g.
+#   GPUS=4 METHODS="none vidcom2" RETENTIONS=0.25 TASKS=mvbench bash scripts/eval_qwen2_5_vl.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/eval_common.sh"
-run_paper_table qwen2_5_vl qwen2_5_vl Qwen/Qwen2.5-VL-7B-Instruct \
-  "attn_implementation=flash_attention_2" \
-  max_num_frames 32
+TABLE_NAME=qwen2_5_vl
+TABLE_MODEL_ID=qwen2_5_vl
+TABLE_PRETRAINED=Qwen/Qwen2.5-VL-7B-Instruct
+TABLE_BASE_ARGS="attn_implementation=flash_attention_2"
+TABLE_FRAMES_KEY=max_num_frames
+TABLE_FRAMES=32
+TABLE_TASKS=videomme,mlvu_dev,longvideobench_val_v,mvbench
+TABLE_PAPER=""
+TABLE_ROWS=(
+  "none 1.0"
+  "vidcom2 0.25" "vidcom2 0.15"
+  "visionzip 0.25" "visionzip 0.15"
+  "fastvid 0.25" "fastvid 0.15"
+  "holitom 0.25" "holitom 0.15"
+)
+run_paper_table

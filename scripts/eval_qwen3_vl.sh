@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Reproduce the Qwen3-VL-8B-Instruct (project page table, 64 frames; FRAMES=32 for the 32-frame table): uncompressed baseline and VidCom2 at R = 0.25 and 0.15 through lmms-eval,
-# then results/qwen3_vl_{benchmarks,summary,vs_paper}.csv. Overrides: see scripts/eval_common.sh,
-# e.g.  GPUS=4 RETENTIONS="0.25" TASKS=mvbench OUTPUT_DIR=/data/logs bash scripts/eval_qwen3_vl.sh
+# The VidCom2 project page's Qwen3-VL-8B-Instruct table, 32 and 64 frames: uncompressed; VidCom2,
+# VisionZip, FastVID, HoliTom at R = 0.25 and 0.35; each through lmms-eval on VideoMME, MLVU,
+# LongVideoBench and MVBench, then results/qwen3_vl_{benchmarks,summary,vs_paper}.csv.
+# Overrides: see scripts/eval_common.sh, e.g.  FRAMES=64 METHODS="none vidcom2" bash scripts/eval_qwen3_vl.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/eval_common.sh"
-run_paper_table qwen3_vl qwen3_vl Qwen/Qwen3-VL-8B-Instruct \
-  "attn_implementation=flash_attention_2" \
-  max_num_frames 64
+TABLE_NAME=qwen3_vl
+TABLE_MODEL_ID=qwen3_vl
+TABLE_PRETRAINED=Qwen/Qwen3-VL-8B-Instruct
+TABLE_BASE_ARGS="attn_implementation=flash_attention_2"
+TABLE_FRAMES_KEY=max_num_frames
+TABLE_FRAMES="32 64"
+TABLE_TASKS=videomme,mlvu_dev,longvideobench_val_v,mvbench
+TABLE_PAPER=paper_accuracy.csv
+TABLE_ROWS=(
+  "none 1.0"
+  "vidcom2 0.25" "vidcom2 0.35"
+  "visionzip 0.25" "visionzip 0.35"
+  "fastvid 0.25" "fastvid 0.35"
+  "holitom 0.25" "holitom 0.35"
+)
+run_paper_table

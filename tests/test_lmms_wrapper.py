@@ -33,7 +33,7 @@ def _wrapper(monkeypatch, tmp_path, chat=False, **args):
     return w
 
 
-def _requests(w, docs, ids, chat=False):
+def _requests(w, docs, ids, chat=False, visual=doc_to_visual):
     w.task_dict = {"synth": {"test": {d["doc_id"]: d for d in docs}}}
     reqs = []
     for i in ids:
@@ -49,7 +49,7 @@ def _requests(w, docs, ids, chat=False):
 
             args = ("ctx", to_messages, dict(GEN), i, "synth", "test")
         else:
-            args = (doc_to_text(docs[i]), dict(GEN), doc_to_visual, i, "synth", "test")
+            args = (doc_to_text(docs[i]), dict(GEN), visual, i, "synth", "test")
         reqs.append(Instance("generate_until", args, 0, metadata={"task": "synth", "doc_id": i, "repeats": 1}))
     return reqs
 
@@ -138,3 +138,35 @@ def test_pool_mode_is_applied_like_the_builtin_wrappers(monkeypatch, tmp_path):
     assert w.model.mm_spatial_pool_mode == "average"
     monkeypatch.setattr(FakeVideoLLM, "mm_spatial_pool_mode", "max")
     assert _wrapper(monkeypatch, tmp_path).model.mm_spatial_pool_mode == "bilinear"  # llava_onevision's default
+
+
+def _exiting_visual(doc):
+    """lmms-eval 0.7.3's videomme / mlvu_dev doc_to_visual on a missing file."""
+    if doc["video_name"] == "missing":
+        raise SystemExit(f"video path:{doc['video']} does not exist, please check")
+    return [doc["video"]]
+
+
+def test_a_task_that_calls_sys_exit_names_task_doc_and_path(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path)
+    missing = len(docs) - 2
+    reqs = _requests(w, docs, [0, missing], visual=_exiting_visual)
+    with pytest.raises(wrappers.VideoSampleError, match=f"synth doc_id={missing}: .*sys.exit.*does_not_exist.mp4"):
+        w.generate_until(reqs)
+
+
+def test_a_task_that_calls_sys_exit_is_a_recorded_failure_with_record(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, on_video_error="record")
+    missing = len(docs) - 2
+    reqs = _requests(w, docs, [0, missing, 1], visual=_exiting_visual)
+    out = w.generate_until(reqs)
+    assert [o.text for o in out] == ["A", "", "A"]
+    failed = [r for r in w.meter.records if r.status == "failed"]
+    assert [(r.task, r.doc_id) for r in failed] == [("synth", missing)] and "does_not_exist.mp4" in failed[0].error
+
+
+def test_a_task_bug_in_doc_to_visual_is_not_a_video_failure(monkeypatch, tmp_path, docs):
+    w = _wrapper(monkeypatch, tmp_path, on_video_error="record")
+    reqs = _requests(w, docs, [0], visual=lambda doc: [doc["no_such_field"]])
+    with pytest.raises(ValueError, match="synth doc_id=0: the task's doc_to_visual raised KeyError"):
+        w.generate_until(reqs)

@@ -1,4 +1,4 @@
-"""``vidcom2 eval-default`` and ``vidcom2 collect``: registered into the project's console script.
+"""``vidcom2 eval-default``, ``collect`` and ``collect-efficiency``: subcommands of the project's console script.
 
 llava.cli imports this module lazily (EXTENSION_MODULES), so the core CLI never imports lmms-eval.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from llava.cli import register_subcommand
 
@@ -46,22 +45,33 @@ def _run_default(args: argparse.Namespace) -> int:
 
 
 def _add_collect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", help="folder holding one lmms-eval output folder per run")
-    p.add_argument("--out", default="results", help="CSV folder")
-    p.add_argument("--name", required=True, help="CSV file prefix, e.g. llava_ov")
-    p.add_argument("--paper", default=None, help="paper numbers CSV (results/paper/paper_accuracy.csv)")
-    p.add_argument("--expect-runs", type=int, default=None, help="fail unless exactly this many runs are found")
+    from vidcom2_lmms_eval.collect import add_arguments
+
+    add_arguments(p)
 
 
 def _run_collect(args: argparse.Namespace) -> int:
-    from vidcom2_lmms_eval.collect import collect
+    from vidcom2_lmms_eval.collect import run_cli
 
-    written = collect(Path(args.root), Path(args.out), args.name, args.paper, args.expect_runs)
-    print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
-    return 0
+    return run_cli(args)
+
+
+def _add_collect_efficiency(p: argparse.ArgumentParser) -> None:
+    from vidcom2_lmms_eval.efficiency_table import add_arguments
+
+    add_arguments(p)
+
+
+def _run_collect_efficiency(args: argparse.Namespace) -> int:
+    from vidcom2_lmms_eval.efficiency_table import run_cli
+
+    return run_cli(args)
 
 
 register_subcommand(
     "eval-default", _add_default, _run_default, help="synthetic task through lmms-eval, offline, to CSVs"
 )
 register_subcommand("collect", _add_collect, _run_collect, help="lmms-eval outputs -> results CSVs")
+register_subcommand(
+    "collect-efficiency", _add_collect_efficiency, _run_collect_efficiency, help="MVBench runs -> the efficiency table"
+)

@@ -122,8 +122,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
+    from llava.bench import source_commit
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
     return {
+        "commit": source_commit(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "lmms_eval": version("lmms_eval"),
@@ -167,7 +171,8 @@ class EfficiencyMeter:
         path = out_dir / f"{stamp}_vidcom2_meter.json"
         summary = {
             "schema": "vidcom2-meter/1",
-            "run": {**self.run_info, "world_size": world_size},
+            # elapsed: from the wrapper's construction (model loaded) to the end of the last rank's last request
+            "run": {**self.run_info, "world_size": world_size, "elapsed_seconds": time.time() - self.started},
             "environment": environment(self.device),
             **aggregate(records),
         }

@@ -32,6 +32,33 @@ class VideoSampleError(ValueError):
     """A request's video is missing or unreadable; the message names the task, doc id and path."""
 
 
+class TaskVisualError(VideoSampleError):
+    """The task's own doc_to_visual gave up on a doc (lmms-eval's videomme and mlvu call ``sys.exit``
+    when a video file is missing); the message names the task, the doc id and the task's own words."""
+
+
+def call_task_visual(fn: Any, doc: Any, task: str, doc_id: Any) -> Any:
+    """``fn(doc)`` (a task's doc_to_visual or doc_to_messages) with its exits turned into errors.
+
+    Why: lmms-eval 0.7.3's videomme and mlvu_dev ``doc_to_visual`` call ``sys.exit("video path:... does
+    not exist")`` for a missing file; unguarded, that ends every rank's whole run with a message naming
+    neither task nor doc. A SystemExit or OSError here becomes a :class:`TaskVisualError` (a failed
+    sample under on_video_error=record); any other exception is re-raised naming task and doc id.
+    """
+    try:
+        return fn(doc)
+    except SystemExit as exc:
+        raise TaskVisualError(
+            f"{task} doc_id={doc_id}: the task's doc_to_visual exited (sys.exit) instead of returning a video: "
+            f"{exc.code}"
+        ) from None
+    except OSError as exc:
+        raise TaskVisualError(f"{task} doc_id={doc_id}: the task's doc_to_visual failed: {exc}") from exc
+    except Exception as exc:
+        kind = type(exc).__name__
+        raise ValueError(f"{task} doc_id={doc_id}: the task's doc_to_visual raised {kind}: {exc}") from exc
+
+
 def _cli_value(flag: str) -> str | None:
     """Value of ``--flag`` on lmms-eval's command line (it does not hand its output path to models)."""
     argv = sys.argv
@@ -201,7 +228,7 @@ class VidCom2Wrapper(lmms):
     def _unpack(self, request: Instance) -> tuple[str, dict, str, Any, str, str]:
         """-> (question, gen_kwargs, video path, doc_id, task, split) from the simple-API args."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        visuals = call_task_visual(doc_to_visual, self.task_dict[task][split][doc_id], task, doc_id)
         return context, gen_kwargs, _single_video(visuals, task, doc_id), doc_id, task, split
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -214,10 +241,15 @@ class VidCom2Wrapper(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         todo: list[tuple[int, tuple, str | None]] = []
         for i, req in enumerate(requests):
-            unpacked = self._unpack(req)
+            padding = bool((req.metadata or {}).get("__padding_only__")) if isinstance(req.metadata, dict) else False
+            try:
+                unpacked = self._unpack(req)
+            except TaskVisualError as exc:  # raises unless on_video_error=record
+                doc_id, task, split = req.args[3:6]
+                results[i] = self._video_failure(("", {}, None, doc_id, task, split, padding), exc, str(exc))
+                continue
             question, gen_kwargs, video, doc_id, task, split = unpacked
             key = sample_key(self._signature(), task, split, doc_id, question, gen_kwargs) if self.resume else None
-            padding = bool((req.metadata or {}).get("__padding_only__")) if isinstance(req.metadata, dict) else False
             hit = self.resume.get(key) if self.resume and key else None
             if hit is not None:
                 record = SampleRecord(**{**hit["record"], "status": "cached", "rank": self._rank})
@@ -299,9 +331,9 @@ class VidCom2Wrapper(lmms):
         peaks = self.meter.memory.read()
         return [(r, wall, peaks) for r in res]
 
-    def _video_failure(self, item: tuple, exc: BaseException) -> GenerationResult:
+    def _video_failure(self, item: tuple, exc: BaseException, message: str | None = None) -> GenerationResult:
         question, _, video, doc_id, task, _split, padding = item
-        message = f"{task} doc_id={doc_id}: cannot read video {video}: {exc}"
+        message = message or f"{task} doc_id={doc_id}: cannot read video {video}: {exc}"
         if self.settings.on_video_error != "record":
             raise VideoSampleError(message + " (model_arg on_video_error=record counts it as a failed sample)") from exc
         logger.error(f"[vidcom2] failed sample recorded: {message}")
@@ -367,7 +399,7 @@ class ChatMixin:
 
     def _unpack(self, request: Instance) -> tuple[str, dict, str, Any, str, str]:
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-        messages = doc_to_messages(self.task_dict[task][split][doc_id])
+        messages = call_task_visual(doc_to_messages, self.task_dict[task][split][doc_id], task, doc_id)
         videos, texts = [], []
         for message in messages:
             if message.get("role") != "user":
