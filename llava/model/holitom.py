@@ -36,7 +36,7 @@ times the frames, summed in the order torch.mean sums them on the CPU), all stat
 sets in ONE padded DPC-kNN merge (a set of at most 25 tokens keeps torch.cdist's pair-by-pair distances,
 as it would alone) and the output (sized R * N + 3F / 2, a bound on the kept count) follow. The kept
 count, the finite flag and the windows are copied to the host as soon as the budgets exist
-(:class:`llava.model.host_copy.HostCopy`) and read after everything else is queued: the one host read
+(:class:`llava.model.method_api.HostCopy`) and read after everything else is queued: the one host read
 waits for the GPU to reach the copy, not for the clustering behind it. The finite check reads the sum of
 the token norms and of the importance; only when that is not finite (NaN / Inf, or huge finite values
 overflowing) are the inputs checked element by element (a second read, on that path only). The merge
@@ -69,9 +69,9 @@ from dataclasses import dataclass
 import torch
 
 from llava.model.dpc_knn import pairwise_distances
-from llava.model.host_copy import HostCopy
 from llava.model.method_api import (
     VIT_RECEIVED_ATTENTION,
+    HostCopy,
     Method,
     VideoSelection,
     VideoTokens,
@@ -386,21 +386,27 @@ def _dpc_centres(dist: torch.Tensor, sets: _Sets, positions: torch.Tensor, valid
 
 
 def _merge(
-    x: torch.Tensor, centre: torch.Tensor, dist: torch.Tensor, beta: float, valid: torch.Tensor | None = None
+    x: torch.Tensor,
+    centre: torch.Tensor,
+    dist: torch.Tensor,
+    beta: float,
+    valid: torch.Tensor | None = None,
+    sorted_sums: bool | None = None,
 ) -> torch.Tensor:
     """(B, N, D) tokens, (B, N) centre masks, (B, N, N) distances -> (B, N, D), merged at the centres.
 
     Every non-centre token (of ``valid``, default all) joins the centre nearest to it by ``dist`` (ties: the
     lower index); a centre with members becomes beta * centre + (1 - beta) * mean(members), one without
     stays itself. Rows that are not centres hold garbage. The sums are deterministic: scatter_add_ on the
-    CPU (sequential in index order), index_put_ with accumulate on CUDA (sorted; scatter_add_ is atomic).
+    CPU (sequential in index order), index_put_ with accumulate on CUDA (sorted; scatter_add_ is atomic);
+    ``sorted_sums`` picks one explicitly (None: by device).
     """
     batch, n, dim = x.shape
     nearest = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N), first minimum
     joins = ~centre if valid is None else valid ^ centre  # centres are valid
     target = torch.where(joins, nearest, n)  # non-members go to a spare column n
     sums = torch.zeros(batch, n + 1, dim, dtype=x.dtype, device=x.device)
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" if sorted_sums is None else sorted_sums:
         rows = torch.arange(batch, device=x.device)[:, None].expand(batch, n)
         sums.index_put_((rows, target), x, accumulate=True)
     else:
