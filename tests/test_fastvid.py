@@ -808,3 +808,57 @@ def test_non_finite_signals_are_refused_at_the_one_sync():
         for variant in VARIANTS:
             with pytest.raises(ValueError, match="contain NaN or Inf"):
                 fastvid_select(x, bad_salience, bad_glob, 0.25, FastVIDOptions(variant=variant))
+
+
+# ------------------------------------------------------------------------------------------------
+# The device budgets: the same integers as the host rule, for any cut pattern
+# ------------------------------------------------------------------------------------------------
+
+from llava.model.fastvid import (  # noqa: E402
+    anchor_slots,
+    anchor_width,
+    budget_tensors,
+    segment_tensors,
+)
+
+
+@pytest.mark.parametrize("variant,authors", [("onevision", False), ("video", False), ("qwen", False), ("qwen", True)])
+def test_device_budgets_match_the_host_rule(variant, authors):
+    """budget_tensors == frame_budgets, anchor_slots == each segment's anchor frames, and anchor_width bounds
+    every frame's anchors, over random cut / near-duplicate patterns, lengths, p, d and r_f."""
+    g = gen(40)
+    for trial in range(60):
+        n_frames = int(torch.randint(1, 20, (1,), generator=g))
+        cut = torch.rand(n_frames - 1, generator=g) < float(torch.rand(1, generator=g))
+        near = torch.rand(n_frames - 1, generator=g) < 0.5
+        per_frame = int(torch.randint(2, 60, (1,), generator=g))
+        r_f = int(torch.randint(1, per_frame + 1, (1,), generator=g))
+        p, d = int(torch.randint(1, 5, (1,), generator=g)), [0.0, 0.2, 0.4, 0.5, 1.0][trial % 5]
+        knobs = resolve_knobs(FastVIDOptions(port="authors") if authors else FastVIDOptions(variant=variant))
+        knobs = type(knobs)(**{**knobs.__dict__, "p": p, "d": d})
+        segments = segments_from_cuts(cut.tolist())
+        want = frame_budgets(knobs, segments, near.tolist(), per_frame, r_f)
+        seg = segment_tensors(cut)
+        salient, anchors = budget_tensors(knobs, seg, near, per_frame, r_f)
+        assert salient.tolist() == want.salient and anchors.tolist() == want.anchors
+        assert max(want.anchors) <= anchor_width(knobs, n_frames, per_frame, r_f)
+        slots = anchor_slots(anchors, seg, -(-n_frames // p))
+        for start, length in segments:
+            members = [f for f in range(start, start + length) if want.anchors[f] > 0]
+            for f in range(start, start + length):
+                assert slots.used[f] == len(members) and slots.frames[f, : len(members)].tolist() == members
+                if f in members:
+                    assert slots.own[f] == members.index(f)
+
+
+def test_few_ops_after_the_host_read():
+    """After the one host read only the merge runs: a fixed, small number of kernels (views excluded)."""
+    views = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "expand", "transpose", "alias", "t"}
+    for variant in VARIANTS:
+        g = gen(41)
+        x = torch.randn(16, 64, 16, generator=g)
+        salience = torch.rand(16, 64, generator=g)
+        glob = torch.randn(1, 8, generator=g) + 0.05 * torch.randn(16, 8, generator=g)
+        counter = _count(x, salience, glob, FastVIDOptions(variant=variant, dtm_p=2))
+        after = [op for op in counter.ops[counter.syncs[0] + 1 :] if op.split(".")[0] not in views]
+        assert len(after) <= 25, after

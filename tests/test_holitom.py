@@ -602,3 +602,82 @@ def test_huge_finite_features_are_not_refused() -> None:
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         holitom_select(x, bad, 0.25)
+
+
+# ----------------------------------------------------------------------------------- the device path
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_device_dp_matches_the_host_loop(seed: int) -> None:
+    """window_tensors (max-plus squaring, tie rule, pointer-doubling backtrack) == static_windows' loop."""
+    from llava.model.holitom import shorter_runs, static_run_lengths, window_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    frames = int(torch.randint(1, 21, (1,), generator=g))
+    positions = int(torch.randint(1, 6, (1,), generator=g))
+    pattern = (torch.rand(frames - 1, positions, generator=g) < 0.7).int()
+    s = _similarity_from(pattern.tolist()) if frames > 1 else torch.zeros(0, positions)
+    max_window = int(torch.randint(1, 8, (1,), generator=g))
+    windows, reduced, _ = static_windows(s, 0.8, max_window)
+    width = min(frames, max_window)
+    got = window_tensors(shorter_runs(static_run_lengths(s, 0.8), width), frames, positions, width)
+    per_frame = [(u, v) for u, v in windows for _ in range(u, v + 1)]
+    assert list(zip(got.first.tolist(), got.last.tolist(), strict=True)) == per_frame
+    assert int(got.reduced) == reduced
+
+
+def test_window_matrix_means_match_reference(monkeypatch) -> None:
+    """The static means as the CUDA path computes them (a 0/1 window matrix product), checked on the CPU."""
+    from llava.model import holitom
+
+    monkeypatch.setattr(holitom, "GROUPED_CPU_MEANS", False)
+    x, attn = several_window_lengths(3)
+    assert_matches_reference(x, attn, 0.3, contextual_ratio=0.5, knn=3)
+    long_window = scene_cut(frames=40)  # windows of 20 frames: beyond torch.mean's 16-row chunks
+    assert_matches_reference(*long_window, 0.1)
+
+
+def test_sorted_merge_sums_equal_the_sequential_ones() -> None:
+    """The merge's CUDA sums (index_put_ with accumulate) against the CPU's scatter_add_, on the CPU."""
+    from llava.model.holitom import _merge
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 5, generator=g)
+    centre = torch.rand(3, 20, generator=g) < 0.3
+    centre[:, 0] = True
+    dist = torch.rand(3, 20, 20, generator=g)
+    valid = torch.arange(20)[None, :] < torch.tensor([[20], [15], [8]])
+    centre &= valid
+    sequential = _merge(x, centre, dist, 0.6, valid, sorted_sums=False)
+    sorted_ = _merge(x, centre, dist, 0.6, valid, sorted_sums=True)
+    torch.testing.assert_close(sorted_[centre], sequential[centre])
+
+
+def test_only_views_after_the_host_read(monkeypatch) -> None:
+    """The whole selection is queued before its one host read; after it only the output is sliced."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llava.model import holitom
+
+    monkeypatch.setattr(holitom, "GROUPED_CPU_MEANS", False)  # the device formulation (no CPU-only reads)
+    ops: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "tolist":
+                ops.append("tolist")
+            return func(*args, **(kwargs or {}))
+
+    x, attn = several_window_lengths()
+    for options in ({}, {"contextual_ratio": 0.5}):
+        ops.clear()
+        with Reads(), Ops():
+            holitom_select(x, attn, 0.25, HoliTomOptions(**options))
+        assert ops.count("tolist") == 1
+        assert {op.split(".")[0] for op in ops[ops.index("tolist") + 1 :]} <= {"slice"}
