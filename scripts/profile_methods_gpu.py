@@ -4,9 +4,7 @@ The pipelines queue the selection right behind the vision tower, so until its fi
 only GPU time. Here a stand-in for the tower (a run of bf16 matrix products, ~30 ms) is queued first,
 then the selection and the adapters' count read; CUDA events bracket the selection as the stage timer
 does. Also reports the selection alone on an idle GPU (host-bound). Random features and signals of
-LLaVA-OV's shape by default (``--global-spread S``: frame globals near one direction, so that FastVID's
-DySeg finds multi-frame segments; ``--options method.key=value,...``: method knobs). Writes one CSV row
-per method:
+LLaVA-OV's shape by default. Writes one CSV row per method:
 
     python scripts/profile_methods_gpu.py --methods vidcom2,visionzip,dycoke,fastvid,holitom --out ops.csv
 """
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from count_method_ops import method_options, signals  # noqa: E402
+from count_method_ops import signals  # noqa: E402
 
 from llava.model.compression import CompressionSpec  # noqa: E402
 from llava.model.method_api import VideoTokens  # noqa: E402
@@ -56,8 +54,6 @@ def main() -> None:
     p.add_argument("--shape", default="32,196,3584", help="F,P,D")
     p.add_argument("--retention", type=float, default=0.35, help="0.35: above DyCoke's floor at 32 frames")
     p.add_argument("--family", default="llava_onevision")
-    p.add_argument("--global-spread", type=float, default=None, help="frame globals near one direction")
-    p.add_argument("--options", default="", help="method.key=value,... (e.g. fastvid.variant=qwen)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -67,11 +63,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     scene = torch.randn(1, per_frame, dim, generator=g)
     features = (scene + 0.5 * torch.randn(frames, per_frame, dim, generator=g)).to(device, torch.bfloat16)
-    sig = {k: v.to(device) for k, v in signals(frames, per_frame, g, args.global_spread).items()}
+    sig = {k: v.to(device) for k, v in signals(frames, per_frame, g).items()}
     video = VideoTokens(features, (frames, side, per_frame // side), sig, args.family)
     rows = []
     for name in args.methods.split(","):
-        spec = CompressionSpec(name, args.retention, method_options(name, args.options))
+        spec = CompressionSpec(name, args.retention)
         for _ in range(3):  # warm-up (compilation, caches)
             time_selection(spec, video, 0)
         cpu_video = VideoTokens(features.cpu().float(), video.grid, {k: v.cpu() for k, v in sig.items()}, args.family)
@@ -84,8 +80,6 @@ def main() -> None:
                 "method": name,
                 "shape": args.shape,
                 "retention": args.retention,
-                "global_spread": args.global_spread,
-                "options": args.options,
                 "behind_tower_ms": round(behind, 3),
                 "idle_gpu_ms": round(idle, 3),
                 "float32_sources_equal_cpu": same,

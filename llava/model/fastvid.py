@@ -60,24 +60,18 @@ Differences from the original code (all three variants):
   adapter's layout policy places newlines.
 - Output: one selection per video (upstream: batch size 1, one video per request).
 
-Implementation (GPU): one host read per video, started early. The budgets are computed on the device
-from DySeg's flags (:mod:`llava.model.fastvid`, vectorised over frames), and the few integers the
-host needs (the finite check, the kept count, the merge's padded sizes, the per-frame budgets) are copied
-back as soon as they exist (:class:`llava.model.method_api.HostCopy`); everything sized by the knobs alone
-is queued behind that copy: the salience order, every frame's rows, their float32 distances and DPC-kNN
-ranks (video / qwen: over each frame's non-salient tokens, masked, from one (F, P, P) distance table), the
-anchors, the candidate masks and the output, sized F * r_f (an upper bound on the kept count) with the
-salient tokens already in place. The host waits for the copy only, so the GPU is still busy with that
-backlog while the host queues the merge, the one part sized by the segments: every frame's rows scored
-against the anchors of its segment (one bmm, padded to the segment with most anchor frames), the argmax
-within each anchor frame's slots, the one-hot clusters summed per frame and then per segment (matmuls,
-deterministic) and written into the output (about 20 launches, however many segments). Rare inputs take
-a longer path after the read, with the same result: ``seed`` (its noise is drawn on the CPU, one draw per
-anchor frame in order, as the reference does) and, for video / qwen, an anchor frame with at most 25
-non-salient tokens (torch.cdist's pair-by-pair distances there, as a frame alone gets them) or fewer
-than ``density_k``. Against a loop over anchor frames the outputs are the same up to float32 summation
-order (sources equal; features within about 1 ulp; an exact cosine tie, e.g. between orthogonal integer
-vectors, may then go either way, as it may between CPU and CUDA).
+Implementation (GPU): one host sync per video, a small read of DySeg's cut flags with the finite check.
+Before it, all that the segments do not decide is queued: the salience order and, for onevision (every
+frame has the same salient count), every frame's non-salient rows and their DPC-kNN ranks in one
+(F, M, M) batch. After it, a fixed number of batched ops however many anchor frames: video / qwen rank
+their anchor frames' non-salient tokens in one padded, masked batch; the merge scores every frame's rows
+against the anchors of its segment (one bmm, padded to the segment with most anchor slots), takes the
+argmax within each anchor frame's slots, and sums the one-hot clusters per frame and then per segment
+(matmuls, deterministic); the output comes from one sort of the kept keys, sized from the budgets. Only
+``seed`` draws its noise in a short CPU loop over anchor frames (one draw each, as the reference does).
+Against a loop over anchor frames the outputs are the same up to float32 summation order (sources equal;
+features within about 1 ulp; an exact cosine tie, e.g. between orthogonal integer vectors, may then go
+either way, as it may between CPU and CUDA).
 
 The VidCom2 authors' Qwen port (``port="authors"``, labelled): salience = the L2 norm of each token's
 features (FRAME_SALIENCE is not read: ``Method.needs`` lists FRAME_GLOBAL alone), the qwen variant,
@@ -99,7 +93,6 @@ from llava.model.dpc_knn import pairwise_distances, stable_top
 from llava.model.method_api import (
     FRAME_GLOBAL,
     FRAME_SALIENCE,
-    HostCopy,
     Method,
     VideoSelection,
     VideoTokens,
@@ -290,12 +283,7 @@ def segment_lengths(frame_global: torch.Tensor, c: int, tau: float) -> list[int]
 
 
 # ---------------------------------------------------------------------------------------------
-# Budgets: per frame, the salient count and the anchor count. frame_budgets is the rule as plain loops
-# over segments (the reference the tests read); budget_tensors computes the same integers on the device
-# from the (F - 1,) cut / near-duplicate flags, vectorised over frames (cumulative sums, comparisons, no
-# host read), so that everything downstream can be queued before the one host read; anchor_slots lays
-# out, per frame, the anchor frames of its segment (the merge's padded batch); anchor_width bounds one
-# frame's anchors from the knobs alone (a static shape).
+# Budgets (host integers; loops over segments and their frames: data-dependent and short)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -313,10 +301,8 @@ def _spread(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def frame_budgets(
-    knobs: Knobs, segments: list[tuple[int, int]], near: list[bool], per_frame: int, r_f: int
-) -> Budgets:
-    """The variant's salient / anchor counts of every frame and each anchor frame's merge scope (host loops)."""
+def frame_budgets(knobs: Knobs, segments: list[tuple[int, int]], near: list[bool], per_frame: int, r_f: int) -> Budgets:
+    """The variant's salient / anchor counts of every frame and each anchor frame's merge scope."""
     n = sum(length for _, length in segments)
     salient, anchors, scope = [0] * n, [0] * n, [(0, 0)] * n
     p, d = knobs.p, knobs.d
@@ -359,122 +345,6 @@ def frame_budgets(
             anchors[start + end] = ctx
             salient[start + end] = min(shares[i], per_frame - ctx)
     return Budgets(salient, anchors, scope)
-
-
-# ---------------------------------------------------------------------------------------------
-# The same rule on the device
-# ---------------------------------------------------------------------------------------------
-
-
-def _share(total: torch.Tensor, parts: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """Element-wise ``_spread(total, parts)[i]`` (int64 tensors; ``parts`` >= 1)."""
-    return total // parts + (i < total % parts).long()
-
-
-@dataclass(frozen=True)
-class SegmentTensors:
-    """DySeg's segments as (F,) int64 device tensors: each frame's segment [first, last] and its length."""
-
-    first: torch.Tensor
-    last: torch.Tensor
-    length: torch.Tensor
-    starts: torch.Tensor  # (F,) bool: a segment starts at this frame
-
-
-def segment_tensors(cut: torch.Tensor) -> SegmentTensors:
-    """(F - 1,) bool cuts (cut[t]: a segment ends after frame t) -> each frame's segment, on the device."""
-    n = cut.shape[0] + 1
-    frame = torch.arange(n, device=cut.device)
-    starts, ends = F.pad(cut, (1, 0), value=True), F.pad(cut, (0, 1), value=True)
-    first = torch.where(starts, frame, 0).cummax(dim=0).values
-    last = torch.where(ends, frame, n - 1).flip(0).cummin(dim=0).values.flip(0)
-    return SegmentTensors(first, last, last - first + 1, starts)
-
-
-def budget_tensors(
-    knobs: Knobs, segments: SegmentTensors, near: torch.Tensor, per_frame: int, r_f: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`frame_budgets`' salient and anchor counts as (F,) int64 device tensors, without a host read.
-
-    ``near``: (F - 1,) bool, near[t] = the gap after frame t is below ``dyseg_ignore`` (qwen's sub-segment
-    breaks). ``int(seg_retain * d)`` is computed in float64, as Python computes it.
-    """
-    first, last, length = segments.first, segments.last, segments.length
-    frame = torch.arange(length.shape[0], device=length.device)
-    p, d = knobs.p, knobs.d
-    n_sal = r_f - int(r_f * d)
-    back = last - frame  # frames after this one in its segment
-    if knobs.variant == "onevision":
-        count = torch.clamp((r_f - n_sal) * length // ((length + p - 1) // p), max=per_frame - n_sal)
-        return torch.full_like(length, n_sal), torch.where(back % p == 0, count, 0)
-    seg_retain = r_f * length
-    seg_ctx = (seg_retain.double() * d).long()  # int(seg_retain * d): float64, truncated (>= 0)
-    if knobs.variant == "qwen":
-        seg_ctx = seg_ctx.clamp(min=1)
-        if knobs.authors:
-            seg_ctx = torch.where(seg_retain == 1, 0, seg_ctx)
-    seg_sal = seg_retain - seg_ctx
-    if knobs.variant == "video":
-        shares = _share(seg_sal, length, frame - first)
-        per_anchor = _share(seg_ctx, (length + p - 1) // p, back // p)
-        anchors = torch.minimum(torch.where(back % p == 0, per_anchor, 0), per_frame - shares)
-        return shares, anchors
-    # qwen: inside a segment, sub-segments end at near-duplicate breaks and at the segment's last frame
-    sub_end = F.pad(near, (0, 1), value=True) | (back == 0)
-    ends_so_far = sub_end.long().cumsum(dim=0)
-    before = ends_so_far[first] - sub_end[first].long()  # sub-segment ends before the segment
-    subs = ends_so_far[last] - before
-    index = ends_so_far - before - 1  # this frame's sub-segment (where it ends one)
-    back_sub = subs - 1 - index
-    per_anchor = _share(seg_ctx, (subs + p - 1) // p, back_sub // p)
-    ctx = torch.where(back_sub % p == 0, per_anchor.clamp(max=per_frame // 2), 0)
-    salient = torch.where(sub_end, torch.minimum(_share(seg_sal, subs, index), per_frame - ctx), 0)
-    anchors = torch.where(sub_end, ctx, 0)
-    single = length == 1  # a 1-frame segment: both budgets as they are
-    return torch.where(single, seg_sal, salient), torch.where(single, seg_ctx, anchors)
-
-
-def anchor_width(knobs: Knobs, n_frames: int, per_frame: int, r_f: int) -> int:
-    """The most anchors one frame can get (>= 1): a static bound for the padded anchor tables."""
-    p, d = knobs.p, knobs.d
-    n_sal = r_f - int(r_f * d)
-    lengths = range(1, n_frames + 1)
-    if knobs.variant == "onevision":
-        widest = max(min((r_f - n_sal) * n // math.ceil(n / p), per_frame - n_sal) for n in lengths)
-    elif knobs.variant == "video":  # the first share of the context budget over ceil(L / p) anchor frames
-        widest = max(-(-int(r_f * n * d) // math.ceil(n / p)) for n in lengths)
-    else:  # qwen: a 1-frame segment gets its whole context budget; longer ones at most P div 2 per frame
-        widest = max(int(r_f * d), 1)
-        if n_frames > 1:
-            widest = max(widest, min(per_frame // 2, max(int(r_f * n_frames * d), 1)))
-    return max(1, min(widest, per_frame))
-
-
-@dataclass(frozen=True)
-class AnchorSlots:
-    """Per frame, the anchor frames of its segment (ascending), padded to ``Q`` = ceil(F / p) slots.
-
-    frames: (F, Q) the q-th anchor frame of each frame's segment (0 where there is none); own: (F,) an
-    anchor frame's own slot in its segment (a frame before its segment's first anchor frame: 0); used:
-    (F,) how many slots each frame's segment fills (the host reads the largest).
-    """
-
-    frames: torch.Tensor
-    own: torch.Tensor
-    used: torch.Tensor
-
-
-def anchor_slots(anchors: torch.Tensor, segments: SegmentTensors, slots: int) -> AnchorSlots:
-    """(F,) anchor counts + segments -> the merge's slot tables (device, static shapes)."""
-    is_anchor = (anchors > 0).long()
-    so_far = is_anchor.cumsum(dim=0)
-    before = (so_far - is_anchor)[segments.first]  # anchor frames before the segment
-    used = so_far[segments.last] - before
-    listed = torch.sort(is_anchor, descending=True, stable=True).indices  # the anchor frames first, ascending
-    q = torch.arange(slots, device=anchors.device)
-    index = (before[:, None] + q).clamp(max=anchors.shape[0] - 1)
-    frames = torch.where(q < used[:, None], listed[index], 0)
-    return AnchorSlots(frames, (so_far - before - 1).clamp(min=0), used)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,6 +442,103 @@ def padded_distances(x: torch.Tensor, counts: list[int], counts_on_device: torch
     return torch.where((counts_on_device <= _CDIST_EXACT_MAX)[:, None, None], exact, matmul)
 
 
+@dataclass(frozen=True)
+class AnchorLayout:
+    """Host-side shape of the batched merge, from the budgets (small lists; read from one packed tensor).
+
+    frames: the A anchor frames, ascending; counts: their anchor counts; width: max count (slots per
+    anchor frame); slots: Q, the most anchor frames in one segment; segment_of: (F,) every frame's
+    segment; frame_slots: (F, Q) the q-th anchor frame (index into ``frames``) of each frame's segment
+    (0 = padding); slot_counts: (F, Q) that anchor frame's count (0 = padding); own: (F, Q) 1 where it is
+    the frame itself; seg_slot: (A,) segment * Q + q of every anchor frame.
+    """
+
+    frames: list[int]
+    counts: list[int]
+    width: int
+    slots: int
+    n_segments: int
+    segment_of: list[int]
+    frame_slots: list[int]
+    slot_counts: list[int]
+    own: list[int]
+    seg_slot: list[int]
+
+
+def anchor_layout(anchors: list[int], segments: list[tuple[int, int]]) -> AnchorLayout:
+    """Per-frame anchor counts + segments -> the padded layout (loops over segments and their frames)."""
+    frames = [f for f, count in enumerate(anchors) if count > 0]
+    index = {f: i for i, f in enumerate(frames)}
+    members = [[f for f in range(start, start + length) if anchors[f] > 0] for start, length in segments]
+    slots = max(1, max(len(group) for group in members))
+    segment_of, frame_slots, slot_counts, own, seg_slot = [], [], [], [], []
+    for s, (start, length) in enumerate(segments):
+        group = members[s] + [None] * (slots - len(members[s]))
+        seg_slot += [s * slots + q for q in range(len(members[s]))]
+        for g in range(start, start + length):
+            segment_of.append(s)
+            frame_slots += [0 if a is None else index[a] for a in group]
+            slot_counts += [0 if a is None else anchors[a] for a in group]
+            own += [int(a == g) for a in group]
+    counts = [anchors[f] for f in frames]
+    return AnchorLayout(frames, counts, max(counts, default=0), slots, len(segments), segment_of, frame_slots,
+                        slot_counts, own, seg_slot)
+
+
+def _packed(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Host integer lists -> int64 tensors on ``device`` through one copy (non-blocking: no stream sync)."""
+    flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the stream: pin it first
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=True).split([len(values) for values in lists]))
+
+
+def merge_batched(
+    unit: torch.Tensor,
+    values: torch.Tensor,
+    values32: torch.Tensor,
+    anchor_rows: torch.Tensor,
+    candidate: torch.Tensor | None,
+    layout: AnchorLayout,
+    tables: dict[str, torch.Tensor],
+    beta: float,
+) -> torch.Tensor:
+    """:func:`merge_into_anchors` for every anchor frame at once -> (A, width, D) new anchor values.
+
+    unit / values / values32: (F, M, D) the frames' token rows (unit-normalised / in the merge dtype / in
+    float32: the cluster sums accumulate in float32 and round to the merge dtype once); anchor_rows:
+    (A, width) each anchor's row in the flattened (F * M) table, in tie-break order (slots past an anchor
+    frame's count are padding); candidate: (F, M, Q) bool, may token m of frame g join the q-th anchor frame
+    of its segment (None = all). Every frame scores its rows against the anchors of its own segment
+    (a bmm over frames, padded to Q * width), argmax within each anchor frame's slots; the one-hot sums per
+    frame are added up per segment by an indicator matmul (deterministic, unlike index_add on CUDA).
+    """
+    n_frames, rows, dim = unit.shape
+    slots, width, dtype = layout.slots, layout.width, values.dtype
+    columns = slots * width
+    steps = tables["steps"]
+    per_frame = anchor_rows[tables["frame_slots"]].reshape(n_frames, columns)  # (F, Q * width)
+    real = steps[:width] < tables["slot_counts"][..., None]  # (F, Q, width)
+    sims = torch.bmm(unit, unit.reshape(-1, dim)[per_frame].mT)  # (F, M, Q * width) cosines
+    sims = sims.masked_fill_(~real.reshape(n_frames, 1, columns), -math.inf)
+    choice = sims.view(n_frames, rows, slots, width).argmax(dim=-1)  # ties: the first slot
+    member = choice[..., None] == steps[:width]  # (F, M, Q, width) one-hot
+    if candidate is not None:
+        member &= candidate[..., None]
+    member = member.view(n_frames, rows, columns)
+    sums = torch.bmm(member.mT.to(torch.float32), values32)  # (F, Q * width, D)
+    sizes = member.sum(dim=1, dtype=torch.float32)  # (F, Q * width), exact counts
+    if layout.n_segments < n_frames:  # add the frames of each segment
+        indicator = (tables["segment_of"][None, :] == steps[: layout.n_segments, None]).to(torch.float32)  # (S, F)
+        sums = indicator @ sums.reshape(n_frames, columns * dim)
+        sizes = indicator @ sizes
+    sums = sums.reshape(-1, width, dim)[tables["seg_slot"]].to(dtype)  # (A, width, D)
+    size = sizes.reshape(-1, width)[tables["seg_slot"]].to(dtype)  # (A, width)
+    mean = sums / size.clamp(min=1)[..., None]
+    weight = (size + 1).reciprocal().clamp(min=beta)[..., None]  # = 1 / (size + 1), bit for bit
+    return weight * values.reshape(-1, dim)[anchor_rows] + (1 - weight) * mean
+
+
 # ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
@@ -584,128 +551,6 @@ def _check_signal(name: str, value: torch.Tensor, shape: tuple[int, ...]) -> Non
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         want = "(" + ", ".join("G" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{OWNER}: signal {name} must have shape {want}, got {got}")
-
-
-def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
-    """0-d bool: no NaN or Inf anywhere; one min / max reduction per tensor (both propagate a NaN)."""
-    bounds = torch.stack([bound.float() for t in tensors for bound in torch.aminmax(t)])
-    return (bounds * 0 == 0).all()
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Every frame's rows of the merge and the tables the knobs alone size (device tensors).
-
-    unit / values / rows32: (F, R, D) rows, unit-normalised / in the merge dtype / in float32 (onevision:
-    the R = P - n_sal non-salient tokens ascending; video / qwen: all R = P tokens). token: (F, R) each
-    row's token, or None when row = token. salient: (F, P) bool, the salient tokens. rest: video / qwen,
-    (F, P) the non-salient tokens ascending, then the salient ones; rest_count: (F,) how many are not.
-    """
-
-    unit: torch.Tensor
-    values: torch.Tensor
-    rows32: torch.Tensor
-    token: torch.Tensor | None
-    salient: torch.Tensor
-    rest: torch.Tensor | None = None
-    rest_count: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class _Anchors:
-    """Each frame's anchors, padded to the static width W, and the output with the salient tokens in place.
-
-    row: (F, W) the anchor's row in the flattened (F * R) rows, in the order cosine ties follow; real:
-    (F, W) bool, not padding; value: (F, W, D) the anchors in the merge dtype; slot_rows / slot_padding:
-    (F, Q, W) ``row`` / not ``real`` of each frame's q-th segment anchor frame; candidate: (F, R, Q) bool,
-    may row r join the q-th anchor frame of its segment (None = all); source: (bound + 1,) the kept flat
-    indices ascending from slot 1 (slot 0: a sink); out: (bound + 1, D) their features (the anchors'
-    slots are overwritten by the merge); slot: (F, W) each anchor's output slot (0 for padding).
-    """
-
-    row: torch.Tensor
-    real: torch.Tensor
-    value: torch.Tensor
-    slot_rows: torch.Tensor
-    slot_padding: torch.Tensor
-    candidate: torch.Tensor | None
-    source: torch.Tensor
-    out: torch.Tensor
-    slot: torch.Tensor
-
-
-def _anchors(
-    ranks: torch.Tensor,
-    rows: _Rows,
-    anchors: torch.Tensor,
-    slots: AnchorSlots,
-    features: torch.Tensor,
-    width: int,
-    bound: int,
-    steps: torch.Tensor,
-) -> _Anchors:
-    """Anchor tables and the output buffers from the DPC ranks (F, R') of every frame's candidates."""
-    n_frames, per_frame, dim = features.shape
-    frame = steps[:n_frames, None]
-    real = steps[:width] < anchors[:, None]  # (F, W)
-    if rows.rest is None:  # onevision: anchors in decreasing score (cosine ties go to the higher score)
-        row = ranks[:, :width]
-        token = torch.where(real, rows.token.gather(1, row), per_frame)
-        candidate = None
-    else:  # video / qwen: anchors by index (cosine ties go to the lowest); padding sorts last
-        token = torch.where(real, rows.rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
-        row = token.clamp(max=per_frame - 1)
-    mine = torch.zeros(n_frames, per_frame + 1, dtype=torch.bool, device=features.device)
-    mine = mine.scatter_(1, token, True)[:, :per_frame]  # (F, P) every anchor frame's own anchors
-    if rows.rest is not None:
-        # candidates: the segment's tokens neither salient nor among the anchor frame's own anchors
-        own = slots.frames == frame  # (F, Q) the slot is the frame itself
-        candidate = ~(rows.salient[..., None] | (mine[..., None] & own[:, None, :]))
-    keep = (rows.salient | mine).reshape(-1)
-    slot_of = keep.cumsum(dim=0) * keep  # kept tokens: their output slot from 1, in index order; others 0
-    source = torch.zeros(bound + 1, dtype=torch.int64, device=features.device)
-    source = source.scatter_(0, slot_of, steps[: n_frames * per_frame])
-    out = features.reshape(-1, dim).index_select(0, source).to(rows.values.dtype)
-    slot = torch.where(real, slot_of.view(n_frames, per_frame).gather(1, token.clamp(max=per_frame - 1)), 0)
-    row = row + frame * rows.unit.shape[1]  # into the flattened rows
-    value = rows.values.reshape(-1, dim)[row]
-    return _Anchors(row, real, value, row[slots.frames], ~real[slots.frames], candidate, source, out, slot)
-
-
-def _merge(rows: _Rows, found: _Anchors, slots: AnchorSlots, segment_of: torch.Tensor, indicator: torch.Tensor | None,
-           n_used: int, width: int, beta: float, steps: torch.Tensor) -> torch.Tensor:
-    """:func:`merge_into_anchors` for every anchor frame at once -> (F, width, D) new anchor values.
-
-    Every frame scores its rows against the anchors of its segment (a bmm over frames, padded to the
-    ``n_used`` anchor frames of the fullest segment times ``width``), argmax within each anchor frame's
-    slots; the one-hot sums per frame are added up per segment by an indicator matmul (``segment_of``: (F,)
-    each frame's segment; ``indicator``: (S, F) the frames of each segment, None when every segment is one
-    frame), deterministic, unlike index_add on CUDA. Rows of frames that are not anchor frames hold garbage.
-    """
-    unit, rows32 = rows.unit, rows.rows32
-    n_frames, n_rows, dim = unit.shape
-    columns = n_used * width
-    anchors = unit.reshape(-1, dim)[found.slot_rows[:, :n_used, :width]]  # (F, Q, W, D) of each frame's segment
-    sims = torch.bmm(unit, anchors.view(n_frames, columns, dim).mT).view(n_frames, n_rows, n_used, width)
-    padding = found.slot_padding[:, None, :n_used, :width]
-    choice = sims.masked_fill_(padding, -math.inf).argmax(dim=-1)  # (F, R, Q); ties: the first slot
-    member = choice[..., None] == steps[:width]  # (F, R, Q, W) one-hot
-    if found.candidate is not None:
-        member &= found.candidate[:, :, :n_used, None]
-    member = member.view(n_frames, n_rows, columns)
-    sums = torch.bmm(member.mT.to(torch.float32), rows32)  # (F, Q * W, D)
-    sizes = member.sum(dim=1, dtype=torch.float32)  # (F, Q * W), exact counts
-    own = (steps[:n_frames], slots.own)  # an anchor frame's own slot in its segment
-    if indicator is not None:  # add the frames of each segment
-        sums = indicator @ sums.reshape(n_frames, columns * dim)  # (S, Q * W * D)
-        sizes = indicator @ sizes
-        own = (segment_of, slots.own)
-    dtype = rows.values.dtype
-    total = sums.view(-1, n_used, width, dim)[own].to(dtype)  # (F, W, D)
-    size = sizes.view(-1, n_used, width)[own].to(dtype)  # (F, W)
-    mean = total / size.clamp(min=1)[..., None]
-    weight = (size + 1).reciprocal().clamp(min=beta)[..., None]  # = 1 / (size + 1), bit for bit
-    return weight * found.value[:, :width] + (1 - weight) * mean
 
 
 def fastvid_select(
@@ -722,8 +567,9 @@ def fastvid_select(
     ``salience`` may be None with port="authors" (the L2 norms of the features are used). Returns
     sources (K,) ascending and features (K, D) (float32, or the features' dtype with merge_dtype="model").
 
-    One host read, started as soon as the device budgets exist and waited for after everything the knobs
-    size is queued (module docstring); after it, the merge (a fixed number of ops).
+    One host sync: the DySeg flags with the finite check. Before it, everything the segments do not
+    decide is queued (salience order; onevision: every frame's non-salient rows and their DPC-kNN ranks,
+    as each frame has the same salient count). After it, a fixed number of batched ops.
     """
     check_video_features(features, retention)
     options = options or FastVIDOptions()
@@ -739,98 +585,116 @@ def fastvid_select(
             f"{OWNER} needs R >= 1/P = {1 / per_frame:.4g} (P = {per_frame} tokens per frame), so that every "
             f"frame keeps int(P * R) >= 1 tokens; got R = {retention}"
         )
-    device = features.device
+    device, total = features.device, n_frames * per_frame
     dtype = torch.float32 if options.merge_dtype == "float32" else features.dtype
+    generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
     onevision = knobs.variant == "onevision"
-    n_slots = -(-n_frames // knobs.p)  # anchor frames of one segment: at most ceil(F / p)
-    width = anchor_width(knobs, n_frames, per_frame, r_f)
-    bound = n_frames * r_f  # the kept count never exceeds it
-    steps = torch.arange(max(n_frames * per_frame, bound) + 1, device=device)
-    frame = steps[:n_frames, None]
+    flat = features.reshape(total, dim)
+    frame_start = torch.arange(0, total, per_frame, device=device)  # (F,) first flat index of each frame
 
-    # --- what the host needs, first; its copy starts now and is waited for below ---------------------
+    # --- queued before the sync -------------------------------------------------------------------
+    finite = torch.isfinite(features).all() & torch.isfinite(salience).all() & torch.isfinite(frame_global).all()
     cut, near = gap_tensors(frame_global, knobs.c, knobs.tau, knobs.ignore)
-    segments = segment_tensors(cut)
-    salient_n, anchors_n = budget_tensors(knobs, segments, near, per_frame, r_f)
-    slots = anchor_slots(anchors_n, segments, n_slots)
-    rest_n = per_frame - salient_n
-    if onevision:
-        rare = torch.zeros((), dtype=torch.bool, device=device)
-    else:  # an anchor frame whose candidates need torch.cdist's other method or their own k
-        exact = _CDIST_EXACT_MAX if per_frame > _CDIST_EXACT_MAX else 0
-        rare = ((anchors_n > 0) & ((rest_n <= exact) | (rest_n < min(knobs.k, per_frame)))).any()
-    finite = _all_finite(features, salience, frame_global)
-    summary = torch.stack([finite, (salient_n + anchors_n).sum(), slots.used.max(), anchors_n.max(),
-                           segments.starts.sum(), rare])
-    read = HostCopy(torch.cat([summary, salient_n, anchors_n]))
-
-    # --- queued behind the copy: everything the knobs size -----------------------------------------
     order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices  # ties: lower index
     if onevision:  # every frame: n_sal salient tokens, its other M tokens are the rows of the merge
         n_sal = r_f - int(r_f * knobs.d)
+        m = per_frame - n_sal
         rest = order[:, n_sal:].sort(dim=1).values  # (F, M) the non-salient tokens, ascending
-        picked = features[frame, rest]
-        values = picked.to(dtype)
-        rows32 = values if dtype == torch.float32 else picked.float()  # float32: distances and cluster sums
-        salient = torch.zeros(n_frames, per_frame, dtype=torch.bool, device=device).scatter_(1, order[:, :n_sal], True)
-        rows = _Rows(F.normalize(values, dim=-1, eps=_EPS), values, rows32, rest, salient)
-        n_candidates, valid = per_frame - n_sal, None
+        rest_source = (rest + frame_start[:, None]).reshape(-1)  # (F * M,) their flat indices
+        row_start = torch.arange(n_frames, device=device)[:, None] * m  # (F, 1) first row of each frame
+        kept = (order[:, :n_sal] + frame_start[:, None]).reshape(-1)
+        kept_values = flat[kept].to(dtype)
+        rows = features[torch.arange(n_frames, device=device)[:, None], rest]  # (F, M, D)
+        values = rows.to(dtype)
+        rows = values if dtype == torch.float32 else rows.float()  # float32: distances and cluster sums
+        dist = ranks = None
+        if m > 0 and r_f > n_sal:  # some frame gets anchors
+            dist = pairwise_distances(rows)
+            if generator is None:  # (F, M) every frame's rows (into F * M), in decreasing score
+                ranks = batched_dpc_ranks(dist, knobs.k) + row_start
     else:
-        rank = torch.empty_like(order).scatter_(1, order, steps[:per_frame].expand_as(order))
-        salient = rank < salient_n[:, None]  # (F, P)
-        values = features.to(dtype)  # (F, P, D): every token is a row; the salient ones are not candidates
-        rows32 = values.float()
-        rest = torch.sort(salient.to(torch.uint8), dim=1, stable=True).indices  # non-salient first, ascending
-        rows = _Rows(F.normalize(values, dim=-1, eps=_EPS), values, rows32, None, salient, rest, rest_n)
-        n_candidates, valid = per_frame, steps[:per_frame] < rest_n[:, None]
-    dist = found = None
-    if width > 0 and n_candidates > 0:
-        if onevision:
-            dist = pairwise_distances(rows32)  # (F, M, M)
-        else:  # each frame's candidates in ``rest`` order, from one table of all its tokens
-            table = pairwise_distances(rows32)  # (F, P, P)
-            dist = table.gather(1, rest[:, :, None].expand(-1, -1, per_frame))
-            dist = dist.gather(2, rest[:, None, :].expand(-1, per_frame, -1))
-        if options.seed is None:  # every frame's candidates ranked by decreasing DPC score
-            ranks = batched_dpc_ranks(dist, knobs.k, valid=valid)
-            found = _anchors(ranks, rows, anchors_n, slots, features, width, bound, steps)
-    else:  # no frame can get an anchor: the output is the salient tokens
-        ranks = torch.zeros(n_frames, 0, dtype=torch.int64, device=device)
-        found = _anchors(ranks, rows, anchors_n, slots, features, 0, bound, steps)
-    segment_of = segments.starts.long().cumsum(dim=0) - 1  # (F,) each frame's segment
-    indicator = (steps[:n_frames, None] == segment_of).to(torch.float32)  # (F, F): row s, segment s's frames
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_frame, device=device).expand_as(order))
+        order_source = order + frame_start[:, None]  # (F, P) flat indices by decreasing salience
+        values = features.to(dtype)  # (F, P, D): every token is a row; the salient ones are masked out
+        rows = values.float()  # float32: distances and cluster sums (the same tensor by default)
+    unit = F.normalize(values, dim=-1, eps=_EPS)
 
-    # --- the read: wait for the copy (not for the work queued since) ------------------------------
-    host = read.tolist()
-    finite_ok, count, n_used, widest, n_segments, is_rare = host[:6]
-    if not finite_ok:
+    # --- the sync: DySeg's flags and the finite check, one small read ----------------------------
+    gaps = n_frames - 1
+    flags = torch.cat([cut, near, finite.reshape(1)]).tolist()
+    if not flags[-1]:
         raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
-    if count > bound:  # the budgets never exceed F * r_f
-        raise RuntimeError(f"{OWNER}: budgets keep {count} tokens, more than F * r_f = {bound}")
-    if found is None or is_rare:  # seeded or rare: rank again, with the host's counts (and noise)
-        salient_h, anchors_h = host[6 : 6 + n_frames], host[6 + n_frames :]
-        counts = [per_frame - s if a and not onevision else n_candidates for s, a in zip(salient_h, anchors_h,
-                                                                                       strict=True)]
-        noise = None
-        if options.seed is not None:  # upstream's noise, drawn anchor frame by anchor frame as the loop did
-            generator = torch.Generator().manual_seed(options.seed)
-            noise = torch.zeros(n_frames, n_candidates)
-            for f, a in enumerate(anchors_h):  # seeded path only: one CPU draw per anchor frame
-                if a:
-                    noise[f, : counts[f]] = torch.rand(counts[f], generator=generator)
-            noise = (noise.pin_memory() if device.type == "cuda" else noise).to(device, non_blocking=True)
-        if is_rare and per_frame > _CDIST_EXACT_MAX:  # frames of <= 25 candidates: pair-by-pair distances
-            head = rows32[frame, rest[:, :_CDIST_EXACT_MAX]]
-            direct = torch.cdist(head, head, compute_mode="donot_use_mm_for_euclid_dist") / dim**0.5
-            block = dist[:, :_CDIST_EXACT_MAX, :_CDIST_EXACT_MAX]
-            block.copy_(torch.where((rest_n <= _CDIST_EXACT_MAX)[:, None, None], direct, block))
-        ranks = batched_dpc_ranks(dist, knobs.k, counts=counts, valid=valid, noise=noise)
-        found = _anchors(ranks, rows, anchors_n, slots, features, width, bound, steps)
-    if widest > 0:
-        indicator = indicator[:n_segments] if n_segments < n_frames else None
-        new = _merge(rows, found, slots, segment_of, indicator, n_used, widest, knobs.beta, steps)
-        found.out[found.slot[:, :widest]] = new  # padding: to the sink slot 0
-    return VideoSelection(found.source[1 : count + 1], found.out[1 : count + 1])
+    segments = segments_from_cuts(flags[:gaps])
+    budgets = frame_budgets(knobs, segments, flags[gaps : 2 * gaps], per_frame, r_f)
+    layout = anchor_layout(budgets.anchors, segments)
+    n_anchor_frames, width = len(layout.frames), layout.width
+    count = sum(budgets.salient) + sum(layout.counts)
+    if onevision:
+        sal_max = n_sal
+    else:
+        sal_max = max(budgets.salient)
+        n_rest = [per_frame - budgets.salient[f] for f in layout.frames]
+    rest_max = 0 if onevision or not n_anchor_frames else max(n_rest)
+
+    lists = {"frames": layout.frames, "counts": layout.counts, "segment_of": layout.segment_of,
+             "frame_slots": layout.frame_slots, "slot_counts": layout.slot_counts, "own": layout.own,
+             "seg_slot": layout.seg_slot}
+    if not onevision:
+        lists["salient"] = budgets.salient
+        lists["n_rest"] = n_rest
+    tables = dict(zip(lists, _packed(list(lists.values()), device), strict=True))
+    tables["frame_slots"] = tables["frame_slots"].view(n_frames, layout.slots)
+    tables["slot_counts"] = tables["slot_counts"].view(n_frames, layout.slots)
+    tables["steps"] = torch.arange(max(width, sal_max, rest_max, layout.n_segments, 1), device=device)
+    steps = tables["steps"]
+
+    if not onevision:  # the salient tokens of each frame, padded to the largest count
+        salient = rank < tables["salient"][:, None]  # (F, P)
+        taken = steps[:sal_max] < tables["salient"][:, None]  # (F, sal_max)
+        kept = torch.where(taken, order_source[:, :sal_max], total).reshape(-1)
+        kept_values = flat[order_source[:, :sal_max].reshape(-1)].to(dtype)  # padding rows: dropped at the end
+
+    if n_anchor_frames == 0:
+        keys, merged = kept, kept_values
+    else:
+        frames = tables["frames"]
+        real = steps[:width] < tables["counts"][:, None]  # (A, width)
+        draws = None
+        if generator is not None:  # upstream's noise, drawn anchor frame by anchor frame as the loop did
+            sizes = [m] * n_anchor_frames if onevision else n_rest
+            draws = torch.zeros(n_anchor_frames, m if onevision else rest_max)
+            for i, size in enumerate(sizes):  # seeded path only: one CPU draw per anchor frame
+                draws[i, :size] = torch.rand(size, generator=generator)
+        if onevision:
+            if ranks is None:
+                ranks = batched_dpc_ranks(dist[frames], knobs.k, noise=draws) + row_start[frames]
+            else:
+                ranks = ranks[frames]
+            anchor_rows = ranks[:, :width]  # (A, width) in decreasing score: cosine ties go to the higher score
+            source = rest_source[anchor_rows]
+            candidate = None  # the rows are the non-salient tokens: all candidates, anchors included
+        else:
+            # each anchor frame's non-salient tokens ascending (a stable sort puts them before the salient)
+            rest = torch.sort(salient[frames].to(torch.uint8), dim=1, stable=True).indices[:, :rest_max]
+            pool = rows[frames[:, None], rest]
+            dist = padded_distances(pool, n_rest, tables["n_rest"])
+            inside = None if min(n_rest) == rest_max else steps[:rest_max] < tables["n_rest"][:, None]  # (A, rest_max)
+            ranks = batched_dpc_ranks(dist, knobs.k, counts=n_rest, valid=inside, noise=draws)
+            # these scripts order a frame's anchors by index (cosine ties go to the lowest); padding sorts last
+            token = torch.where(real, rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
+            mine = torch.zeros(n_anchor_frames, per_frame + 1, dtype=torch.bool, device=device)
+            mine = mine.scatter_(1, token, True)[:, :per_frame]  # (A, P) the frame's own anchors
+            anchor_rows = frame_start[frames][:, None] + token.clamp(max=per_frame - 1)
+            source = anchor_rows
+            own_anchor = torch.zeros_like(salient).index_copy_(0, frames, mine)  # (F, P)
+            own = tables["own"].view(n_frames, layout.slots) != 0  # (F, Q)
+            # candidates: the segment's tokens neither salient nor among the anchor frame's own anchors
+            candidate = ~(salient[..., None] | (own_anchor[..., None] & own[:, None, :]))
+        new = merge_batched(unit, values, rows, anchor_rows, candidate, layout, tables, knobs.beta)
+        keys = torch.cat([kept, torch.where(real, source, total).reshape(-1)])
+        merged = torch.cat([kept_values, new.reshape(-1, dim)])
+    keys, permutation = torch.sort(keys)  # padding (key F * P) sorts last
+    return VideoSelection(keys[:count], merged[permutation[:count]])
 
 
 def _select(video: VideoTokens, retention: float, options: FastVIDOptions) -> VideoSelection:

@@ -26,22 +26,16 @@ centre at spatial position m of window [u, v] takes the source u * P + m (the wi
 a dynamic token or dynamic centre takes its own flat index. Sources are unique (a position static in a
 window is dynamic in none of its frames) and the output is in ascending source order.
 
-Execution (the outputs of a window-by-window loop, bit for bit on the CPU): every size the work needs
-is bounded by the shapes alone, so the whole selection is queued without waiting on the device. The DP
-runs on the device too: the longest path through the frames (edge weights = the windows' gains) by
-max-plus squaring of the (F+1) x (F+1) edge matrix, ties resolved afterwards exactly as the host loop
-does (:func:`partition`, kept as the reference), the backtrack by pointer doubling. Budgets, the dominant
-top-k of every frame, the static means of every multi-frame window (at most F div 2; a 0/1 window matrix
-times the frames, summed in the order torch.mean sums them on the CPU), all static and contextual token
-sets in ONE padded DPC-kNN merge (a set of at most 25 tokens keeps torch.cdist's pair-by-pair distances,
-as it would alone) and the output (sized R * N + 3F / 2, a bound on the kept count) follow. The kept
-count, the finite flag and the windows are copied to the host as soon as the budgets exist
-(:class:`llava.model.method_api.HostCopy`) and read after everything else is queued: the one host read
-waits for the GPU to reach the copy, not for the clustering behind it. The finite check reads the sum of
-the token norms and of the importance; only when that is not finite (NaN / Inf, or huge finite values
-overflowing) are the inputs checked element by element (a second read, on that path only). The merge
-sums are deterministic on CUDA too (index_put_ with accumulate, which sorts; the CPU's scatter_add_ is
-sequential). ``seed`` draws its noise on the CPU in upstream's order, after the read, then clusters.
+Execution (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
+per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack run
+in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one small
+host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all frames
+at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at most 25
+tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is compacted by a
+cumulative sum with the known count (no nonzero). The finite check reads the sum of the token norms and
+of the importance; only when that is not finite (NaN / Inf, or huge finite values overflowing) are the
+inputs checked element by element. On CUDA the merge sums are atomic adds (scatter_add_), so their
+float rounding order is not fixed there, as with the index_add_ of a loop.
 
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
@@ -71,7 +65,6 @@ import torch
 from llava.model.dpc_knn import pairwise_distances
 from llava.model.method_api import (
     VIT_RECEIVED_ATTENTION,
-    HostCopy,
     Method,
     VideoSelection,
     VideoTokens,
@@ -221,75 +214,6 @@ def adjusted_ratio(retention: float, total: int, total_reduced: int) -> float:
     return min(retention / ((total - total_reduced) / total), 1.0)
 
 
-# ------------------------------------------------------------------------------ the DP on the device
-
-_NEG = -(1 << 40)  # no edge: far below any path's gain (gains are at most F * P)
-_MAXPLUS_ELEMENTS = 1 << 24  # (rows, n, n) broadcast per max-plus step: rows taken in chunks beyond this
-
-
-def _max_plus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, n) x (n, n) int64 -> (n, n): out[i, j] = max_k a[i, k] + b[k, j]."""
-    n = a.shape[0]
-    rows = max(1, _MAXPLUS_ELEMENTS // (n * n))
-    if rows >= n:
-        return (a[:, :, None] + b[None]).amax(dim=1)
-    return torch.cat([(a[i : i + rows, :, None] + b[None]).amax(dim=1) for i in range(0, n, rows)])
-
-
-@dataclass(frozen=True)
-class _Windows:
-    """The DP's partition on the device: each frame's window [first, last] (F,) int64, and total_reduced (0-d)."""
-
-    first: torch.Tensor
-    last: torch.Tensor
-    reduced: torch.Tensor
-
-
-def window_tensors(shorter: torch.Tensor, n_frames: int, per_frame: int, width: int) -> _Windows:
-    """:func:`partition` on the device, from :func:`shorter_runs` ((F-1, width-1) int64), without a host read.
-
-    best[j] (the optimum over frames 0..j-1) is the longest path from node 0 to node j over edges u -> v+1
-    weighted G(u, v) (a window [u, v], v > u, at most ``width`` frames) and u -> u+1 weighted 0 (a single
-    frame): ceil(log2 F) max-plus squarings of the (F+1) x (F+1) edge matrix (0 on the diagonal: shorter
-    paths). The window ending at frame i then starts at the largest u whose candidate best[u] + G(u, i)
-    equals best[i+1]: the single frame wins ties, then the smallest window, as in the loop. The backtrack
-    from frame F-1 marks the window ends by pointer doubling (ceil(log2(F+1)) steps).
-    """
-    device = shorter.device
-    nodes, steps, row = n_frames + 1, n_frames - 1, width - 1
-    node = torch.arange(nodes, device=device)
-    edges = torch.full((nodes * nodes + 1,), _NEG, dtype=torch.int64, device=device)  # the last: a sink
-    edges.index_fill_(0, torch.cat([node * (nodes + 1), node[:-1] * (nodes + 1) + 1]), 0)  # stay; one frame
-    gain = None
-    if steps > 0 and row > 0:
-        u = node[:steps, None]
-        length = node[None, 1:width]  # L = v - u, the window's frames minus one
-        gain = length * (per_frame - shorter.view(steps, row))  # G(u, u + L)
-        target = torch.where(u + length <= steps, u * nodes + u + length + 1, nodes * nodes)
-        edges.scatter_(0, target.reshape(-1), gain.reshape(-1))
-    paths = edges[:-1].view(nodes, nodes)
-    for _ in range(max(n_frames - 1, 0).bit_length()):  # 2^s >= F - 1 ... F edges: enough squarings
-        paths = _max_plus(paths, paths)
-    best = paths[0]  # (F + 1,)
-    size = node[None, 1 : width + 1]  # window sizes 1..width (1: the single frame)
-    begin = node[:n_frames, None] - size + 1  # (F, width) the window's first frame
-    candidate = best[begin.clamp(min=0)]
-    if gain is not None:
-        window = gain[begin.clamp(0, steps - 1), (size - 2).clamp(min=0)]
-        candidate = candidate + torch.where(size >= 2, window, 0)
-    candidate = torch.where(begin >= 0, candidate, _NEG)
-    first_hit = (candidate == best[1:, None]).to(torch.uint8).argmax(dim=1)  # the smallest size that attains it
-    start = node[:n_frames] - first_hit
-    pointer = torch.cat([torch.where(start > 0, start - 1, n_frames), node[n_frames:]])  # -1 -> the sink F
-    mark = torch.zeros(nodes, dtype=torch.int64, device=device)
-    mark[n_frames - 1] = 1
-    for _ in range(n_frames.bit_length()):
-        mark = mark.scatter_reduce(0, pointer, mark, reduce="amax")
-        pointer = pointer[pointer]
-    last = torch.where(mark[:n_frames] > 0, node[:n_frames], n_frames - 1).flip(0).cummin(dim=0).values.flip(0)
-    return _Windows(start[last], last, best[n_frames])
-
-
 # ------------------------------------------------------------------------------ clustering merge
 
 
@@ -297,27 +221,21 @@ def window_tensors(shorter: torch.Tensor, n_frames: int, per_frame: int, width: 
 class _Sets:
     """B token sets padded to N (set b = its first sizes[b] rows), each clustered into counts[b] centres.
 
-    Host lists carry the sizes where the host has them (one set at a time, the tests); the selection
-    knows them on the device only: ``sizes`` / ``counts`` / ``ks`` None and ``knn`` bounds the k. The
-    (B,) device tensors are needed where the sets are ragged: sizes_t when some set is padded, counts_t
-    when the counts differ, ks_t when the k differ. noise: (B, N) float32 U(0, 1) draws (upstream's
-    density noise is 1e-6 times them) or None.
+    Host lists carry the sizes; the (B,) device tensors are needed only where the sets are ragged:
+    sizes_t when some set is padded, counts_t when the counts differ, ks_t when the k differ.
+    noise: (B, N) float32 U(0, 1) draws (upstream's density noise is 1e-6 times them) or None.
     """
 
-    sizes: list[int] | None
-    counts: list[int] | None
-    ks: list[int] | None
+    sizes: list[int]
+    counts: list[int]
+    ks: list[int]
     sizes_t: torch.Tensor | None = None
     counts_t: torch.Tensor | None = None
     ks_t: torch.Tensor | None = None
     noise: torch.Tensor | None = None
-    knn: int = 0
 
     def padded(self, n: int) -> bool:
-        return self.sizes is None or min(self.sizes) < n
-
-    def counts_vary(self) -> bool:
-        return self.counts is None or len(set(self.counts)) > 1
+        return min(self.sizes) < n
 
 
 _DIRECT_MAX = 25  # torch.cdist computes sets of at most 25 tokens pair by pair, larger ones by matmul
@@ -328,31 +246,17 @@ def _distances(x: torch.Tensor, sets: _Sets) -> torch.Tensor:
 
     :func:`llava.model.dpc_knn.pairwise_distances` of one set takes torch.cdist's pair-by-pair path for
     at most 25 tokens and its matmul path above (self-distances not exactly 0 there); padding must not
-    move a small set onto the other path, so a batch that may mix both recomputes the small sets' block.
+    move a small set onto the other path, so a batch mixing both recomputes the small sets' block.
     """
     dist = pairwise_distances(x)
     n = x.shape[1]
-    if n <= _DIRECT_MAX or (sets.sizes is not None and min(sets.sizes) > _DIRECT_MAX):
+    if n <= _DIRECT_MAX or min(sets.sizes) > _DIRECT_MAX:
         return dist  # every set on the path it takes alone
     head = x[:, :_DIRECT_MAX].float()
     direct = torch.cdist(head, head, compute_mode="donot_use_mm_for_euclid_dist") / (x.shape[-1] ** 0.5)
     block = dist[:, :_DIRECT_MAX, :_DIRECT_MAX]
     block.copy_(torch.where((sets.sizes_t <= _DIRECT_MAX)[:, None, None], direct, block))
     return dist
-
-
-def _densities(nearest: torch.Tensor, sets: _Sets) -> torch.Tensor:
-    """(B, N, k_max) ascending nearest distances -> (B, N) rho = exp(-mean of the ks[b] smallest squared)."""
-    if sets.ks is not None:  # host ks: one pass per distinct k (one unless a set has fewer than knn centres)
-        density = None
-        for k in sorted(set(sets.ks)):
-            rho = torch.exp(-(nearest[..., :k] ** 2).mean(dim=-1))
-            density = rho if density is None else torch.where(sets.ks_t[:, None] == k, rho, density)
-        return density
-    widest = nearest.shape[-1]  # device ks (1..widest): every k's mean, each set picks its own
-    means = torch.stack([(nearest[..., :k] ** 2).mean(dim=-1) for k in range(1, widest + 1)])
-    pick = (sets.ks_t.clamp(1, widest) - 1)[None, :, None].expand(1, *nearest.shape[:2])
-    return torch.exp(-means).gather(0, pick)[0]
 
 
 def _dpc_centres(dist: torch.Tensor, sets: _Sets, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -366,9 +270,11 @@ def _dpc_centres(dist: torch.Tensor, sets: _Sets, positions: torch.Tensor, valid
     positions = positions[:n].expand(batch, n)
     padded = valid is not None
     pairs = valid[:, :, None] & valid[:, None, :] if padded else None
-    k_max = max(sets.ks) if sets.ks is not None else max(1, min(sets.knn, n))
-    nearest = torch.topk(torch.where(pairs, dist, torch.inf) if padded else dist, k=k_max, dim=-1, largest=False)
-    density = _densities(nearest.values, sets)
+    nearest = torch.topk(torch.where(pairs, dist, torch.inf) if padded else dist, k=max(sets.ks), dim=-1, largest=False)
+    density = None
+    for k in sorted(set(sets.ks)):  # one pass per distinct k (one unless a set has fewer than knn centres)
+        rho = torch.exp(-(nearest.values[..., :k] ** 2).mean(dim=-1))
+        density = rho if density is None else torch.where(sets.ks_t[:, None] == k, rho, density)
     if sets.noise is not None:
         density = density + sets.noise * 1e-6
     if padded:
@@ -382,35 +288,24 @@ def _dpc_centres(dist: torch.Tensor, sets: _Sets, positions: torch.Tensor, valid
     score = density * delta  # padded: -delta <= 0, ranked after every real score (they have lower indices)
     best = torch.sort(score, dim=-1, descending=True, stable=True).indices
     place = torch.empty_like(best).scatter_(1, best, positions)
-    return place < (sets.counts_t[:, None] if sets.counts_vary() else sets.counts[0])
+    return place < (sets.counts_t[:, None] if len(set(sets.counts)) > 1 else sets.counts[0])
 
 
 def _merge(
-    x: torch.Tensor,
-    centre: torch.Tensor,
-    dist: torch.Tensor,
-    beta: float,
-    valid: torch.Tensor | None = None,
-    sorted_sums: bool | None = None,
+    x: torch.Tensor, centre: torch.Tensor, dist: torch.Tensor, beta: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, N, D) tokens, (B, N) centre masks, (B, N, N) distances -> (B, N, D), merged at the centres.
 
     Every non-centre token (of ``valid``, default all) joins the centre nearest to it by ``dist`` (ties: the
     lower index); a centre with members becomes beta * centre + (1 - beta) * mean(members), one without
-    stays itself. Rows that are not centres hold garbage. The sums are deterministic: scatter_add_ on the
-    CPU (sequential in index order), index_put_ with accumulate on CUDA (sorted; scatter_add_ is atomic);
-    ``sorted_sums`` picks one explicitly (None: by device).
+    stays itself. Rows that are not centres hold garbage.
     """
     batch, n, dim = x.shape
     nearest = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N), first minimum
     joins = ~centre if valid is None else valid ^ centre  # centres are valid
     target = torch.where(joins, nearest, n)  # non-members go to a spare column n
     sums = torch.zeros(batch, n + 1, dim, dtype=x.dtype, device=x.device)
-    if x.device.type == "cuda" if sorted_sums is None else sorted_sums:
-        rows = torch.arange(batch, device=x.device)[:, None].expand(batch, n)
-        sums.index_put_((rows, target), x, accumulate=True)
-    else:
-        sums.scatter_add_(1, target[..., None].expand(batch, n, dim), x)
+    sums.scatter_add_(1, target[..., None].expand(batch, n, dim), x)
     # member counts: integers, exact in float32 whatever the order; cast like upstream's integer counts
     counts = torch.zeros(batch, n + 1, device=x.device).scatter_add_(1, target, joins.float())
     members = counts[:, :n, None].to(x.dtype)
@@ -462,64 +357,6 @@ def cluster_merge(
 # ------------------------------------------------------------------------------ the method
 
 
-_CHUNK = 16  # torch's CPU sum over a non-innermost dim adds 16 rows at a time, then the chunks (SumKernel)
-
-
-def _window_means(x: torch.Tensor, first: torch.Tensor, length: torch.Tensor, real: torch.Tensor,
-                  longest: int, dtype: torch.dtype) -> torch.Tensor:
-    """(F, P, D) frames -> (S, P, D) each window's mean over its frames [first, first + length), in ``dtype``.
-
-    A 0/1 window x frame matrix times the frames (float32 sums, deterministic). On the CPU the sums
-    follow torch.mean's order bit for bit (windows below 256 frames): each full chunk of 16 frames summed in
-    order, the chunks summed in order, and the remaining frames' sum added to that last; on other devices
-    one product. ``real``: (S,) sets that are windows (the others' means are garbage); ``longest``: a
-    bound on the lengths.
-    """
-    n_frames, per_frame, dim = x.shape
-    frames = x.reshape(n_frames, per_frame * dim).float()
-    offset = torch.arange(n_frames, device=x.device)[None, :] - first[:, None]  # (S, F)
-    inside = (offset >= 0) & (offset < length[:, None]) & real[:, None]
-    if x.device.type != "cpu":
-        sums = inside.to(torch.float32) @ frames
-    else:
-        whole = (offset // _CHUNK + 1) * _CHUNK <= length[:, None]  # the frame's chunk is a full one
-        chunks = -(-longest // _CHUNK)
-        weights = [inside & ~whole] + [inside & whole & (offset // _CHUNK == c) for c in range(chunks)]
-        parts = (torch.stack(weights).to(torch.float32).flatten(0, 1) @ frames).view(chunks + 1, -1, frames.shape[1])
-        total = parts[1]
-        for c in range(2, chunks + 1):
-            total = total + parts[c]
-        sums = parts[0] + total
-    return (sums.to(dtype) / length[:, None]).view(-1, per_frame, dim)
-
-
-GROUPED_CPU_MEANS = True
-"""On the CPU, compute the static means as torch.mean over the windows grouped by length (the summation
-order of a window-by-window loop, bit for bit; the windows are read on the host, free there). False: the
-window matrix product every other device uses (tests and scripts/count_method_ops.py switch to it)."""
-
-
-def _grouped_means(x: torch.Tensor, tokens: torch.Tensor, windows: _Windows, n_static: torch.Tensor,
-                   n_clusters: torch.Tensor, n_sets: int) -> torch.Tensor:
-    """CPU: (S, P, D) static means of the multi-frame windows at their static positions (set order and
-    each set's token order), as torch.mean sums them per group of windows of one length (those with
-    clusters; the others stay 0), gathered (n_g, L, N_g, D) up to the group's widest set."""
-    first, last = windows.first.tolist(), windows.last.tolist()
-    static, clusters = n_static.tolist(), n_clusters.tolist()
-    starts = [t for t in range(len(first)) if first[t] == t and last[t] > t]  # set b: the b-th window
-    groups: dict[int, list[int]] = {}
-    for b, u in enumerate(starts):
-        if clusters[u]:
-            groups.setdefault(last[u] - u + 1, []).append(b)
-    out = x.new_zeros(n_sets, x.shape[1], x.shape[2])
-    for length, members in groups.items():
-        widest = max(static[starts[b]] for b in members)
-        frames = torch.tensor([[starts[b] + j] for b in members for j in range(length)]).view(len(members), length, 1)
-        rows = torch.tensor(members)
-        out[rows, :widest] = x[frames, tokens[rows, None, :widest]].mean(dim=1)
-    return out
-
-
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host-to-device copy that does not stall the stream on CUDA (pinned memory, asynchronous)."""
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
@@ -531,8 +368,9 @@ def holitom_select(
     """One video's (F, P, D) features and (F, P) importance -> sources (K,) ascending and features (K, D).
 
     Output features are float32 (``score_dtype="float32"``) or the input dtype (``"model"``).
-    One host read (the kept count, the finite flag and the windows), started as soon as the device DP
-    and the budgets exist and waited for after the clustering is queued (module docstring).
+    One host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together; the DP
+    runs on the host, then every size is known there and the device work is batched over the frames
+    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
     """
     options = options or HoliTomOptions()
     check_video_features(features, retention)
@@ -542,144 +380,220 @@ def holitom_select(
             f"{_OWNER}: importance must be (F, P) = {(n_frames, per_frame)}, got {tuple(importance.shape)}"
         )
     dtype = torch.float32 if options.score_dtype == "float32" else features.dtype
-    device = features.device
-    total = n_frames * per_frame
-    width = min(n_frames, options.max_window)
-    steps = n_frames - 1
-    positions = torch.arange(total + 1, device=device)  # sliced for every arange below
-    frame = positions[:n_frames]
 
-    # --- windows, budgets and the kept count, on the device; their copy to the host starts here ------
-    x_all = features.to(dtype)
-    similarity, norm_total = _similarity(x_all, dtype)
+    # Queued behind the vision tower: no host wait until the one copy below.
+    similarity, norm_total = _similarity(features, dtype)
     run = static_run_lengths(similarity, options.tau)
-    finite = ((norm_total + importance.sum()) * 0 == 0).long()  # NaN or Inf anywhere -> not finite
-    windows = window_tensors(shorter_runs(run, width), n_frames, per_frame, width)
-    first, last = windows.first, windows.last
-    multi = last > first
-    if steps > 0:
-        # each frame's static mask: the positions whose run from its window's first step covers the window
-        need = torch.where(multi, last - first, n_frames)
-        static = run.index_select(0, first.clamp(max=steps - 1)) >= need[:, None]  # (F, P)
-    else:
-        static = torch.zeros(n_frames, per_frame, dtype=torch.bool, device=device)
-    n_static = static.sum(dim=1)  # = P - shorter[u, v - u - 1] in a multi-frame window, 0 in a single one
-    # r' in float64 as Python computes it (a true division: ``float / tensor`` would multiply by a reciprocal)
-    kept_share = (total - windows.reduced).double() / total
-    ratio = torch.div(torch.full_like(kept_share, float(retention)), kept_share).clamp(max=1.0)
-    keep = ((per_frame - n_static).double() * ratio).ceil().long()  # per frame (its window's dynamic count)
-    n_dominant = (keep.double() * (1.0 - options.contextual_ratio)).round().long()  # half-even, as round()
-    n_clusters = torch.where(first == frame, (n_static.double() * ratio).round().long(), 0)  # per window
-    count = keep.sum() + n_clusters.sum()
-    read = HostCopy(torch.cat([torch.stack([finite, count, windows.reduced]), first, last, n_static]))
-
-    # --- queued behind the copy: everything the shapes bound -----------------------------------------
-    score = torch.where(static, -torch.inf, importance.float())
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: the lower index
-    rank = torch.empty_like(order).scatter_(1, order, positions[:per_frame].expand(n_frames, per_frame))
-    dominant = rank < n_dominant[:, None]  # (F, P) the top-importance dynamic tokens
-    n_windows = n_frames // 2 if width > 1 else 0  # multi-frame windows: at most F div 2
-    contextual = options.contextual_ratio > 0
-    n_sets = n_windows + (n_frames if contextual else 0)
-    bound = min(total, int(retention * total) + n_frames + n_windows + 2)  # the kept count's bound
-    x = sets = members = base = None
-    if n_sets:
-        # static sets: the multi-frame windows, by first frame; contextual sets: every frame's dynamic,
-        # non-dominant tokens (options.contextual_ratio > 0); each set's tokens in index order
-        listed = torch.sort(~(multi & (first == frame)), stable=True).indices[:n_windows]  # first frames
-        real = positions[:n_windows] < (multi & (first == frame)).sum()
-        rows, sizes, counts, bases = [], [], [], []
-        if n_windows:
-            rows.append(torch.where(real[:, None], static[listed], False))
-            sizes.append(torch.where(real, n_static[listed], 0))
-            counts.append(torch.where(real, n_clusters[listed], 0))
-            bases.append(listed * per_frame)
-        if contextual:
-            rows.append(~(static | dominant))
-            sizes.append(per_frame - n_static - n_dominant)
-            counts.append(keep - n_dominant)
-            bases.append(frame * per_frame)
-        members = torch.cat(rows) if len(rows) > 1 else rows[0]
-        tokens = torch.sort(torch.where(members, 0, 1), dim=-1, stable=True).indices  # (B, P)
-        parts = []
-        if n_windows:
-            if device.type == "cpu" and GROUPED_CPU_MEANS:  # already in each set's token order
-                parts.append(_grouped_means(x_all, tokens, windows, n_static, n_clusters, n_windows))
-            else:
-                means = _window_means(x_all, listed, last[listed] - listed + 1, real, width, dtype)
-                parts.append(means.gather(1, tokens[:n_windows, :, None].expand(-1, -1, dim)))
-        if contextual:
-            parts.append(x_all[frame[:, None], tokens[n_windows:]])
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        size_t, count_t = torch.cat(sizes), torch.cat(counts)
-        sets = _Sets(None, None, None, size_t, count_t, count_t.clamp(1, options.knn), knn=options.knn)
-        base = (torch.cat(bases)[:, None] + tokens).reshape(-1)  # flat index of each set token
-    if options.seed is None:
-        out = _output(features, dominant, x, sets, base, bound, options.beta, dtype, positions)
-
-    # --- the read: wait for the copy only -------------------------------------------------------------
-    host = read.tolist()
-    finite_ok, kept, reduced = host[:3]
-    if not finite_ok and not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(importance).all())):
+    width = min(n_frames, options.max_window)
+    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
+    finite = (total * 0 == 0).long()
+    host = torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]).tolist()  # the one sync
+    if not host.pop() and not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(importance).all())):
         raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
-    if kept == 0:
+    windows, total_reduced = partition(host, n_frames, per_frame, width)
+    ratio = adjusted_ratio(float(retention), n_frames * per_frame, total_reduced)
+    plan = _Plan(windows, host, n_frames, per_frame, width, ratio, options)
+    if plan.kept == 0:
         raise ValueError(
             f"{_OWNER} kept no token at R={retention}: the video is static and round(n_static * r') is 0; "
             "raise R"
         )
-    if kept > bound:  # never: ceil / round add at most one per frame and window to R * N
-        raise RuntimeError(f"{_OWNER}: the budgets keep {kept} tokens, more than the bound {bound}")
-    if options.seed is not None:
-        first_h, last_h = host[3 : 3 + n_frames], host[3 + n_frames : 3 + 2 * n_frames]
-        static_h = host[3 + 2 * n_frames :]
-        if sets is not None:
-            sets.noise = _to_device(_seeded_noise(first_h, last_h, static_h, reduced, retention, per_frame,
-                                                  n_windows, options), device)
-        out = _output(features, dominant, x, sets, base, bound, options.beta, dtype, positions)
-    source, values = out
-    return VideoSelection(source[1 : kept + 1], values[1 : kept + 1])
+    return _build(features, importance, run, plan, dtype, options.beta)
 
 
-def _output(features, dominant, x, sets, base, bound, beta, dtype, positions):
-    """The kept tokens: the dominant ones and every set's centres (merged), compacted by a cumulative sum
-    into ``bound`` + 1 slots (slot 0: a sink), ascending -> (sources, values)."""
+class _Plan:
+    """Every budget the DP implies, as host data: per frame, and per token set to cluster.
+
+    Sets: one per window with static clusters (its static positions' means), grouped by window length,
+    then one per frame with contextual centres (its dynamic tokens that are not dominant).
+    """
+
+    def __init__(
+        self,
+        windows: list[tuple[int, int]],
+        shorter: list[int],
+        n_frames: int,
+        per_frame: int,
+        width: int,
+        ratio: float,
+        options: HoliTomOptions,
+    ) -> None:
+        self.frame_start: list[int] = []  # per frame: the run row of its window's first frame
+        self.frame_need: list[int] = []  # per frame: the run length a static position needs (F: none)
+        self.frame_dominant: list[int] = []  # per frame: its top-importance dynamic tokens
+        by_length: dict[int, list[tuple[int, int, int]]] = {}  # window length -> [(u, n_s, n_cl)]
+        contextual: list[tuple[int, int, int]] = []  # (t, n_rest, n_ctx)
+        draws: list[tuple[str, int, int]] = []  # noise draws in upstream's order: (kind, frame, n)
+        self.kept = 0
+        for u, v in windows:
+            n_static = per_frame - shorter[u * (width - 1) + v - u - 1] if v > u else 0
+            n_dynamic = per_frame - n_static
+            keep = math.ceil(n_dynamic * ratio)
+            n_dominant = round(keep * (1.0 - options.contextual_ratio))
+            n_contextual = keep - n_dominant
+            n_clusters = round(n_static * ratio)  # half-even, as upstream's round()
+            self.kept += (v - u + 1) * keep + n_clusters
+            for t in range(u, v + 1):
+                self.frame_start.append(u if v > u else min(u, n_frames - 2))
+                self.frame_need.append(v - u if v > u else n_frames)
+                self.frame_dominant.append(n_dominant)
+                if n_contextual:
+                    contextual.append((t, n_dynamic - n_dominant, n_contextual))
+                    draws.append(("c", t, n_dynamic - n_dominant))
+            if n_clusters:
+                by_length.setdefault(v - u + 1, []).append((u, n_static, n_clusters))
+                draws.append(("s", u, n_static))
+        self.any_static = any(need < n_frames for need in self.frame_need)
+        self.set_row: list[int] = []  # the row listing the set's tokens: u (static), F + t or t (contextual)
+        self.set_base: list[int] = []  # flat index of the set's frame: u * P or t * P
+        self.set_need: list[int] = []  # static sets: the run length their positions have (v - u)
+        self.groups: list[tuple[int, int, int, list[int]]] = []  # (first set, end, N_g, frames of the windows)
+        sizes, counts = [], []
+        for length in sorted(by_length):
+            members = by_length[length]
+            frames = [u + j for u, _, _ in members for j in range(length)]
+            self.groups.append((len(sizes), len(sizes) + len(members), max(n for _, n, _ in members), frames))
+            for u, n_static, n_clusters in members:
+                self.set_row.append(u)
+                self.set_need.append(length - 1)
+                self.set_base.append(u * per_frame)
+                sizes.append(n_static)
+                counts.append(n_clusters)
+        self.n_static_sets = len(sizes)
+        self.contextual_frames = [t for t, _, _ in contextual]
+        for t, n_rest, n_contextual in contextual:  # rows of [static; rest], or of rest alone
+            self.set_row.append(n_frames + t if self.any_static else t)
+            self.set_base.append(t * per_frame)
+            sizes.append(n_rest)
+            counts.append(n_contextual)
+        self.sets = _Sets(sizes, counts, [min(options.knn, c) for c in counts])
+        if options.seed is not None and sizes:
+            # upstream's density noise from one CPU generator, drawn in its order (per window: each frame's
+            # contextual set, then the static set): a host loop, one small draw per set, no device work
+            row_of = {("s", self.set_row[b]): b for b in range(self.n_static_sets)}
+            row_of.update({("c", t): self.n_static_sets + i for i, t in enumerate(self.contextual_frames)})
+            generator = torch.Generator().manual_seed(options.seed)
+            noise = torch.zeros(len(sizes), max(sizes))
+            for kind, frame, n in draws:
+                noise[row_of[(kind, frame)], :n] = torch.rand(n, generator=generator)
+            self.sets.noise = noise
+
+    def frame_masks(self) -> bool:
+        """Whether the (F, P) static masks are needed (the dominant top-k or the contextual sets use them);
+        static sets alone read their rows straight from the run lengths."""
+        return self.any_static and (any(self.frame_dominant) or bool(self.contextual_frames))
+
+    def device_ints(self) -> dict[str, list[int]]:
+        """The host ints the device work needs, by name (only those it needs for this video)."""
+        sets = self.sets
+        out: dict[str, list[int]] = {}
+        if self.frame_masks():
+            out["start"], out["need"] = self.frame_start, self.frame_need
+        elif self.n_static_sets:
+            out["set_need"] = self.set_need
+        if len(set(self.frame_dominant)) > 1:
+            out["dominant"] = self.frame_dominant
+        if sets.sizes:
+            out["row"], out["base"] = self.set_row, self.set_base
+            if sets.padded(max(sets.sizes)):
+                out["sizes"] = sets.sizes
+            if len(set(sets.counts)) > 1:
+                out["counts"] = sets.counts
+            if len(set(sets.ks)) > 1:
+                out["ks"] = sets.ks
+            if len(self.groups) > 1 or self.groups and self.groups[0][1] - self.groups[0][0] > 1:
+                for first, _, _, frames in self.groups:
+                    out[f"frames{first}"] = frames
+            if self.contextual_frames:
+                out["contextual"] = self.contextual_frames
+        return out
+
+
+def _build(
+    features: torch.Tensor, importance: torch.Tensor, run: torch.Tensor, plan: _Plan, dtype: torch.dtype, beta: float
+) -> VideoSelection:
+    """The selection from the plan: top-k batched over frames, the DPC-kNN merges over padded sets."""
     n_frames, per_frame, dim = features.shape
-    marks = dominant.reshape(-1).long()  # (F * P,): 1 where a token is kept (at its own index)
-    centre = merged = None
-    if x is not None:
+    device = features.device
+    sets = plan.sets
+    n_sets = len(sets.sizes)
+    # ONE host-to-device copy of every per-frame / per-set int, first after the sync (the stream is idle)
+    wanted = plan.device_ints()
+    packed = _to_device(torch.tensor([v for block in wanted.values() for v in block] or [0]), device)
+    ints, offset = {}, 0
+    for name, block in wanted.items():
+        ints[name], offset = packed[offset : offset + len(block)], offset + len(block)
+    if sets.noise is not None:
+        sets.noise = _to_device(sets.noise, device)
+    sets.sizes_t, sets.counts_t, sets.ks_t = ints.get("sizes"), ints.get("counts"), ints.get("ks")
+    positions = torch.arange(n_frames * per_frame, device=device)  # sliced for every arange below
+
+    # each frame's static mask (its window's) and dominant tokens (top importance among the dynamic ones)
+    static = run.index_select(0, ints["start"]) >= ints["need"][:, None] if plan.frame_masks() else None  # (F, P)
+    dominant = marks = None
+    if any(plan.frame_dominant):
+        score = importance.float() if static is None else torch.where(static, -torch.inf, importance.float())
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: the lower index
+        rank = torch.empty_like(order).scatter_(1, order, positions[:per_frame].expand(n_frames, per_frame))
+        dominant = rank < (ints["dominant"][:, None] if "dominant" in ints else plan.frame_dominant[0])
+        marks = dominant.reshape(-1).long()  # (F * P,): 1 where a token is kept (at its own index)
+
+    centre = merged = flat = None
+    if n_sets:
+        # each set's tokens in index order: the window's static positions or the frame's contextual tokens
+        # (dynamic, not dominant), listed by a stable sort of "not a member"
+        if plan.contextual_frames:
+            taken = [mask for mask in (static, dominant) if mask is not None]
+            if not taken:
+                rest = torch.ones(n_frames, per_frame, dtype=torch.bool, device=device)
+            else:
+                rest = ~taken[0] if len(taken) == 1 else ~(taken[0] | taken[1])
+            table = torch.cat([static, rest]) if static is not None else rest
+            rows = table.index_select(0, ints["row"])
+        elif static is not None:
+            rows = static.index_select(0, ints["row"])
+        else:  # static sets only: their windows' static positions straight from the run lengths
+            rows = run.index_select(0, ints["row"]) >= ints["set_need"][:, None]
+        width = max(sets.sizes)
+        tokens = torch.sort(torch.where(rows, 0, 1), dim=-1, stable=True).indices[:, :width]  # (B, N)
+        # the sets' values, (B, N, D): static means (one gather per window length) and contextual tokens;
+        # written straight into one zero-padded buffer unless a single part fills it
+        single = len(plan.groups) + bool(plan.contextual_frames) == 1 and (
+            not plan.groups or plan.groups[0][2] == width
+        )
+        x = None if single else torch.zeros(n_sets, width, dim, dtype=dtype, device=device)
+        for first, end, n_group, frames in plan.groups:
+            length = len(frames) // (end - first)
+            if f"frames{first}" in ints:
+                frame_index = ints[f"frames{first}"].view(end - first, length, 1)
+                window = features[frame_index, tokens[first:end, None, :n_group]]  # (n_g, L, N_g, D)
+            else:  # one window: a slice of the frames
+                window = features[frames[0] : frames[0] + length, tokens[first, :n_group]][None]
+            if x is None:
+                x = window.to(dtype).mean(dim=1)
+            else:
+                torch.mean(window.to(dtype), dim=1, out=x[first:end, :n_group])
+        if plan.contextual_frames:
+            n_rest = max(sets.sizes[plan.n_static_sets :])
+            picked = features[ints["contextual"][:, None], tokens[plan.n_static_sets :, :n_rest]]
+            if x is None:
+                x = picked.to(dtype)
+            else:
+                x[plan.n_static_sets :, :n_rest].copy_(picked)
         centre, merged = _cluster_sets(x, sets, beta, positions)
-        marks = marks.scatter_add(0, base, centre.reshape(-1).long())  # padding adds 0 (to any index)
-    # the j-th kept token (ascending) goes to slot j + 1, everything else to slot 0, a sink
+        flat = ints["base"][:, None] + tokens  # (B, N) flat index of each set token (a centre's source)
+        if marks is None:
+            marks = torch.zeros(n_frames * per_frame, dtype=torch.int64, device=device)
+        marks.scatter_add_(0, flat.reshape(-1), centre.reshape(-1).long())  # padding adds 0 (to any index)
+
+    # compaction with the count known on the host: the j-th kept token (ascending) goes to slot j + 1,
+    # everything else to slot 0, a sink
     slot = marks.cumsum(0) * marks
-    source = torch.zeros(bound + 1, dtype=torch.int64, device=features.device)
-    source = source.scatter_(0, slot, positions[: n_frames * per_frame])
+    source = torch.zeros(plan.kept + 1, dtype=torch.int64, device=device).scatter_(0, slot, positions)
     values = features.reshape(-1, dim).index_select(0, source).to(dtype)
     if centre is not None:
-        values.index_put_(((slot[base] * centre.reshape(-1)),), merged.reshape(-1, dim))  # non-centres: sink
-    return source, values
-
-
-def _seeded_noise(first, last, n_static, reduced, retention, per_frame, n_windows, options) -> torch.Tensor:
-    """Upstream's density noise from one CPU generator, in its draw order (per window: each frame's
-    contextual set, then the static set), laid out as the padded sets: (B, P) float32."""
-    n_frames = len(first)
-    ratio = adjusted_ratio(float(retention), n_frames * per_frame, reduced)
-    starts = [t for t in range(n_frames) if first[t] == t]
-    multi = [u for u in starts if last[u] > u]
-    static_set = {u: i for i, u in enumerate(multi)}
-    n_sets = n_windows + (n_frames if options.contextual_ratio > 0 else 0)
-    noise = torch.zeros(n_sets, per_frame)
-    generator = torch.Generator().manual_seed(options.seed)
-    for u in starts:  # a host loop, one small draw per set, no device work
-        keep = math.ceil((per_frame - n_static[u]) * ratio)
-        n_dominant = round(keep * (1.0 - options.contextual_ratio))
-        for t in range(u, last[u] + 1):
-            if keep - n_dominant:
-                n = per_frame - n_static[u] - n_dominant
-                noise[n_windows + t, :n] = torch.rand(n, generator=generator)
-        if u in static_set and round(n_static[u] * ratio):
-            noise[static_set[u], : n_static[u]] = torch.rand(n_static[u], generator=generator)
-    return noise
+        values.index_put_(((slot[flat] * centre).reshape(-1),), merged.reshape(-1, dim))  # non-centres: sink
+    return VideoSelection(source[1:], values[1:])
 
 
 def _select(video: VideoTokens, retention: float, options: HoliTomOptions) -> VideoSelection:
