@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +75,26 @@ def seconds_per_temporal_patch(clip: VideoClip, temporal_patch_size: int) -> flo
     return round(spacing * temporal_patch_size, 6)
 
 
+# Inputs get_rope_index reads on the host: they stay there when a prepared batch moves to the device.
+HOST_INPUTS = ("second_per_grid_ts",)
+
+
 @dataclass
 class PreparedBatch:
-    """Processor output on the model's device plus what the results report about it."""
+    """Processor output plus what the results report about it.
+
+    on_device: the tensors are on the model's device (:meth:`QwenVideoLLM.prepare`); False after the host
+    stage alone (:meth:`QwenVideoLLM.prepare_batch`: on the CPU, or where preprocess_device put them,
+    pixel values already in the model's dtype). seconds: host stage seconds the results' timings get
+    (filled by prepare_batch when it timed itself).
+    """
 
     inputs: dict[str, Any]
     clips: list[VideoClip]
     questions: list[str]
     videos_per_row: list[int]
+    on_device: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
     positions: torch.Tensor | None = None  # (4, B, L) prompt positions, computed on the host (qwen_stages)
 
 
@@ -173,10 +185,19 @@ class QwenVideoLLM:
         raise TypeError(f"a video item must be a path or a VideoClip, got {type(item).__name__}")
 
     def prepare(
-        self, conversations: Sequence[Conversation], sampling: FrameSampling = FrameSampling(), *, timer: Any = None
+        self,
+        conversations: Sequence[Conversation],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: Any = None,
+        on_host: bool = False,
+        pin_memory: bool = False,
     ) -> PreparedBatch:
         """Chat messages (HF format; video items carry ``video``: path or VideoClip, images ``image``)
-        -> processor output on the device. Items are kept in message order across the batch."""
+        -> processor output on the device. Items are kept in message order across the batch.
+
+        ``on_host``: stop before the copy to the device (the host stage of :meth:`prepare_batch`);
+        ``pin_memory`` then puts the CPU tensors in pinned memory when the model is on a GPU."""
         if not conversations:
             raise ValueError("conversations must hold at least one conversation")
         sampling = qwen_sampling(sampling)
@@ -222,15 +243,89 @@ class QwenVideoLLM:
                     [seconds_per_temporal_patch(c, patch) for c in clips], dtype=torch.float32
                 )
             # positions from the CPU ids and grids now: no GPU work to wait for, none left for later
-            positions = stages.prompt_positions(self.model, batch).to(self.device)
-            inputs = {k: v.to(self.device) if torch.is_tensor(v) and k != "second_per_grid_ts" else v
-                      for k, v in batch.items()}  # fmt: skip
-            dtype = self.model.dtype
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in inputs:
-                    inputs[key] = inputs[key].to(dtype)
+            positions = stages.prompt_positions(self.model, batch)
+            if on_host:  # cast where the processor ran (half the bytes to copy later), pin for a fast copy
+                inputs = self._cast_pixels(dict(batch.items()))
+                if pin_memory and self.device.type == "cuda":
+                    inputs = {k: v.pin_memory() if _cpu_tensor(v) else v for k, v in inputs.items()}
+            else:
+                inputs = self._cast_pixels(self._on_device(batch))
+                positions = positions.to(self.device)
         questions = [_last_user_text(c) for c in conversations]
-        return PreparedBatch(inputs, clips, questions, videos_per_row, positions)
+        return PreparedBatch(
+            inputs=inputs,
+            clips=clips,
+            questions=questions,
+            videos_per_row=videos_per_row,
+            on_device=not on_host,
+            positions=positions,
+        )
+
+    def _on_device(self, inputs: Any) -> dict[str, Any]:
+        """Tensors moved to the model's device (asynchronously from pinned memory), HOST_INPUTS left."""
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v
+            for k, v in inputs.items()
+        }
+
+    def _cast_pixels(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.model.dtype)
+        return inputs
+
+    def prepare_batch(
+        self,
+        videos: Sequence[str | Path | VideoClip],
+        questions: Sequence[str],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: StageTimer | None = None,
+        pin_memory: bool = False,
+    ) -> PreparedBatch:
+        """The host half of :meth:`answer_batch`: read and decode the videos (on threads), run the HF
+        processor (on the CPU unless preprocess_device), no copy to the GPU - so a prefetch thread can run
+        it while the GPU answers an earlier batch. Without ``timer`` it times itself (host clock) and the
+        result carries the seconds. Raises :class:`llava.video_io.VideoReadError` for an unreadable video."""
+        if len(videos) != len(questions):
+            raise ValueError(f"answer_batch got {len(videos)} videos but {len(questions)} questions")
+        conversations = [video_question_messages(v, q) for v, q in zip(videos, questions, strict=True)]
+        own = timer is None
+        timer = timer or StageTimer()
+        prepared = self.prepare(conversations, sampling, timer=timer, on_host=True, pin_memory=pin_memory)
+        if own:
+            prepared.seconds = timer.seconds
+        return prepared
+
+    def answer_prepared(
+        self,
+        prepared: PreparedBatch,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        timer: StageTimer | None = None,
+    ) -> list[InferenceResult]:
+        """The device half: copy a prepared batch to the GPU (charged to ``preprocess``), then :meth:`run`;
+        each result's ``extra`` gets its videos' frame counts and timestamps. ``timer``: the request's timer
+        when the caller timed the host stage with it; by default a new one, charged ``prepared.seconds``.
+        ``prepared`` is not changed: it may be answered again."""
+        self._check_compression(compression)
+        if timer is None:
+            timer = StageTimer(self.device)
+            for stage, seconds in prepared.seconds.items():
+                timer.add(stage, seconds)
+        if not prepared.on_device:
+            with timer.stage("preprocess"):
+                inputs, positions = self._on_device(prepared.inputs), prepared.positions
+                positions = positions.to(self.device, non_blocking=True) if positions is not None else None
+                prepared = replace(prepared, inputs=inputs, on_device=True, positions=positions)
+        results = self.run(prepared, compression=compression, generation=generation, timer=timer)
+        clips = iter(prepared.clips)
+        for result, count in zip(results, prepared.videos_per_row, strict=True):
+            row_clips = [next(clips) for _ in range(count)]
+            result.extra["frames"] = [c.num_frames for c in row_clips]
+            result.extra["frame_timestamps"] = [np.round(c.timestamps, 3).tolist() for c in row_clips]
+        return results
 
     # ------------------------------------------------------------------ running
 
@@ -312,13 +407,7 @@ class QwenVideoLLM:
         self._check_compression(compression)  # before any video is read
         timer = StageTimer(self.device)
         prepared = self.prepare(conversations, sampling, timer=timer)
-        results = self.run(prepared, compression=compression, generation=generation, timer=timer)
-        clips = iter(prepared.clips)
-        for result, count in zip(results, prepared.videos_per_row, strict=True):
-            row_clips = [next(clips) for _ in range(count)]
-            result.extra["frames"] = [c.num_frames for c in row_clips]
-            result.extra["frame_timestamps"] = [np.round(c.timestamps, 3).tolist() for c in row_clips]
-        return results
+        return self.answer_prepared(prepared, compression=compression, generation=generation, timer=timer)
 
     def answer(
         self,
@@ -365,6 +454,10 @@ def _last_user_text(conversation: Conversation) -> str:
         if texts:
             return " ".join(texts)
     return ""
+
+
+def _cpu_tensor(value: Any) -> bool:
+    return torch.is_tensor(value) and value.device.type == "cpu"
 
 
 def _load_image(item: Any) -> Any:

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llava.bench.stream_cli import STREAM_DEFAULTS, add_stream_arguments
 from llava.cli import register_subcommand
 
 
@@ -21,11 +22,14 @@ def _ints(text: str) -> list[int]:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="llava_ov_7b", help="comma list of: " + ", ".join(_model_names()))
-    p.add_argument("--compressors", default="none,vidcom2,random,uniform")
-    p.add_argument("--retentions", default="1.0,0.5,0.25,0.15,0.10", type=_floats)
-    p.add_argument("--frames", default="32,8,64,128", type=_ints, help="the first is the main sweep's")
-    p.add_argument("--batch-sizes", default="1,4,8", type=_ints, help="the first is the main sweep's")
+    p.add_argument(
+        "--models", default="llava_ov_7b", help="comma list of: " + ", ".join(_model_names()) + " (--stream: also "
+        "tiny_<arch>, a random tiny checkpoint on the CPU)"
+    )
+    p.add_argument("--compressors", default=None, help="default none,vidcom2,random,uniform (--stream: none,vidcom2)")
+    p.add_argument("--retentions", type=_floats, help="default 1.0,0.5,0.25,0.15,0.10 (--stream: 0.25,0.15)")
+    p.add_argument("--frames", type=_ints, help="the first is the main sweep's; default 32,8,64,128 (--stream: 32)")
+    p.add_argument("--batch-sizes", type=_ints, help="the first is the main sweep's; default 1,4,8 (--stream: 1)")
     p.add_argument("--full", action="store_true", help="the whole cross product instead of the three sweeps")
     p.add_argument("--decode-tokens", type=int, default=16, help="fixed number of generated tokens (EOS ignored)")
     p.add_argument("--repeats", type=int, default=3)
@@ -58,9 +62,28 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="Qwen models: run the HF video processor there (e.g. cuda) instead of on the CPU, as the "
         "adapters' preprocess_device does",
     )
-    p.add_argument("--out", type=Path, default=Path("results/efficiency_h100.csv"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default results/efficiency_h100.csv (--stream: results/throughput_h200.csv)")
     p.add_argument("--append", action="store_true", help="append rows to --out instead of replacing it")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of TTFT and peak memory vs retention")
+    add_stream_arguments(p)
+
+
+BENCH_DEFAULTS = {
+    "compressors": "none,vidcom2,random,uniform",
+    "retentions": [1.0, 0.5, 0.25, 0.15, 0.10],
+    "frames": [32, 8, 64, 128],
+    "batch_sizes": [1, 4, 8],
+    "out": Path("results/efficiency_h100.csv"),
+}
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Options left out take the single-request bench's defaults, or the stream's with --stream."""
+    defaults = {**BENCH_DEFAULTS, **(STREAM_DEFAULTS if args.stream is not None else {})}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -100,10 +123,13 @@ def _default_attn() -> str:
 def _run(args: argparse.Namespace) -> int:
     from llava.bench.efficiency import bench_model, sweep_cases, write_rows
     from llava.bench.models import get_bench_model
+    from llava.bench.stream import stream_model
     from llava.model.compression import CompressionSpec, get_method, is_method_option, options_for
     from llava.model.vidcom2 import VidCom2Config
 
-    models = [get_bench_model(name) for name in args.models.split(",") if name]
+    _fill_defaults(args)
+    resolve = get_bench_model if args.stream is None else stream_model  # the stream also runs tiny_<arch>
+    models = [resolve(name) for name in args.models.split(",") if name]
     compressors = [c for c in args.compressors.split(",") if c]
     for name in compressors:
         get_method(name)
@@ -125,7 +151,6 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--option {key}=...: expected METHOD.KEY with METHOD one of the registered methods")
     for name in compressors:  # each method's knobs parsed once, before any model is built
         CompressionSpec(name, 0.5, options_for(name, method_options))
-    cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
     command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     label = {"commit": source_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     attn = args.attn or ("sdpa" if args.decode_mode != "eager" else _default_attn())
@@ -133,6 +158,16 @@ def _run(args: argparse.Namespace) -> int:
         from llava.model.static_decode import check_attention
 
         check_attention(attn, args.decode_mode)
+    if args.stream is not None:
+        from llava.bench.stream import run_stream_command
+
+        run_stream_command(
+            args, models=models, compressors=compressors, attn=attn, label=label, command=command,
+            vidcom2_options=vidcom2_options, method_options=method_options,
+        )
+        print(f"wrote {args.out}")
+        return 0
+    cases = sweep_cases(compressors, args.retentions, args.frames, args.batch_sizes, full=args.full)
     append = [args.append]
 
     def write_now(row: dict) -> None:  # each row as soon as it is measured; later rows append

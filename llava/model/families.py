@@ -13,7 +13,7 @@ LLaVA-Video 64 frames at fps 1 with force_sample (i.e. 64 uniform frames).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,21 @@ def resolve_sampling(sampling: FrameSampling, family: str) -> FrameSampling:
             return replace(default, num_frames=sampling.max_frames)
         return replace(default, max_frames=sampling.max_frames)
     return default
+
+
+@dataclass(frozen=True)
+class PreparedVideos:
+    """A batch of (video, question) requests after the host stage (:meth:`LlavaVideoLLM.prepare_batch`).
+
+    frames: per video (F, H, W, 3) uint8 RGB (numpy, or a pinned torch tensor). infos: what each result's
+    ``extra`` reports about its video. prompts: per request the token ids before and after the video
+    placeholder. seconds: the host stages' seconds (read_video), added to the results' timings.
+    """
+
+    frames: list[np.ndarray | torch.Tensor]
+    infos: list[dict[str, Any]]
+    prompts: list[tuple[list[int], list[int]]]
+    seconds: dict[str, float]
 
 
 def _frames_and_info(item: np.ndarray | VideoClip) -> tuple[np.ndarray, dict[str, Any]]:
@@ -132,7 +147,7 @@ class LlavaVideoLLM:
         return [_frames_and_info(item) for item in decoded]
 
     def features_from_frames(
-        self, frames: np.ndarray, timer: StageTimer, signals: Iterable[str] = ()
+        self, frames: np.ndarray | torch.Tensor, timer: StageTimer, signals: Iterable[str] = ()
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decoded (F, H, W, 3) frames -> (the pooled features compression chooses from, the signals its
         method needs) (preprocess, vision)."""
@@ -142,7 +157,7 @@ class LlavaVideoLLM:
             return self.model.encode_video_with_signals(pixels, signals)
 
     def blocks_from_frames(
-        self, videos: list[np.ndarray], compression: CompressionSpec, timer: StageTimer
+        self, videos: list[np.ndarray | torch.Tensor], compression: CompressionSpec, timer: StageTimer
     ) -> list[VisualBlock]:
         """Each video's decoded frames -> its compressed visual block. Every video is encoded on its own
         (the vision stage); then all are compressed together in one stage (one selection launch per
@@ -171,6 +186,60 @@ class LlavaVideoLLM:
             [(frames, info)] = self.read_frames([video], sampling)
         return self.blocks_from_frames([frames], compression, timer)[0], info
 
+    # ------------------------------------------------------------------ host stage / device stage
+    def prepare_batch(
+        self,
+        videos: list[str | Path | np.ndarray | VideoClip],
+        questions: list[str],
+        sampling: FrameSampling = FrameSampling(),
+        *,
+        timer: StageTimer | None = None,
+        pin_memory: bool = False,
+    ) -> PreparedVideos:
+        """The host half of :meth:`answer_batch`: read and decode the videos (on threads), tokenise the
+        prompts. Touches no GPU, so a prefetch thread can run it while the GPU answers an earlier batch.
+
+        ``timer``: the request's timer (answer_batch passes its own); without one it times itself (host
+        clock) and the result carries the seconds. ``pin_memory``: when the model is on a GPU, hand the
+        frames over in pinned host memory (a faster copy later). Raises
+        :class:`llava.video_io.VideoReadError` (naming the file) for an unreadable video."""
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
+        if not videos:
+            raise ValueError("answer_batch needs at least one video")
+        own = timer is None
+        timer = timer or StageTimer()
+        with timer.stage("read_video"):  # all videos at once, decoded on threads
+            decoded = self.read_frames(list(videos), sampling)
+        frames: list[np.ndarray | torch.Tensor] = [f for f, _ in decoded]
+        if pin_memory and self.device.type == "cuda":
+            frames = [torch.from_numpy(np.ascontiguousarray(f)).pin_memory() for f in frames]
+        placeholder = self.model.spec.placeholder
+        prompts = [split_prompt(self.tokenizer, question, placeholder) for question in questions]
+        return PreparedVideos(frames, [info for _, info in decoded], prompts, timer.seconds if own else {})
+
+    def answer_prepared(
+        self,
+        prepared: PreparedVideos,
+        *,
+        compression: CompressionSpec = CompressionSpec(),
+        generation: GenerationOptions = GenerationOptions(),
+        timer: StageTimer | None = None,
+    ) -> list[InferenceResult]:
+        """The device half of :meth:`answer_batch` on a :meth:`prepare_batch` result: vision, compression
+        (each video on its own budget), prefill and decoding. ``timer``: the request's timer when the caller
+        timed the host stage with it; by default a new one, charged the host seconds ``prepared`` carries.
+        ``prepared`` is not changed: it may be answered again."""
+        self._check_settings()
+        compression.check_supported(self.family, self.supplied_signals, self.signal_hint)
+        if timer is None:
+            timer = StageTimer(self.device)
+            for stage, seconds in prepared.seconds.items():
+                timer.add(stage, seconds)
+        blocks = self.blocks_from_frames(list(prepared.frames), compression, timer)
+        prompts = [(before, block, after) for (before, after), block in zip(prepared.prompts, blocks, strict=True)]
+        return self._generate(prompts, list(prepared.infos), timer, compression, generation)
+
     def answer_batch(
         self,
         videos: list[str | Path | np.ndarray],
@@ -181,23 +250,14 @@ class LlavaVideoLLM:
         sampling: FrameSampling = FrameSampling(),
     ) -> list[InferenceResult]:
         """Answer several (video, question) pairs in one left-padded batch; every video is compressed
-        with its own budget. Timings are those of the whole batch (``extra.batch_size`` says so)."""
-        if len(videos) != len(questions):
-            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
-        if not videos:
-            raise ValueError("answer_batch needs at least one video")
+        with its own budget. Timings are those of the whole batch (``extra.batch_size`` says so).
+        The same as :meth:`answer_prepared` of :meth:`prepare_batch`."""
         self._check_settings()
         compression.check_supported(self.family, self.supplied_signals, self.signal_hint)  # before any video is read
         compression.llm_plan(self.model.language_model.config.num_hidden_layers)  # its layers and R, checked now
         timer = StageTimer(self.device)
-        with timer.stage("read_video"):  # all videos at once, decoded on threads
-            decoded = self.read_frames(list(videos), sampling)
-        blocks = self.blocks_from_frames([frames for frames, _ in decoded], compression, timer)
-        prompts = []
-        for question, block in zip(questions, blocks, strict=True):
-            before, after = split_prompt(self.tokenizer, question, self.model.spec.placeholder)
-            prompts.append((before, block, after))
-        return self._generate(prompts, [info for _, info in decoded], timer, compression, generation)
+        prepared = self.prepare_batch(videos, questions, sampling, timer=timer)
+        return self.answer_prepared(prepared, compression=compression, generation=generation, timer=timer)
 
     def answer(
         self,

@@ -21,6 +21,7 @@ from llava.runtime import DECODE_MODES, FrameSampling
 VIDCOM2_KEYS = tuple(f.name for f in fields(VidCom2Config))
 OTHER_COMPRESSOR_KEYS = ("seed",)  # options of the reference baselines (random)
 ON_VIDEO_ERROR = ("raise", "record")
+DEFAULT_PREFETCH_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ COMMON_KEYS = {
     "vision_head": "LLaVA: a SigLIP checkpoint directory whose attention-pooling head gives FastVID's signals",
     "preprocess_device": "Qwen: run the HF video processor there (e.g. cuda); default the CPU, as the built-ins",
     "resume_dir": "per-sample answer cache; a rerun skips finished samples",
+    "prefetch_workers": f"threads reading and preprocessing the next batches while the GPU answers (default "
+    f"{DEFAULT_PREFETCH_WORKERS}; 0: each batch is read when its turn comes)",
     "max_new_tokens": "default when the task's generation_kwargs do not set it",
     "decode_mode": f"one of {', '.join(DECODE_MODES)}: eager (default) or a static KV cache, compiled with CUDA "
     "graphs (same outputs, faster decoding; the first request of a shape compiles)",
@@ -110,6 +113,7 @@ class WrapperSettings:
     resume_dir: str | None = None
     max_new_tokens: int = 1024
     decode_mode: str = "eager"
+    prefetch_workers: int = DEFAULT_PREFETCH_WORKERS
     compression_source: str = "model_args"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -222,6 +226,9 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
     batch_size = _as_int("batch_size", args.get("batch_size", 1))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prefetch_workers = _as_int("prefetch_workers", args.get("prefetch_workers", DEFAULT_PREFETCH_WORKERS))
+    if prefetch_workers < 0:
+        raise ValueError(f"model_arg prefetch_workers must be >= 0, got {prefetch_workers}")
     compression, source = compression_from(args, environ)
     decode_mode = str(args.get("decode_mode", "eager")).strip().lower()
     if decode_mode not in DECODE_MODES:
@@ -250,6 +257,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         resume_dir=str(args["resume_dir"]) if "resume_dir" in args else None,
         max_new_tokens=_as_int("max_new_tokens", args.get("max_new_tokens", d.max_new_tokens)),
         decode_mode=decode_mode,
+        prefetch_workers=prefetch_workers,
         compression_source=source,
         raw=dict(args),
     )

@@ -24,6 +24,7 @@ from llava.runtime import GenerationOptions, InferenceResult
 from llava.video_io import VideoReadError
 from vidcom2_lmms_eval.args import WrapperSettings, parse_model_args
 from vidcom2_lmms_eval.meter import EfficiencyMeter, SampleRecord
+from vidcom2_lmms_eval.prefetch_requests import check_prefetch, streamed_reads
 from vidcom2_lmms_eval.resume import ResumeCache, sample_key
 
 
@@ -128,6 +129,7 @@ class VidCom2Wrapper(lmms):
         supplied = getattr(self.model, "supplied_signals", None)
         if supplied is not None:  # an unsupported method fails here, before any sample
             s.compression.check_supported(self.model.family, supplied, getattr(self.model, "signal_hint", ""))
+        check_prefetch(self.model, s.prefetch_workers)
         if s.batch_size > 1 and not hasattr(self.model, "answer_batch"):
             raise ValueError(
                 f"batch_size={s.batch_size}: the {getattr(self.model, 'family', '?')} adapter has no answer_batch; "
@@ -179,6 +181,7 @@ class VidCom2Wrapper(lmms):
             "device": str(self._device),
             "batch_size": s.batch_size,
             "decode_mode": s.decode_mode,
+            "prefetch_workers": s.prefetch_workers,
         }
 
     def _signature(self) -> dict[str, Any]:
@@ -224,10 +227,12 @@ class VidCom2Wrapper(lmms):
                 continue
             todo.append((i, (*unpacked, padding), key))
         step = self.settings.batch_size
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            for (i, _, _), result in zip(chunk, self._answer_chunk(chunk), strict=True):
-                results[i] = result
+        plan = [(str(u[2]), str(u[0])) for _, u, _ in todo]  # (video, question) in the order they are asked
+        with streamed_reads(self, plan, total=len(requests)):  # the next batches are read while one runs
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                for (i, _, _), result in zip(chunk, self._answer_chunk(chunk), strict=True):
+                    results[i] = result
         return [r for r in results if r is not None]
 
     def _result(self, text: str, tokens_after: int, output_tokens: int) -> GenerationResult:
