@@ -14,7 +14,7 @@ from llava.model.dycoke import (
     dycoke_plan,
     dycoke_retention,
 )
-from llava.model.method_api import VideoTokens, parse_options
+from llava.model.method_api import LLM_ATTENTION_ROWS, VideoTokens, parse_options
 from llava.model.vidcom2 import NON_FINITE_MESSAGE
 
 ANCHORS = ("released", "every_window")
@@ -265,7 +265,8 @@ def test_authors_port_budget():
 
 
 def test_method_contract_and_sources():
-    assert METHOD.name == "dycoke" and not METHOD.merges and not METHOD.signals
+    assert METHOD.name == "dycoke" and not METHOD.merges and METHOD.signals == {LLM_ATTENTION_ROWS}
+    assert not METHOD.signals_for(DyCokeOptions()) and METHOD.signals_for(DyCokeOptions(decode_prune=True))
     x = random_video(12, tokens=16)
     options = parse_options("dycoke", METHOD.options, {"anchors": "every_window"})
     selection = METHOD.select(VideoTokens(x, (12, 4, 4)), 0.6, options)

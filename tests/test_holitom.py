@@ -22,7 +22,7 @@ from llava.model.holitom import (
     merge_into_centres,
     static_windows,
 )
-from llava.model.method_api import VIT_RECEIVED_ATTENTION, VideoTokens, parse_options
+from llava.model.method_api import LLM_ATTENTION_ROWS, VIT_RECEIVED_ATTENTION, VideoTokens, parse_options
 
 # ----------------------------------------------------------------------------------- reference
 
@@ -396,7 +396,9 @@ def test_deterministic_by_default_and_under_a_seed() -> None:
 
 def test_method_declaration() -> None:
     assert METHOD.name == "holitom" and METHOD.merges
-    assert METHOD.signals == frozenset({VIT_RECEIVED_ATTENTION})
+    assert METHOD.signals == frozenset({VIT_RECEIVED_ATTENTION, LLM_ATTENTION_ROWS})  # the most it may read
+    assert METHOD.signals_for(HoliTomOptions()) == {VIT_RECEIVED_ATTENTION}
+    assert METHOD.signals_for(HoliTomOptions(inner_merge=True, port="authors")) == {LLM_ATTENTION_ROWS}
     options = parse_options("holitom", HoliTomOptions, {"seed": "3", "port": "authors", "knn": "5", "tau": "0.65"})
     assert options == HoliTomOptions(seed=3, port="authors", knn=5, tau=0.65)
     assert parse_options("holitom", HoliTomOptions, {"seed": "none"}).seed is None

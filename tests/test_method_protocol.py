@@ -50,8 +50,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def _module_file(method: Method) -> Path:
-    fn = method.select or method.plan
-    module = sys.modules[fn.__module__] if fn else None
+    function = method.select or method.plan  # in-LLM-only methods have no select function
+    module = sys.modules[function.__module__] if function else None
     assert module is not None and module.__file__
     return Path(module.__file__)
 

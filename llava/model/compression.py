@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llava.model import baselines, dycoke, fastv, fastvid, holitom, pdrop, vidcom2, visionzip
+from llava.model import baselines, dycoke, fastv, fastvid, holitom, pdrop, sparsevlm, vidcom2, visionzip
 from llava.model.method_api import (
     GRID,
     LLM_ATTENTION_ROWS,
@@ -50,7 +50,11 @@ METHODS: tuple[Method, ...] = (
     holitom.METHOD,
     fastv.METHOD,
     pdrop.METHOD,
+    sparsevlm.METHOD,
 )
+
+IN_LLM_SIGNALS = frozenset({LLM_ATTENTION_ROWS, QUESTION_TOKENS})
+"""Signals read inside the LM (by the layer-wise driver), never by a method's pre-LLM selection."""
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -97,7 +101,7 @@ def get_method(name: str) -> Method:
 def get_compressor(name: str) -> IndexCompressor:
     """The index form of a select-only method that needs no signal: ``fn(features, R, options dict)``."""
     method = get_method(name)
-    if method.merges or method.signals or method.select is None:
+    if method.merges or method.signals - IN_LLM_SIGNALS or method.select is None:
         raise ValueError(f"compressor {name!r} merges tokens or needs model signals: use CompressionSpec.select_videos")
 
     def indices(features: torch.Tensor, retention: float, options: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -190,7 +194,8 @@ class CompressionSpec:
         return not self.is_identity and self.method.select is not None
 
     def llm_plan(self, num_layers: int) -> InLLMPlan | None:
-        """The in-LLM plan of one request on an LM of ``num_layers`` layers (None: nothing to do there)."""
+        """The in-LLM plan of one request on an LM of ``num_layers`` layers (None: nothing to do there,
+        also when the method's in-LLM or decode stage is an option that is off)."""
         if self.is_identity or self.method.plan is None:
             return None
         return self.method.plan(num_layers, float(self.retention), self.config)
@@ -203,7 +208,7 @@ class CompressionSpec:
     @property
     def tower_signals(self) -> frozenset[str]:
         """The signals the vision tower computes for the method (those read inside the LM excluded)."""
-        return self.signals - {LLM_ATTENTION_ROWS, QUESTION_TOKENS}
+        return self.signals - IN_LLM_SIGNALS
 
     def check_supported(self, family: str, supplied: Iterable[str], hint: str = "") -> None:
         """Raise, before any work, when model family ``family`` cannot supply a signal the method needs
@@ -259,11 +264,11 @@ class CompressionSpec:
         range; new features (K, D)).
         """
         method = self.method
-        if not method.merges and not method.signals:
+        if not method.merges and not method.signals - IN_LLM_SIGNALS:
             return [SelectedVideo(mask) for mask in self.keep_masks([v.features for v in videos])]
         out = []
         for i, video in enumerate(videos):
-            missing = sorted(self.signals - set(video.signals))
+            missing = sorted(self.tower_signals - set(video.signals))
             if missing:
                 raise ValueError(f"video {i}: compressor {self.compressor!r} needs signal(s) {missing}, not supplied")
             selection = method.select(video, float(self.retention), self.config)
@@ -325,7 +330,7 @@ class CompressionSpec:
             if count == 0:
                 which = f"video {i} of {len(kept)}: " if len(kept) > 1 else ""
                 reason = NON_FINITE_MESSAGE
-                if self.method.merges or self.method.signals:
+                if self.method.merges or self.method.signals - IN_LLM_SIGNALS:
                     reason = (
                         "features or signals contain NaN or Inf, or the method returned sources that are not "
                         "unique, ascending and within the video"

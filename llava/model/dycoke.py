@@ -57,8 +57,14 @@ Differences from the original (and from the authors' port, which runs the same f
 - Code before 2025-03-01 compared each pair with the previous pair's similarity; we follow the fix.
 - Non-finite features keep nothing (masks) or raise (select), never a silent pass-through.
 
-Decode-time KV pruning (DP, DyCoke's second stage) is not part of this pre-LLM method; it comes with
-the in-LLM/decode stage. VidCom2's DyCoke rows use TTM only.
+Decode-time KV pruning (DP, DyCoke's second stage, option ``decode_prune``; VidCom2's DyCoke rows use
+TTM only): at every decode step, layer l-1's attention of the current token over its cached keys (head
+mean) is sliced to the prompt's video keys; its cosine with the previous step's slice (first step: 0)
+decides: below ``prune_threshold`` (0.9), layers >= l attend only to the keys before the video, the top
+int(n_img * (1 - p)) video keys by that attention and every key after the video (the current token
+included); otherwise to every key that step (a keep list is never reused). The cache stays whole, as
+upstream's (a per-step key mask here; upstream gathers the kept keys in every layer). Prefill and the
+first answer token are never affected. See :class:`DyCokeDecodePlan` for the differences.
 """
 
 from __future__ import annotations
@@ -70,12 +76,24 @@ from typing import Any
 
 import torch
 
-from llava.model.method_api import Method, check_choice, parse_options, selecting
+from llava.model.inllm_select import top_visual
+from llava.model.method_api import (
+    LLM_ATTENTION_ROWS,
+    DecodeStep,
+    InLLMPlan,
+    Method,
+    Stage,
+    check_choice,
+    check_range,
+    parse_options,
+    selecting,
+)
 from llava.model.vidcom2 import NON_FINITE_MESSAGE, check_retention, check_video_features
 
 ANCHOR_LAYOUTS = ("released", "every_window")
 PORTS = ("original", "authors")
 SCORE_DTYPES = ("float32", "model")
+PRUNE_SPANS = ("video", "released")
 COSINE_EPS = 1e-8  # on each norm, as torch.nn.functional.cosine_similarity
 
 
@@ -89,16 +107,33 @@ class DyCokeOptions:
     port: original (default: k_p solved from R, see the module docstring) or authors (the VidCom2
         authors' Qwen port: K = 1 - R, k_p = int((1 - K) * P); R is the pruned frames' keep fraction).
     score_dtype: float32 (default) or model (the cosine in the input dtype, as upstream and the port).
+    decode_prune: also run DyCoke's decode-time KV pruning (DP) [upstream: on with dycoke].
+    prune_layer: l, the first layer whose attention DP restricts (layer l-1's attention decides) [dycoke_l].
+    prune_ratio: p, the fraction of the video keys DP masks in a pruned step [dycoke_p: 0.7 in the README
+        example; the lmms-eval wrapper's default is 0.8].
+    prune_threshold: a step prunes when its attention slice's cosine with the previous step's is below it.
+    prune_span: video (default: every video key of the prompt) or released (the released code's
+        n_img = count - 1: the last video key counts as text and always stays).
     """
 
     anchors: str = "released"
     port: str = "original"
     score_dtype: str = "float32"
+    decode_prune: bool = False
+    prune_layer: int = 3
+    prune_ratio: float = 0.7
+    prune_threshold: float = 0.9
+    prune_span: str = "video"
 
     def __post_init__(self) -> None:
         check_choice("dycoke", "anchors", self.anchors, ANCHOR_LAYOUTS)
         check_choice("dycoke", "port", self.port, PORTS)
         check_choice("dycoke", "score_dtype", self.score_dtype, SCORE_DTYPES)
+        if isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 1:
+            raise ValueError(f"dycoke option prune_layer must be an integer >= 1, got {self.prune_layer!r}")
+        check_range("dycoke", "prune_ratio", self.prune_ratio, 0.0, 1.0)
+        check_range("dycoke", "prune_threshold", self.prune_threshold, -1.0, 1.0)
+        check_choice("dycoke", "prune_span", self.prune_span, PRUNE_SPANS)
 
 
 def _options(options: DyCokeOptions | Mapping[str, Any] | None) -> DyCokeOptions:
@@ -232,11 +267,70 @@ def dycoke_keep_indices(
     return indices
 
 
+# ------------------------------------------------------------------------------ decode-time pruning (DP)
+
+
+class DyCokeDecodePlan(InLLMPlan):
+    """DyCoke's DP as a decode-time plan (llava.model.lm_driver runs it at every decode step).
+
+    Differences from upstream (PrunableDynamicCache), labelled:
+    - State per request and per row: the previous step's slice starts empty for every request (upstream
+      keeps it on the model, so a sample's first step is compared with the previous sample's last).
+    - The span is the prompt's video keys as the cache holds them (after TTM; LLaVA-Video's row newlines
+      are not video keys and always stay); upstream slices [s0, s0 + n_img) with s0 = 14 hard-coded for the
+      qwen_1_5 template and n_img = count - 1 (``prune_span=released`` reproduces the off-by-one).
+    - The attention row is float32, from layer l-1's own query and keys (upstream: that layer's returned
+      weights); video-key ties go to the lower index (upstream's topk leaves them to the kernel).
+    - Batch > 1 (upstream: batch 1): each row decides and prunes on its own.
+    """
+
+    def __init__(self, layer: int, ratio: float, threshold: float, span: str) -> None:
+        self.decode_layer = layer
+        self.ratio = ratio
+        self.threshold = threshold
+        self.span = span
+
+    def decode_act(self, step: DecodeStep) -> torch.Tensor:
+        span, counts = step.visual, step.visual_counts
+        if self.span == "released":  # the released n_img = count - 1: the last video key is not in the span
+            index = torch.arange(span.shape[1], device=span.device)
+            last = torch.where(span, index, -1).amax(dim=1, keepdim=True)
+            span = span & (index != last)
+            counts = tuple(max(0, n - 1) for n in counts)
+        now = (step.scores * span)[:, : step.prompt_keys]  # the slice, zero elsewhere: cosine over the span
+        previous = step.memory.get("dycoke_slice")
+        if previous is None:
+            similarity = torch.zeros(now.shape[0], device=now.device)
+        else:
+            similarity = torch.nn.functional.cosine_similarity(now, previous, dim=-1, eps=COSINE_EPS)
+        step.memory["dycoke_slice"] = now
+        pruned = similarity < self.threshold  # (B,)
+        top = top_visual(step.scores, span, [int(n * (1 - self.ratio)) for n in counts])
+        return ~span | top | ~pruned[:, None]
+
+
+def decode_plan(num_layers: int, retention: float, options: DyCokeOptions) -> DyCokeDecodePlan | None:
+    """The decode stage of one request (None unless ``decode_prune``)."""
+    if not options.decode_prune:
+        return None
+    if options.prune_layer >= num_layers:
+        raise ValueError(
+            f"dycoke option prune_layer={options.prune_layer}: the language model has {num_layers} layers "
+            f"(valid 1..{num_layers - 1})"
+        )
+    return DyCokeDecodePlan(options.prune_layer, options.prune_ratio, options.prune_threshold, options.prune_span)
+
+
 METHOD = Method(
     name="dycoke",
     options=DyCokeOptions,
+    stages=(Stage.PRE_LLM, Stage.DECODE),
+    signals=frozenset({LLM_ATTENTION_ROWS}),
     select=selecting(dycoke_keep_indices),
     masks=dycoke_keep_masks,
     merges=False,
-    summary="DyCoke TTM: whole anchor frames; other frames keep the positions least similar to their anchor",
+    summary="DyCoke TTM: whole anchor frames; other frames keep the positions least similar to their anchor "
+    "(decode_prune: DP on the KV cache)",
+    needs=lambda options: frozenset({LLM_ATTENTION_ROWS}) if options.decode_prune else frozenset(),
+    plan=decode_plan,
 )

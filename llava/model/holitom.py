@@ -18,8 +18,10 @@ averaging alone removes more than 1 - R (r' is capped at 1). No retention floor:
 accepted (R = 1 still averages static tokens; the registry treats it as identity), and only a video
 with no dynamic token at a tiny R can round to nothing, which raises.
 
-HoliTom's inner merge ("HoliTom M": at LLM layer k, the visual tokens with the lowest last-token
-attention are averaged into their most similar kept token) is a separate in-LLM stage, not this module.
+HoliTom's inner merge ("HoliTom M", option ``inner_merge``; see :class:`HoliTomInnerPlan`): at LLM layer
+k of the prefill, the video tokens with the lowest last-token attention are averaged into their most
+similar kept token. The method then acts in both stages; nominal R is the outer ratio (the authors'
+RETAIN_RATIO), and the driver reports the achieved layer-averaged retention of both stages together.
 
 Positions (our rule; upstream LLaVA-OV has none beyond the output order): a static token or static
 centre at spatial position m of window [u, v] takes the source u * P + m (the window's FIRST frame);
@@ -58,14 +60,22 @@ Differences from the authors' Qwen port (VidCom2 ``token_compressor/holitom``), 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llava.model.dpc_knn import pairwise_distances
+from llava.model.inllm_select import top_visual
 from llava.model.method_api import (
+    LLM_ATTENTION_ROWS,
     VIT_RECEIVED_ATTENTION,
+    Boundary,
+    InLLMPlan,
+    LayerAction,
+    LayerState,
     Method,
+    Stage,
     VideoSelection,
     VideoTokens,
     check_choice,
@@ -74,6 +84,7 @@ from llava.model.method_api import (
 from llava.model.vidcom2 import check_video_features
 
 PORTS = ("original", "authors")
+INNER_ATTENTION = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
 _OWNER = "holitom"
 
@@ -94,7 +105,12 @@ class HoliTomOptions:
     port: original (default: importance = ViT received attention) or authors (the VidCom2 authors'
         Qwen port: importance = feature L2 norm; their fake linspace positions are not reproduced).
     score_dtype: float32 (default) or model (similarities, means and merges in the input dtype, as
-        upstream).
+        upstream); also the inner merge's.
+    inner_merge: also run HoliTom's inner merge M inside the LLM (the authors' HOLITOM_k / HOLITOM_r set).
+    inner_layer: k, the layer before which M merges, reading layer k-1's attention [HOLITOM_k].
+    inner_ratio: r, the fraction of the current video tokens merged away at layer k [HOLITOM_r].
+    inner_attention: rows (the last token's row from the layer's query and keys) or eager (the layer's
+        whole map, as upstream's eager fallback; for memory comparisons).
     """
 
     tau: float = 0.8
@@ -105,6 +121,10 @@ class HoliTomOptions:
     seed: int | None = None
     port: str = "original"
     score_dtype: str = "float32"
+    inner_merge: bool = False
+    inner_layer: int = 18
+    inner_ratio: float = 0.5
+    inner_attention: str = "rows"
 
     def __post_init__(self) -> None:
         check_range(_OWNER, "tau", self.tau, -1.0, 1.0)
@@ -118,6 +138,11 @@ class HoliTomOptions:
             raise ValueError(f"{_OWNER} option seed must be an integer or None, got {self.seed!r}")
         check_choice(_OWNER, "port", self.port, PORTS)
         check_choice(_OWNER, "score_dtype", self.score_dtype, SCORE_DTYPES)
+        if isinstance(self.inner_layer, bool) or not isinstance(self.inner_layer, int) or self.inner_layer < 1:
+            raise ValueError(f"{_OWNER} option inner_layer must be an integer >= 1, got {self.inner_layer!r}")
+        if not 0.0 <= self.inner_ratio < 1.0:
+            raise ValueError(f"{_OWNER} option inner_ratio must be in [0, 1), got {self.inner_ratio}")
+        check_choice(_OWNER, "inner_attention", self.inner_attention, INNER_ATTENTION)
 
 
 # ------------------------------------------------------------------------------ temporal windows
@@ -605,12 +630,113 @@ def _select(video: VideoTokens, retention: float, options: HoliTomOptions) -> Vi
     return holitom_select(video.features, importance, retention, options)
 
 
+# ------------------------------------------------------------------------------ inner merge M (in the LLM)
+
+
+def sequential_merge(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    visual: torch.Tensor,
+    keep: torch.Tensor,
+    kept: Sequence[int],
+    dropped: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(B, L, D) hidden states -> the same with every dropped video token averaged into its most similar
+    kept one, in index order: h_keep <- (h_keep + h_drop) / 2, one after the other (upstream's loop).
+
+    Closed form, all rows and tokens at once: a kept token that receives d_1 < ... < d_m ends as
+    h / 2^m + sum_i d_i / 2^(m - i + 1) (the powers of 2 by ldexp, exact). Similarity: cosine of the
+    hidden states as they enter the layer (each norm clamped at 1e-8), computed once before any merge, as
+    upstream; ties go to the kept token of higher attention (upstream's topk order, first maximum).
+    scores (B, L) the attention ranking the tokens; keep (B, L) the kept video tokens; kept / dropped per
+    row (host ints). The merge runs in ``dtype`` and is cast back to the hidden states' dtype.
+    """
+    batch, length, dim = hidden.shape
+    device = hidden.device
+    n_keep, n_drop = max(kept), max(dropped)
+    if n_drop == 0 or n_keep == 0:
+        return hidden
+    # kept tokens in decreasing attention (upstream's topk order), dropped ones in index order
+    kept_at = torch.sort(scores.masked_fill(~keep, -torch.inf), dim=1, descending=True, stable=True).indices[:, :n_keep]
+    gone = visual & ~keep
+    drop_at = torch.sort(torch.where(gone, 0, 1), dim=1, stable=True).indices[:, :n_drop]
+    kept_ok = torch.arange(n_keep, device=device)[None] < torch.tensor(list(kept), device=device)[:, None]
+    drop_ok = torch.arange(n_drop, device=device)[None] < torch.tensor(list(dropped), device=device)[:, None]
+    h_keep = torch.gather(hidden, 1, kept_at[..., None].expand(batch, n_keep, dim)).to(dtype)
+    h_drop = torch.gather(hidden, 1, drop_at[..., None].expand(batch, n_drop, dim)).to(dtype)
+    unit_keep = h_keep / torch.linalg.vector_norm(h_keep, dim=-1, keepdim=True).clamp_min(1e-8)
+    unit_drop = h_drop / torch.linalg.vector_norm(h_drop, dim=-1, keepdim=True).clamp_min(1e-8)
+    similarity = torch.matmul(unit_drop, unit_keep.transpose(1, 2)).masked_fill(~kept_ok[:, None, :], -torch.inf)
+    target = similarity.argmax(dim=-1)  # (B, Dm) slot among the kept, the first maximum
+    # group the dropped tokens by target (flat keys b * Km + slot; padding to a sink), index order kept
+    sink = batch * n_keep
+    key = torch.where(drop_ok, torch.arange(batch, device=device)[:, None] * n_keep + target, sink).reshape(-1)
+    received = torch.zeros(sink + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    order = torch.sort(key, stable=True).indices
+    first = received.cumsum(0) - received  # where each target's run starts in the sorted order
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(key.numel(), device=device) - first[key[order]])
+    one = torch.ones((), device=device)  # float32 exponents: exact integers, exact powers of 2 (then cast)
+    w_drop = torch.ldexp(one, -(received[key] - rank).float()).to(dtype)  # 2^-(m - rank): the last one 1/2
+    w_keep = torch.ldexp(one, -received[:sink].float()).to(dtype).view(batch, n_keep, 1)
+    flat = torch.zeros(sink + 1, dim, dtype=dtype, device=device)
+    flat.index_add_(0, key, h_drop.reshape(-1, dim) * w_drop[:, None])
+    merged = h_keep * w_keep + flat[:sink].view(batch, n_keep, dim)
+    place = torch.where(kept_ok, kept_at, length)  # padding slots go to a spill row
+    out = torch.cat([hidden, hidden.new_zeros(batch, 1, dim)], dim=1)
+    out.scatter_(1, place[..., None].expand(batch, n_keep, dim), merged.to(hidden.dtype))
+    return out[:, :length]
+
+
+class HoliTomInnerPlan(InLLMPlan):
+    """HoliTom M at layer k (prefill): layer k-1's last-token attention (head mean) ranks the current n video
+    tokens, round(n * (1 - r)) stay (at least one), each other one is averaged into its most similar kept
+    token (:func:`sequential_merge`) and dropped for layers >= k. Positions inherit (gaps), as upstream's
+    position_ids = the kept indices; decoding continues from the uncompressed length."""
+
+    def __init__(self, layer: int, ratio: float, full_map: bool, score_dtype: str) -> None:
+        self.boundaries = (Boundary(layer, rows="last", source="previous"),)
+        self.ratio = ratio
+        self.positions = "inherit"
+        self.full_map = full_map
+        self.score_dtype = score_dtype
+
+    def act(self, boundary: Boundary, state: LayerState) -> LayerAction:
+        kept = tuple(max(1, round(n * (1.0 - self.ratio))) if n else 0 for n in state.visual_now)
+        keep = top_visual(state.scores, state.visual, kept)
+        dtype = torch.float32 if self.score_dtype == "float32" else state.hidden.dtype
+        dropped = [n - k for n, k in zip(state.visual_now, kept, strict=True)]
+        values = sequential_merge(state.hidden, state.scores, state.visual, keep, kept, dropped, dtype)
+        return LayerAction(keep, kept, values)
+
+
+def inner_plan(num_layers: int, retention: float, options: HoliTomOptions) -> HoliTomInnerPlan | None:
+    """The in-LLM stage of one request (None unless ``inner_merge``); R is the outer stage's alone."""
+    if not options.inner_merge:
+        return None
+    if options.inner_layer >= num_layers:
+        raise ValueError(
+            f"{_OWNER} option inner_layer={options.inner_layer}: the language model has {num_layers} layers "
+            f"(valid 1..{num_layers - 1})"
+        )
+    return HoliTomInnerPlan(options.inner_layer, options.inner_ratio, options.inner_attention == "eager",
+                            options.score_dtype)  # fmt: skip
+
+
+def _needs(options: HoliTomOptions) -> frozenset[str]:
+    outer = frozenset() if options.port == "authors" else frozenset({VIT_RECEIVED_ATTENTION})
+    return outer | ({LLM_ATTENTION_ROWS} if options.inner_merge else frozenset())
+
+
 METHOD = Method(
     name="holitom",
     options=HoliTomOptions,
-    signals=frozenset({VIT_RECEIVED_ATTENTION}),
+    stages=(Stage.PRE_LLM, Stage.IN_LLM),
+    signals=frozenset({VIT_RECEIVED_ATTENTION, LLM_ATTENTION_ROWS}),
     select=_select,
     merges=True,
-    summary="DP temporal windows, static tokens averaged and DPC-kNN merged, dynamic top-k by ViT attention",
-    needs=lambda options: frozenset() if options.port == "authors" else frozenset({VIT_RECEIVED_ATTENTION}),
+    summary="DP temporal windows, static tokens averaged and DPC-kNN merged, dynamic top-k by ViT attention "
+    "(inner_merge: HoliTom M at layer 18)",
+    needs=_needs,
+    plan=inner_plan,
 )

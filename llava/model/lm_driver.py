@@ -17,6 +17,11 @@ its own key-padding mask and, under the ``compact`` position rule, its own next 
 
 Ragged batches stay left padded: after a boundary each row keeps its own count and is re-packed to the
 left of the new (host-known) length, so nothing waits for the GPU.
+
+"Marked" rows (SparseVLM's raters) are read only within the last ``MarkedRows.within_last`` positions,
+never as an L x L map. A plan with a decode stage (``InLLMPlan.decode_layer`` = l, DyCoke's DP) makes
+every decode step read the current token's attention row at layer l - 1 and run layers >= l with the key
+mask the plan returns (:func:`_decode_step_masked`); without one, decoding does no extra work.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from transformers import Cache
 
 from llava.model.attention_rows import RowCapture, base_implementation, capturing_rows
 from llava.model.kv_arena import arena_cache
-from llava.model.method_api import Boundary, InLLMPlan, LayerAction, LayerState
+from llava.model.method_api import Boundary, DecodeStep, InLLMPlan, LayerAction, LayerState
 from llava.model.static_decode import start_static_decode
 from llava.runtime import GenerationOptions, maybe_stage
 
@@ -144,6 +149,8 @@ class _Group:
     padded: bool
     next_position: torch.Tensor  # (P, B)
     own_positions: bool = False  # compact rule: this group numbers its own tokens; else group 0's positions
+    visual: torch.Tensor | None = None  # (B, K0) the prompt's video keys (read by decode-time plans only)
+    visual_counts: tuple[int, ...] = ()  # video keys per row (host ints)
 
 
 @dataclass
@@ -157,17 +164,22 @@ class _Sequence:
     visual_counts: list[int]
     where: torch.Tensor  # (B * L0,) current flat position of each original token, -1 once dropped
     extra_rows: torch.Tensor | None = None  # (B, L) bool, e.g. SparseVLM's raters, compacted with the rest
+    extra_window: int = 0  # every extra row is among the last extra_window positions (MarkedRows.within_last)
 
 
 @dataclass
 class PrefillResult:
     """First-token logits (B, V) float32, the cache, the layer groups for decoding and the visual tokens
-    entering each layer per row (layer_visual (layers, B), host ints)."""
+    entering each layer per row (layer_visual (layers, B), host ints); a plan with a decode stage and the
+    state it keeps for this request (memory)."""
 
     logits: torch.Tensor
     cache: Cache
     groups: list[_Group]
     layer_visual: list[list[int]] = field(default_factory=list)
+    plan: InLLMPlan | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0  # decode steps run so far
 
 
 def position_rule(rule: str, stack: DecoderStack) -> str:
@@ -197,8 +209,10 @@ def _rows_capture(seq: _Sequence, boundary: Boundary, probe: bool, full_map: boo
         if seq.extra_rows is None:
             raise ValueError("the in-LLM plan asks for marked rows but marked none (InLLMPlan.mark_rows)")
         batch, length = seq.valid.shape
-        index = torch.arange(length, device=seq.valid.device).expand(batch, length)
-        capture = RowCapture(index, seq.extra_rows & seq.valid, seq.valid, row_positions=index)
+        window = min(seq.extra_window, length)  # the marked rows are among the last `window` positions
+        index = torch.arange(length - window, length, device=seq.valid.device).expand(batch, window)
+        marked = (seq.extra_rows & seq.valid)[:, length - window :]
+        capture = RowCapture(index, marked, seq.valid, row_positions=index)
     else:
         raise ValueError(f"unknown attention rows {boundary.rows!r}; valid: last, marked")
     capture.probe, capture.full_map = probe, full_map
@@ -236,7 +250,8 @@ def _compact(stack: DecoderStack, seq: _Sequence, action: LayerAction, rule: str
     where = torch.where(seq.where >= 0, moved[seq.where.clamp(min=0)], seq.where)
     visual = torch.gather(seq.visual, 1, index) & valid
     extra = torch.gather(seq.extra_rows, 1, index) & valid if seq.extra_rows is not None else None
-    return _Sequence(hidden, valid, visual, positions, rope, lengths, list(action.kept_counts), where, extra)
+    counts = list(action.kept_counts)
+    return _Sequence(hidden, valid, visual, positions, rope, lengths, counts, where, extra, seq.extra_window)
 
 
 def _deepstack_add(hidden: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -261,6 +276,8 @@ def prefill(
     for b in boundaries:
         if not 0 < b < stack.num_layers:
             raise ValueError(f"in-LLM boundary before layer {b}: the model has layers 0..{stack.num_layers - 1}")
+    if plan is not None and plan.decode_layer is not None:
+        _check_decode_layer(plan.decode_layer, boundaries, stack.num_layers)
     rope = _rope(stack, inputs.embeds, inputs.positions)
     flat = torch.arange(batch * length, device=inputs.embeds.device)
     seq = _Sequence(
@@ -269,11 +286,14 @@ def prefill(
     )  # fmt: skip
     rule = "inherit"
     if plan is not None:
-        seq.extra_rows = plan.mark_rows(inputs.embeds, inputs.visual, inputs.valid)
+        marked = plan.mark_prompt(inputs.embeds, inputs.visual, inputs.valid, inputs.lengths, inputs.visual_counts)
+        if marked is not None:
+            seq.extra_rows, seq.extra_window = marked.mask, int(marked.within_last)
         rule = position_rule(plan.positions, stack)
     padded = inputs.padded
     mask = layer_mask(base, seq.valid, length, padded, inputs.embeds.dtype)
-    groups = [_Group(0, seq.valid, padded, inputs.next_position.clone())]  # a copy: decoding advances it
+    first = inputs.next_position.clone()  # a copy: decoding advances it
+    groups = [_Group(0, seq.valid, padded, first, False, seq.visual, tuple(seq.visual_counts))]
     deepstack = inputs.deepstack or []
     ds_where = seq.where[inputs.deepstack_index] if deepstack else None
     layer_visual: list[list[int]] = []
@@ -312,7 +332,7 @@ def prefill(
                 if own:
                     lengths_t = torch.tensor(seq.lengths, device=hidden.device)
                     next_position = lengths_t[None].expand_as(next_position).contiguous()
-                groups.append(_Group(i, seq.valid, padded, next_position, own))
+                groups.append(_Group(i, seq.valid, padded, next_position, own, seq.visual, tuple(seq.visual_counts)))
             layer_visual.append(list(seq.visual_counts))
             nxt = boundaries.get(i + 1)
             pending = None
@@ -327,13 +347,30 @@ def prefill(
             if i < len(deepstack):
                 hidden = _deepstack_add(hidden, deepstack[i], ds_where)
     logits = stack.head(stack.norm(hidden[:, -1:]))[:, -1].float()
-    return PrefillResult(logits, cache, groups, layer_visual)
+    decoding = plan if plan is not None and plan.decode_layer is not None else None
+    return PrefillResult(logits, cache, groups, layer_visual, decoding)
+
+
+def _check_decode_layer(layer: int, boundaries: Any, num_layers: int) -> None:
+    """A decode-time plan reads layer ``layer - 1`` and masks the keys of layers >= ``layer``: both must
+    exist and share one key set (no in-LLM boundary at or after ``layer``)."""
+    if not 0 < layer < num_layers:
+        raise ValueError(f"decode-time plan at layer {layer}: the model has layers 0..{num_layers - 1} (valid 1..)")
+    later = sorted(b for b in boundaries if b >= layer)
+    if later:
+        raise ValueError(
+            f"decode-time plan at layer {layer} masks the keys of layer {layer - 1}'s group, but the plan also "
+            f"drops tokens before layer(s) {later}, which then hold other keys"
+        )
 
 
 @torch.inference_mode()
 def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one token per row (B,) through every layer group; returns the next logits (B, V) float32 and
-    advances each group's key mask and next position (one rotary table per distinct position)."""
+    advances each group's key mask and next position (one rotary table per distinct position). A plan
+    with a decode stage (PrefillResult.plan) runs :func:`_decode_step_masked` instead."""
+    if state.plan is not None:
+        return _decode_step_masked(stack, state, tokens)
     base = base_implementation(stack.config)
     hidden = stack.embed(tokens[:, None])
     ones = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
@@ -352,6 +389,63 @@ def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor)
         if group.own_positions or group is state.groups[0]:
             group.next_position = group.next_position + 1
     return stack.head(stack.norm(hidden))[:, -1].float()
+
+
+def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_step` for a plan with a decode stage: layer l-1 also reports the current token's
+    attention row over its keys (RowCapture, from the layer's own query and keys), the plan answers with
+    the keys layers >= l may see (InLLMPlan.decode_act), and those layers attend with that key mask. The
+    cache stays whole; layers < l are untouched. Every layer from l on is in the last group (checked at
+    prefill)."""
+    plan = state.plan
+    base = base_implementation(stack.config)
+    hidden = stack.embed(tokens[:, None])
+    batch = tokens.shape[0]
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=tokens.device)
+    ends = [g.start for g in state.groups[1:]] + [stack.num_layers]
+    shared = _rope(stack, hidden, state.groups[0].next_position[..., None])
+    read_at = plan.decode_layer - 1
+    with capturing_rows(stack.config):
+        for group, end in zip(state.groups, ends, strict=True):
+            group.key_valid = torch.cat([group.key_valid, ones], dim=1)
+            mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
+            rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
+            for i in range(group.start, end):
+                kwargs: dict[str, Any] = {}
+                capture = None
+                if i == read_at:
+                    rows = torch.zeros(batch, 1, dtype=torch.long, device=tokens.device)
+                    capture = RowCapture(rows, torch.ones_like(rows, dtype=torch.bool), group.key_valid)
+                    kwargs["row_capture"] = capture
+                hidden = stack.layers[i](
+                    hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
+                    past_key_values=state.cache, use_cache=True, **kwargs,
+                )  # fmt: skip
+                if capture is not None:
+                    restricted = _decode_mask(base, plan, state, group, capture, hidden.dtype)
+                    mask = mask if restricted is None else restricted
+    for group in state.groups:
+        if group.own_positions or group is state.groups[0]:
+            group.next_position = group.next_position + 1
+    state.steps += 1
+    return stack.head(stack.norm(hidden))[:, -1].float()
+
+
+def _decode_mask(
+    base: str, plan: InLLMPlan, state: PrefillResult, group: _Group, capture: RowCapture, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The attention mask of layers >= decode_layer at this step, from the plan's key choice (None:
+    every key, the group's own mask stays)."""
+    if capture.scores is None:
+        raise RuntimeError(f"layer {plan.decode_layer - 1} did not report the attention row the decode plan asked for")
+    n_keys = group.key_valid.shape[1]
+    prompt = group.visual.shape[1]
+    visual = torch.nn.functional.pad(group.visual, (0, n_keys - prompt), value=False)
+    step = DecodeStep(state.steps, capture.scores, group.key_valid, visual, prompt, group.visual_counts, state.memory)
+    keys = plan.decode_act(step)
+    if keys is None:
+        return None
+    return layer_mask(base, group.key_valid & keys, 1, True, dtype)
 
 
 def choose_next_tokens(
@@ -404,8 +498,9 @@ def generate(
     static = options.decode_mode != "eager" and options.max_new_tokens > 1
     if static and plan is not None:
         raise ValueError(
-            f"decode_mode={options.decode_mode!r} runs one static cache of one length for every layer; an in-LLM "
-            "method keeps shorter caches in later layers: use decode_mode=eager"
+            f"decode_mode={options.decode_mode!r} runs one static cache of one length and one mask for every "
+            "layer; an in-LLM method keeps shorter caches in later layers, a decode-time method masks keys per "
+            "step: use decode_mode=eager"
         )
     device = inputs.embeds.device
     generator = None

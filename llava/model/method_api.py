@@ -144,26 +144,85 @@ class LayerAction:
     values: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class MarkedRows:
+    """The query rows "marked" boundaries read. mask (B, L) bool over the LM input; within_last: every
+    marked row is among the last ``within_last`` positions of the left-padded batch (host int), so the
+    driver reads only those query rows (O(H * within_last * L) per layer, never an L x L map). Later
+    boundaries drop only video tokens, which never moves a token away from its row's end, so the bound
+    holds at every boundary."""
+
+    mask: torch.Tensor
+    within_last: int
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """What a decode-time plan sees at one step, for layer ``InLLMPlan.decode_layer - 1``.
+
+    step: 0 for the first generated token fed back (the prompt's logits chose it), then 1, 2, ...
+    scores: (B, K) float32, the current token's attention over that layer's keys (K = the prompt's keys
+        as the cache holds them, the generated tokens, the current one), softmax per head, head mean.
+    key_valid: (B, K) bool, keys that are not padding. visual: (B, K) bool, the prompt's video tokens
+        among those keys (False for every generated key). prompt_keys: the prompt's part of K (host int).
+    visual_counts: video keys per row (host ints). memory: a dict the plan keeps its state in, one per
+        request (created at prefill), so nothing carries over from one request to the next.
+    """
+
+    step: int
+    scores: torch.Tensor
+    key_valid: torch.Tensor
+    visual: torch.Tensor
+    prompt_keys: int
+    visual_counts: tuple[int, ...]
+    memory: dict[str, Any]
+
+
 class InLLMPlan:
     """An in-LLM method's plan for one request: its boundaries, its position rule ("inherit": kept
     tokens keep their positions and decoding continues from the uncompressed length; "compact":
     renumbered 0..n-1 after each boundary, each later layer group decoding from its own length), and
-    :meth:`act`. Subclasses override what they use."""
+    :meth:`act`. Subclasses override what they use.
+
+    A decode-time method (DyCoke's DP) sets ``decode_layer`` = l: at every decode step the driver reads
+    the current token's attention row at layer l - 1 and layers >= l attend only to the keys
+    :meth:`decode_act` returns (the cache itself stays whole). None (the default) costs decoding nothing.
+    """
 
     boundaries: tuple[Boundary, ...] = ()
     positions: str = "inherit"
     full_map: bool = False  # attention=eager: read rows from the layer's whole (B, H, L, L) map (memory comparisons)
+    decode_layer: int | None = None
 
     def mark_rows(self, embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
         """(B, L) bool rows whose attention "marked" boundaries read, from the LM input; None if unused."""
         return None
 
+    def mark_prompt(
+        self,
+        embeds: torch.Tensor,
+        visual: torch.Tensor,
+        valid: torch.Tensor,
+        lengths: Sequence[int],
+        visual_counts: Sequence[int],
+    ) -> MarkedRows | None:
+        """The marked rows with a bound on where they are (see :class:`MarkedRows`); ``lengths`` /
+        ``visual_counts``: per row, real and video tokens (host ints). The default wraps :meth:`mark_rows`
+        with no bound (every row is read)."""
+        mask = self.mark_rows(embeds, visual, valid)
+        return None if mask is None else MarkedRows(mask, int(embeds.shape[1]))
+
     def act(self, boundary: Boundary, state: LayerState) -> LayerAction:
         raise NotImplementedError
 
+    def decode_act(self, step: DecodeStep) -> torch.Tensor | None:
+        """(B, K) bool: the keys layers >= ``decode_layer`` may attend to at this step (padding is masked
+        by the driver anyway), or None for every key."""
+        raise NotImplementedError
 
-InLLMPlanner = Callable[[int, float, Any], InLLMPlan]
-"""(number of LLM layers, R, options) -> the plan of one request."""
+
+InLLMPlanner = Callable[[int, float, Any], "InLLMPlan | None"]
+"""(number of LLM layers, R, options) -> the plan of one request (None: nothing to do inside the LLM)."""
 
 PreLLMSelect = Callable[[VideoTokens, float, Any], VideoSelection]
 MaskSelect = Callable[[Sequence[torch.Tensor], float, Any], torch.Tensor]
@@ -179,7 +238,8 @@ class Method:
         :func:`parse_options` from ``{name: value}`` (strings from a command line are converted).
     signals: names of the signals it needs (besides the features and the grid).
     select: the pre-LLM function (per video); None for methods acting only inside the LLM.
-    plan: the in-LLM planner ``(layers, R, options) -> InLLMPlan``; None for methods acting only before it.
+    plan: the in-LLM planner ``(layers, R, options) -> InLLMPlan | None``; None for methods acting only
+        before it. A method whose in-LLM or decode stage is an option returns None when it is off.
     masks: optional batched mask form of a select-only ``select`` (used by the models' fast path).
     merges: True when ``select`` may return new feature values.
     summary: one line for listings.
@@ -208,7 +268,7 @@ class Method:
             raise ValueError(f"method {self.name!r} declares unknown signal(s) {sorted(unknown)}; known: {SIGNALS}")
         if Stage.PRE_LLM in self.stages and self.select is None:
             raise ValueError(f"method {self.name!r} acts before the LLM but has no select function")
-        if Stage.IN_LLM in self.stages and self.plan is None:
+        if (Stage.IN_LLM in self.stages or Stage.DECODE in self.stages) and self.plan is None:
             raise ValueError(f"method {self.name!r} acts inside the LLM but has no plan function")
 
     def signals_for(self, options: Any) -> frozenset[str]:
