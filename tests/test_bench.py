@@ -39,7 +39,7 @@ def test_vidcom2_options_reach_the_vidcom2_cases_only(tmp_path: Path) -> None:
 
 
 def test_timed_requests_compile_in_process(tmp_path: Path) -> None:
-    """No inductor worker pool may boot beside the timed requests (it slowed the first ones, run 7b)."""
+    """No inductor worker pool may boot beside the timed requests (it slowed the first ones on an H100)."""
     import torch._inductor.config as inductor_config
 
     seen = []
