@@ -10,7 +10,9 @@ evaluation, preprocessed, encoded, laid out by ``compress_videos`` and spliced i
 by ``build_inputs``; the loss is the cross-entropy of the answer letter and the end-of-turn token that
 follows it. Token dropout: each training video is shortened by the ``random`` method at a retention
 drawn from ``DROPOUT_RETENTIONS``, so a shortened sequence is not out of distribution for the model.
-It can only favour ``random`` among the methods, never VidCom2. Deterministic for a seed on one machine.
+It can only favour ``random`` among the methods, never VidCom2. Two more aids, for training only: a
+token loss at the video tokens (``_Batcher.loss``) and a curriculum of short clips (``_clip``).
+Deterministic for a seed on one machine.
 """
 
 from __future__ import annotations
@@ -62,12 +64,14 @@ class TrainConfig:
     frames: int = 8
     train_videos: int = 768
     eval_videos: int = 48
-    steps: int = 400
-    batch_size: int = 16
-    lr: float = 3e-3
+    steps: int = 480
+    batch_size: int = 12
+    lr: float = 1e-2
     weight_decay: float = 0.01
     warmup: int = 20
     seed: int = 0
+    short_clips: tuple[int, ...] = (1, 2, 4)  # clip lengths of the curriculum, in turn (see _clip)
+    curriculum: float = 0.5  # share of the steps, from the start, spent on short clips
 
     def __post_init__(self) -> None:
         for name in ("frames", "train_videos", "eval_videos", "steps", "batch_size"):
@@ -75,6 +79,25 @@ class TrainConfig:
                 raise ValueError(f"train-tiny: {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"train-tiny: lr must be > 0, got {self.lr}")
+        if any(not 1 <= n <= self.frames for n in self.short_clips) or not 0 <= self.curriculum <= 1:
+            raise ValueError(f"train-tiny: short_clips must lie in [1, frames] and curriculum in [0, 1], got {self}")
+
+
+def _clip(
+    frames: np.ndarray, events: np.ndarray, length: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's videos cut to ``length`` of their sampled frames, the event's frame always among them:
+    (B, F, H, W, 3), (B, F, T) -> (B, length, H, W, 3), (B, length * T). The curriculum: in a short clip
+    the event is one token among a few dozen, so the answer's gradient finds it; among the ~350 tokens of
+    a full clip it barely reaches it, and training on full clips alone stalls at chance."""
+    batch, n_frames = frames.shape[:2]
+    if length >= n_frames:
+        return frames, events.reshape(batch, -1)
+    shown = events.any(axis=2)  # (B, F): frames showing the event
+    noise = rng.random((batch, n_frames)) + 2.0 * shown  # the event's frame first, the others at random
+    chosen = np.sort(np.argsort(-noise, axis=1)[:, :length], axis=1)
+    rows = np.arange(batch)[:, None]
+    return frames[rows, chosen], events[rows, chosen].reshape(batch, -1)
 
 
 def _read_frames(folder: Path, frames: int) -> tuple[np.ndarray, np.ndarray, list[EventVideo], list[list[int]]]:
@@ -102,8 +125,9 @@ class _Batcher:
 
     def loss(
         self, frames: np.ndarray, labels: np.ndarray, events: np.ndarray, retentions: list[float], seeds: list[int]
-    ) -> torch.Tensor:
-        """Cross-entropy of (letter, end of turn) plus ``AUX_WEIGHT`` x the token loss, over a batch of
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, answer loss): the cross-entropy of (letter, end of turn), plus ``AUX_WEIGHT`` x the
+        token loss for training, over a batch of
         (F, H, W, 3) videos with their (F * h * w,) event-token masks ``events``.
 
         The token loss reads the logits at each video token's own position: the colour's letter where the
@@ -140,7 +164,15 @@ class _Batcher:
         token_logits = logits[torch.cat(rows), torch.cat(cols)]
         per_token = F.cross_entropy(token_logits, torch.cat(wanted), reduction="none")
         weight = torch.cat(weights)
-        return answer + AUX_WEIGHT * (per_token * weight).sum() / weight.sum()
+        return answer + AUX_WEIGHT * (per_token * weight).sum() / weight.sum(), answer.detach()
+
+
+def _clip_length(step: int, config: TrainConfig) -> int:
+    """Frames per clip at ``step``: each short length in turn over the curriculum's steps, then all frames."""
+    span = config.curriculum * config.steps
+    if step >= span or not config.short_clips:
+        return config.frames
+    return config.short_clips[int(step / span * len(config.short_clips))]
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -168,7 +200,7 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
     with torch.no_grad():
         grid = model.encode_video(model.preprocess(frames[0, :1])).shape[1:3]
     pairs = zip(videos, sampled, strict=True)
-    events = np.stack([event_token_mask(v, [[i] for i in index], grid).reshape(-1) for v, index in pairs])
+    events = np.stack([event_token_mask(v, [[i] for i in index], grid).reshape(len(index), -1) for v, index in pairs])
     batcher = _Batcher(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -179,22 +211,25 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
         pick = rng.choice(len(frames), size=config.batch_size, replace=False)
         retentions = [float(r) for r in rng.choice(DROPOUT_RETENTIONS, size=config.batch_size)]
         seeds = [int(s) for s in rng.integers(0, 2**31, size=config.batch_size)]
-        loss = batcher.loss(frames[pick], labels[pick], events[pick], retentions, seeds)
+        length = _clip_length(step, config)
+        clip, clip_events = _clip(frames[pick], events[pick], length, rng)
+        loss, answer = batcher.loss(clip, labels[pick], clip_events, retentions, seeds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(answer))
         if step % 25 == 0 or step == config.steps - 1:
             recent = np.mean(losses[-25:])
-            log(f"step {step:4d}  loss {recent:.4f}  lr {_lr_at(step, config):.2e}  {time.time() - started:.0f} s")
+            seconds = time.time() - started
+            log(f"step {step:4d}  answer loss {recent:.4f} (chance 0.69)  clip {length}  {seconds:.0f} s")
     model.eval()
     out = save_llava_checkpoint(model, lmms_config, out_dir, fmt="lmms-lab")
     accuracy = evaluate_accuracy(out, config.eval_videos, config.frames)
     report = {
         "config": asdict(config),
         "dropout_retentions": list(DROPOUT_RETENTIONS),
-        "final_loss": float(np.mean(losses[-25:])),
+        "final_answer_loss": float(np.mean(losses[-25:])),
         "eval_accuracy_uncompressed": accuracy,
         "eval_videos_seed": EVAL_SEED,
         "train_videos_seed": TRAIN_SEED,

@@ -86,16 +86,17 @@ def render_rows(
     frames, h, w = encoded.tokens.grid
     sample, cell_h, cell_w = _panel(encoded.pictures[0], (h, w))
     panel_h, panel_w = sample.shape[:2]
-    row_h = panel_h + 3 + BAR_H + 2 * LINE_H + 2 * GAP
+    full_h, error_h = panel_h + 3 + BAR_H + 2 * LINE_H + 2 * GAP, 3 * LINE_H + 2 * GAP
+    heights = [error_h if row.error else full_h for row in rows]
     title_h = 24 if title else 0
     width = LABEL_W + frames * (panel_w + GAP) + GAP
-    canvas = Image.new("RGB", (width, title_h + row_h * len(rows) + GAP), (255, 255, 255))
+    canvas = Image.new("RGB", (width, title_h + sum(heights) + GAP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font, small = _font(13), _font(10)
     if title:
         draw.text((GAP, 5), title, fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
-        top = title_h + r * row_h + GAP
+        top = title_h + sum(heights[:r]) + GAP
         name = row.method if row.method == "none" else f"{row.method}\nR = {row.retention:g}"
         draw.multiline_text((GAP, top + 4), name, fill=(0, 0, 0), font=font)
         if row.error:

@@ -119,7 +119,7 @@ def test_visualize_cli_draws_one_row_per_method(videos: Path, tmp_path: Path) ->
     assert one.returncode == 0 and grid.returncode == 0, grid.stderr
     assert "fastvid" in grid.stderr and "cannot run" in grid.stderr
     small, large = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "grid.png")
-    assert small.width == large.width and large.height > 2.5 * small.height - 60  # title + 1 row vs title + 3 rows
+    assert small.width == large.width and 1.8 * small.height < large.height < 2.5 * small.height  # + 1 row, 1 short
     failed = subprocess.run([*base, "--compressor", "fastvid", "--out", str(tmp_path / "f.png")], capture_output=True,
                             text=True)
     assert failed.returncode == 2 and "vision-head" in failed.stderr

@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "longvideobench_val_v": Benchmark("lvb_acc", 100.0),  # fraction
     "mvbench": Benchmark("mvbench_accuracy", subtask_prefix="mvbench_"),  # group without aggregate
     "vidcom2_synth_mc": Benchmark("accuracy", 100.0),  # fraction
+    "vidcom2_synth_event": Benchmark("accuracy", 100.0),  # fraction
 }
 
 # pretrained -> model name used in the paper table
