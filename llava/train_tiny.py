@@ -11,7 +11,8 @@ by ``build_inputs``; the loss is the cross-entropy of the answer letter and the 
 follows it. Token dropout: each training video is shortened by the ``random`` method at a retention
 drawn from ``DROPOUT_RETENTIONS``, so a shortened sequence is not out of distribution for the model.
 It can only favour ``random`` among the methods, never VidCom2. Two more aids, for training only: a
-token loss at the video tokens (``_Batcher.loss``) and a curriculum of short clips (``_clip``).
+token loss at the video tokens (``_Batcher.loss``) and a curriculum of short clips (``_clip``), one
+length after another, each until the answer is learnt at that length.
 Deterministic for a seed on one machine.
 """
 
@@ -64,14 +65,14 @@ class TrainConfig:
     frames: int = 8
     train_videos: int = 768
     eval_videos: int = 48
-    steps: int = 480
+    steps: int = 600
     batch_size: int = 12
     lr: float = 1e-2
     weight_decay: float = 0.01
     warmup: int = 20
     seed: int = 0
     short_clips: tuple[int, ...] = (1, 2, 4)  # clip lengths of the curriculum, in turn (see _clip)
-    curriculum: float = 0.5  # share of the steps, from the start, spent on short clips
+    advance_below: float = 0.3  # move to the next clip length once the answer loss (mean of 10 steps) is below
 
     def __post_init__(self) -> None:
         for name in ("frames", "train_videos", "eval_videos", "steps", "batch_size"):
@@ -79,8 +80,8 @@ class TrainConfig:
                 raise ValueError(f"train-tiny: {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"train-tiny: lr must be > 0, got {self.lr}")
-        if any(not 1 <= n <= self.frames for n in self.short_clips) or not 0 <= self.curriculum <= 1:
-            raise ValueError(f"train-tiny: short_clips must lie in [1, frames] and curriculum in [0, 1], got {self}")
+        if any(not 1 <= n <= self.frames for n in self.short_clips):
+            raise ValueError(f"train-tiny: short_clips must lie in [1, frames], got {self.short_clips}")
 
 
 def _clip(
@@ -167,19 +168,12 @@ class _Batcher:
         return answer + AUX_WEIGHT * (per_token * weight).sum() / weight.sum(), answer.detach()
 
 
-def _clip_length(step: int, config: TrainConfig) -> int:
-    """Frames per clip at ``step``: each short length in turn over the curriculum's steps, then all frames."""
-    span = config.curriculum * config.steps
-    if step >= span or not config.short_clips:
-        return config.frames
-    return config.short_clips[int(step / span * len(config.short_clips))]
-
-
 def _lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
+    """Linear warm-up, constant, then over the last fifth a cosine decay to a tenth."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    tail = config.steps // 5
+    progress = max(0.0, (step - (config.steps - tail)) / max(1, tail))
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -204,14 +198,16 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
     batcher = _Batcher(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
-    losses = []
+    losses: list[float] = []
+    lengths = [*config.short_clips, config.frames]
+    stage, history = 0, []  # the curriculum's position and the steps at which it advanced
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         pick = rng.choice(len(frames), size=config.batch_size, replace=False)
         retentions = [float(r) for r in rng.choice(DROPOUT_RETENTIONS, size=config.batch_size)]
         seeds = [int(s) for s in rng.integers(0, 2**31, size=config.batch_size)]
-        length = _clip_length(step, config)
+        length = lengths[stage]
         clip, clip_events = _clip(frames[pick], events[pick], length, rng)
         loss, answer = batcher.loss(clip, labels[pick], clip_events, retentions, seeds)
         optimizer.zero_grad(set_to_none=True)
@@ -219,8 +215,12 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(float(answer))
+        if stage < len(lengths) - 1 and len(losses) >= 10 and np.mean(losses[-10:]) < config.advance_below:
+            stage += 1
+            history.append(step)
+            losses.clear()
         if step % 25 == 0 or step == config.steps - 1:
-            recent = np.mean(losses[-25:])
+            recent = np.mean(losses[-25:]) if losses else float("nan")
             seconds = time.time() - started
             log(f"step {step:4d}  answer loss {recent:.4f} (chance 0.69)  clip {length}  {seconds:.0f} s")
     model.eval()
@@ -229,6 +229,8 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
     report = {
         "config": asdict(config),
         "dropout_retentions": list(DROPOUT_RETENTIONS),
+        "clip_lengths": lengths,
+        "advanced_at_steps": history,
         "final_answer_loss": float(np.mean(losses[-25:])),
         "eval_accuracy_uncompressed": accuracy,
         "eval_videos_seed": EVAL_SEED,
