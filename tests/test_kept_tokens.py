@@ -3,8 +3,6 @@ and a method that cannot run says why."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +107,16 @@ def test_event_token_mask_from_the_box() -> None:
     assert event_token_mask(video, [[2, 3], [4, 5]], (7, 7))[1].sum() == 4  # 16 px cells: 2 x 2 (touching edges)
 
 
-def test_visualize_cli_draws_one_row_per_method(videos: Path, tmp_path: Path) -> None:
+def test_visualize_cli_draws_one_row_per_method(videos: Path, tmp_path: Path, capsys) -> None:
+    from llava.cli import main
+
     model = tiny_builders()["llava_ov"](tmp_path / "ov", seed=1)
     video = videos / read_manifest(videos)[0].path
-    base = [sys.executable, "-m", "llava.cli", "visualize", "--model", str(model), "--video", str(video)]
-    one = subprocess.run([*base, "--compressor", "vidcom2", "--out", str(tmp_path / "one.png")], capture_output=True)
-    grid = subprocess.run([*base, "--compressors", "none,vidcom2,fastvid", "--out", str(tmp_path / "grid.png")],
-                          capture_output=True, text=True)
-    assert one.returncode == 0 and grid.returncode == 0, grid.stderr
-    assert "fastvid" in grid.stderr and "cannot run" in grid.stderr
+    base = ["visualize", "--model", str(model), "--video", str(video)]
+    assert main([*base, "--compressor", "vidcom2", "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*base, "--compressors", "none,vidcom2,fastvid", "--out", str(tmp_path / "grid.png")]) == 0
+    assert "cannot run" in capsys.readouterr().err
     small, large = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "grid.png")
     assert small.width == large.width and 1.8 * small.height < large.height < 2.5 * small.height  # + 1 row, 1 short
-    failed = subprocess.run([*base, "--compressor", "fastvid", "--out", str(tmp_path / "f.png")], capture_output=True,
-                            text=True)
-    assert failed.returncode == 2 and "vision-head" in failed.stderr
+    assert main([*base, "--compressor", "fastvid", "--out", str(tmp_path / "f.png")]) == 2
+    assert "vision-head" in capsys.readouterr().err
