@@ -25,7 +25,12 @@ def _add_default(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--results-dir", default=None, help="CSV folder (default <work-dir>/results; never results/ unless given)"
     )
-    p.add_argument("--model-args", default="", help="extra --model_args for every run, e.g. attn_implementation=eager")
+    p.add_argument(
+        "--model-args",
+        default="",
+        help="extra --model_args for every lmms-eval run (runtime settings, e.g. attn_implementation=eager; the "
+        "event-token replay does not see them)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete the work dir first")
 
 
