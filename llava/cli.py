@@ -330,6 +330,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
     path, rows = visualize(model, args.video, specs, args.out, FrameSampling(num_frames=args.frames))
     for row in rows:
         status = f"cannot run: {row.error}" if row.error else f"achieved retention {row.achieved_retention:.3f}"
+        status = row.unavailable or status
         print(f"{row.method:10} R={row.retention:g}  {status}", file=sys.stderr)
     print(path)
     if len(rows) == 1 and rows[0].error:

@@ -56,6 +56,8 @@ class KeptTokens:
     kept: (F, h, w) bool, the output tokens' sources. group: (F, h, w) int64, the output token (index in
     video order) each token's value reaches; DROPPED or SHARED otherwise. merged: (K,) bool, output
     tokens made from more than one token. error: why the method could not run (then the arrays are empty).
+    unavailable: why the method runs but the replay cannot show what it keeps (a method acting only inside
+    the LLM; arrays empty). note: what the replay leaves out (a stage inside the LLM or at decoding).
     """
 
     method: str
@@ -64,6 +66,8 @@ class KeptTokens:
     group: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.int64))
     merged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     error: str = ""
+    unavailable: str = ""
+    note: str = ""
 
     @property
     def per_frame(self) -> np.ndarray:
@@ -116,6 +120,11 @@ def encode_video(model: Any, video: str | Path, sampling: FrameSampling, signals
     encode = _llava_encode if hasattr(model, "features_from_frames") else _qwen_encode
     with torch.inference_mode():
         return encode(model, video, sampling, sorted(signals))
+
+
+def tower_signals(spec: CompressionSpec) -> frozenset[str]:
+    """The signals ``spec``'s method needs from the vision tower (those read inside the LM excluded)."""
+    return frozenset(getattr(spec, "tower_signals", spec.signals))
 
 
 def check_spec(model: Any, spec: CompressionSpec) -> str:
@@ -181,6 +190,15 @@ def kept_tokens(model: Any, encoded: EncodedVideo, spec: CompressionSpec, *, gro
     if error:
         result.error = error
         return result
+    stages = {s.value for s in spec.method.stages} - {"pre_llm"}
+    if not spec.is_identity and spec.method.select is None:
+        result.unavailable = (
+            f"{spec.compressor} acts inside the LLM ({', '.join(sorted(stages))}): which tokens it keeps is decided "
+            "layer by layer during prefill, which this pre-LLM replay does not run"
+        )
+        return result
+    if not spec.is_identity and stages:
+        result.note = f"pre-LLM stage shown; its {' and '.join(sorted(stages))} stage is not"
     tokens = encoded.tokens
     frames, h, w = tokens.grid
     try:

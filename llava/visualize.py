@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from llava.event_task import EventVideo, event_token_mask, read_manifest
-from llava.kept_tokens import EncodedVideo, KeptTokens, encode_video, kept_tokens
+from llava.kept_tokens import EncodedVideo, KeptTokens, encode_video, kept_tokens, tower_signals
 from llava.model.compression import CompressionSpec
 from llava.runtime import FrameSampling
 
@@ -87,7 +87,7 @@ def render_rows(
     sample, cell_h, cell_w = _panel(encoded.pictures[0], (h, w))
     panel_h, panel_w = sample.shape[:2]
     full_h, error_h = panel_h + 3 + BAR_H + 2 * LINE_H + 2 * GAP, 3 * LINE_H + 2 * GAP
-    heights = [error_h if row.error else full_h for row in rows]
+    heights = [error_h if row.error or row.unavailable else full_h for row in rows]
     title_h = 24 if title else 0
     width = LABEL_W + frames * (panel_w + GAP) + GAP
     canvas = Image.new("RGB", (width, title_h + sum(heights) + GAP), (255, 255, 255))
@@ -99,9 +99,9 @@ def render_rows(
         top = title_h + sum(heights[:r]) + GAP
         name = row.method if row.method == "none" else f"{row.method}\nR = {row.retention:g}"
         draw.multiline_text((GAP, top + 4), name, fill=(0, 0, 0), font=font)
-        if row.error:
-            reason = _wrap(f"cannot run: {row.error}", 150)
-            draw.multiline_text((LABEL_W, top + 4), reason, fill=(170, 0, 0), font=small)
+        if row.error or row.unavailable:
+            text, colour = (f"cannot run: {row.error}", (170, 0, 0)) if row.error else (row.unavailable, (90, 90, 90))
+            draw.multiline_text((LABEL_W, top + 4), _wrap(text, 150), fill=colour, font=small)
             continue
         per_frame = row.per_frame
         for f in range(frames):
@@ -126,6 +126,8 @@ def render_rows(
         caption = f"{kept}: achieved retention {row.achieved_retention:.3f}"
         if merged:
             caption += f"; {merged} merged tokens (tinted groups, source outlined)"
+        if row.note:
+            caption += f"; {row.note}"
         draw.text((LABEL_W, top + panel_h + 3 + BAR_H + LINE_H + 4), caption, fill=(0, 0, 0), font=font)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,7 @@ def visualize(
     if not specs:
         raise ValueError("visualize needs at least one compressor")
     supplied = set(model.supplied_signals)
-    signals = set().union(*(spec.signals for spec in specs)) & supplied
+    signals = set().union(*(tower_signals(spec) for spec in specs)) & supplied
     encoded = encode_video(model, video, sampling, signals)
     rows = [kept_tokens(model, encoded, spec) for spec in specs]
     marked, note = None, ""

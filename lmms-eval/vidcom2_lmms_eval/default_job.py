@@ -97,6 +97,7 @@ class Case:
     retention: float
     error: str = ""
     note: str = ""
+    unavailable: str = ""  # runs, but the replay cannot show what it keeps (inside the LLM)
     event_kept: float | None = None
 
     @property
@@ -130,7 +131,7 @@ def replay(model_dir: Path, videos: Path, cases: list[Case], frames: int, work: 
 
     from llava.event_task import event_token_mask, read_manifest
     from llava.families_index import load_video_llm
-    from llava.kept_tokens import KeptTokens, check_spec, encode_video, kept_tokens
+    from llava.kept_tokens import KeptTokens, check_spec, encode_video, kept_tokens, tower_signals
     from llava.model.compression import CompressionSpec
     from llava.runtime import FrameSampling
     from llava.visualize import render_rows
@@ -144,7 +145,7 @@ def replay(model_dir: Path, videos: Path, cases: list[Case], frames: int, work: 
         case.error = check_spec(model, spec)
         if not case.error and spec.signals - own:
             case.note = "SigLIP pooling head: random (LLaVA checkpoints hold none)"
-    signals = set().union(*(s.signals for s, c in zip(specs, cases, strict=True) if not c.error))
+    signals = set().union(*(tower_signals(s) for s, c in zip(specs, cases, strict=True) if not c.error))
     first = cases[1].retention if len(cases) > 1 else 1.0
     shown = [i for i, c in enumerate(cases) if c.method == "none" or c.retention == first]
     hits, total = np.zeros(len(cases)), 0
@@ -158,15 +159,17 @@ def replay(model_dir: Path, videos: Path, cases: list[Case], frames: int, work: 
                 rows.append(KeptTokens(case.method, case.retention, error=case.error))
                 continue
             row = kept_tokens(model, encoded, spec, groups=v == 0)  # groups: for the picture only
-            case.error = row.error
-            hits[i] += int((row.kept & event).sum()) if not row.error else 0
+            case.error, case.unavailable = row.error, row.unavailable
+            if v == 0 and row.note:
+                case.note = "; ".join(n for n in (case.note, row.note) if n)
+            hits[i] += int((row.kept & event).sum()) if row.kept.size else 0
             rows.append(row)
         if v == 0:
             span = f"frames {video.start}-{video.start + video.length - 1}"
             title = f"{video.name} on {encoded.family}: a {video.colour} square in {span} (event cells in magenta)"
             render_rows(encoded, [rows[i] for i in shown], picture, title=title, marked=event)
     for i, case in enumerate(cases):
-        case.event_kept = None if case.error else hits[i] / max(total, 1)
+        case.event_kept = None if case.error or case.unavailable else hits[i] / max(total, 1)
 
 
 def run_default(
@@ -254,11 +257,12 @@ def table_rows(cases: list[Case], summary_csv: Path) -> list[dict[str, Any]]:
         elif found is None:
             raise CollectError(f"no collected run for {case.name} in {summary_csv}")
         else:
+            kept = "" if case.event_kept is None else 100.0 * case.event_kept
             row.update(
                 achieved_retention=float(found["achieved_retention"]),
                 accuracy=float(found[EVENT_TASK]),
-                event_tokens_kept=100.0 * case.event_kept,
-                note=case.note,
+                event_tokens_kept=kept,
+                note="; ".join(n for n in (case.note, case.unavailable) if n),
             )
         rows.append(row)
     return rows
@@ -280,8 +284,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if r["accuracy"] == "":
             lines.append(f"{r['method']:10} {r['retention']:5.2f} {'-':>9} {'-':>11} {'-':>13}  {r['note']}")
             continue
+        kept = "-" if r["event_tokens_kept"] == "" else f"{r['event_tokens_kept']:.1f}"
         lines.append(
             f"{r['method']:10} {r['retention']:5.2f} {r['achieved_retention']:9.3f} {r['accuracy']:11.1f} "
-            f"{r['event_tokens_kept']:13.1f}  {r['note']}"
+            f"{kept:>13}  {r['note']}"
         )
     return "\n".join(lines)
