@@ -128,12 +128,25 @@ def tower_signals(spec: CompressionSpec) -> frozenset[str]:
 
 
 def check_spec(model: Any, spec: CompressionSpec) -> str:
-    """'' when the model family can supply what ``spec``'s method needs, else the reason it cannot."""
+    """'' when the model can run ``spec``, else the reason it cannot: a signal its family cannot supply, or
+    (for a method acting inside the LLM) a plan its language model's depth does not allow."""
     try:
         spec.check_supported(model.family, model.supplied_signals, getattr(model, "signal_hint", ""))
+        plan = getattr(spec, "llm_plan", None)
+        if plan is not None:
+            plan(_lm_layers(model))
     except ValueError as exc:
         return str(exc)
     return ""
+
+
+def _lm_layers(model: Any) -> int:
+    """Decoder layers of a loaded adapter's language model (LLaVA: ``model.language_model``; Qwen: the
+    checkpoint's text config)."""
+    inner = model.model
+    lm = getattr(inner, "language_model", None)
+    config = lm.config if hasattr(lm, "config") else inner.config.get_text_config()
+    return int(config.num_hidden_layers)
 
 
 def _detached(tokens: VideoTokens, features: torch.Tensor) -> VideoTokens:
