@@ -132,9 +132,8 @@ def check_spec(model: Any, spec: CompressionSpec) -> str:
     (for a method acting inside the LLM) a plan its language model's depth does not allow."""
     try:
         spec.check_supported(model.family, model.supplied_signals, getattr(model, "signal_hint", ""))
-        plan = getattr(spec, "llm_plan", None)
-        if plan is not None:
-            plan(_lm_layers(model))
+        if getattr(spec.method, "plan", None) is not None and not spec.is_identity:
+            spec.llm_plan(_lm_layers(model))
     except ValueError as exc:
         return str(exc)
     return ""
