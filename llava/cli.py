@@ -1,9 +1,11 @@
 """The one console script of the project, ``vidcom2``, with subcommands.
 
-Built in here: ``infer`` (one question about one video), ``make-tiny`` (random-init tiny checkpoints
-for offline work) and ``make-videos`` (synthetic test videos). Other parts of the project add theirs
-with :func:`register_subcommand` from a module listed in ``EXTENSION_MODULES`` (imported lazily; a
-missing one is skipped), so this file never has to know about evaluation or benchmarking.
+Built in here: ``infer`` (one question about one video), ``visualize`` (a picture of the tokens each
+method keeps), ``methods`` (the registry), ``make-tiny`` (random-init tiny checkpoints for offline work),
+``train-tiny`` (a tiny checkpoint trained on the brief-event task) and ``make-videos`` (synthetic
+videos). Other parts of the project add theirs with :func:`register_subcommand` from a module listed
+in ``EXTENSION_MODULES`` (imported lazily; a missing one is skipped), so this file never has to know
+about evaluation or benchmarking.
 
 User errors (bad option values, missing files, unreadable videos) print one line
 ``vidcom2: error: ...`` on stderr and exit with status 2; ``--traceback`` shows the full trace.
@@ -209,15 +211,57 @@ def _run_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_tiny_arguments(p: argparse.ArgumentParser) -> None:
+    from llava.train_tiny import TrainConfig
+
+    defaults = TrainConfig()
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--arch", default=defaults.arch, help="llava_ov or llava_vid")
+    for name in ("steps", "batch_size", "train_videos", "eval_videos", "frames", "image_size", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    p.add_argument("--lr", type=float, default=defaults.lr)
+
+
+def _run_train_tiny(args: argparse.Namespace) -> int:
+    from llava.train_tiny import TrainConfig, train_tiny
+
+    config = TrainConfig(
+        arch=args.arch,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        train_videos=args.train_videos,
+        eval_videos=args.eval_videos,
+        frames=args.frames,
+        image_size=args.image_size,
+        seed=args.seed,
+        lr=args.lr,
+    )
+    train_tiny(args.out, config, log=lambda line: print(line, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
 def _add_make_videos_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--task",
+        default="plumbing",
+        choices=("plumbing", "event"),
+        help="plumbing: five videos with scene cuts and static stretches; event: the brief-event task's videos",
+    )
+    p.add_argument("--count", type=int, default=48, help="number of event videos (--task event)")
 
 
 def _run_make_videos(args: argparse.Namespace) -> int:
     from llava.synthetic_videos import MANIFEST, make_videos
 
-    manifest = make_videos(args.out, seed=args.seed)
+    if args.task == "event":
+        from llava.event_task import make_event_videos
+
+        manifest = make_event_videos(args.out, count=args.count, seed=args.seed)
+    else:
+        manifest = make_videos(args.out, seed=args.seed)
     for entry in manifest["videos"]:
         print(Path(args.out) / entry["path"])
     print(Path(args.out) / MANIFEST)
@@ -248,9 +292,69 @@ def _run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- visualize
+
+
+def _add_visualize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--video", required=True, help="video file or folder of frame images")
+    p.add_argument("--out", required=True, help="PNG to write")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--compressor", help="one method (`vidcom2 methods` lists them)")
+    which.add_argument("--compressors", help="comma-separated methods: one row each, e.g. none,vidcom2,random")
+    p.add_argument("--retention", type=float, default=0.25, help="fraction R of video tokens to keep (default 0.25)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method knob, METHOD.KEY=VALUE (repeatable)")
+    p.add_argument("--frames", type=int, default=8, help="uniformly sampled frames (default 8)")
+    p.add_argument("--family", default=None, help="model family (default: detected from config.json)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--vision-head", default=None, metavar="DIR", help="SigLIP head for FastVID on LLaVA (see infer)")
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from llava.families_index import load_video_llm
+    from llava.model.compression import CompressionSpec
+    from llava.runtime import FrameSampling
+    from llava.visualize import visualize
+
+    names = [args.compressor] if args.compressor else [n.strip() for n in args.compressors.split(",") if n.strip()]
+    options = parse_options(args.option)
+    specs = [CompressionSpec(name, args.retention, _options_of(name, options)) for name in names]
+    if not Path(args.video).exists():
+        raise FileNotFoundError(f"video not found: {args.video}")
+    model = load_video_llm(args.model, family=args.family, device=args.device, dtype=args.dtype)
+    if args.vision_head is not None:
+        if not hasattr(model, "load_vision_head"):
+            raise ValueError(f"--vision-head is not supported by model family {model.family}")
+        model.load_vision_head(args.vision_head)
+    path, rows = visualize(model, args.video, specs, args.out, FrameSampling(num_frames=args.frames))
+    for row in rows:
+        status = f"cannot run: {row.error}" if row.error else f"achieved retention {row.achieved_retention:.3f}"
+        status = row.unavailable or status
+        print(f"{row.method:10} R={row.retention:g}  {status}", file=sys.stderr)
+    print(path)
+    if len(rows) == 1 and rows[0].error:
+        raise ValueError(rows[0].error)
+    return 0
+
+
+def _options_of(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The knobs for method ``name`` in a grid: its own ``name.key`` entries and every bare key (a bare
+    key another method lacks fails, naming it: prefix knobs when several methods are drawn)."""
+    from llava.model.compression import is_method_option
+
+    return {k: v for k, v in options.items() if k.partition(".")[0] == name or not is_method_option(k)}
+
+
 register_subcommand("methods", _add_methods_arguments, _run_methods, help="list the compression methods, their knobs")
 register_subcommand("infer", _add_infer_arguments, _run_infer, help="answer one question about one video")
+register_subcommand(
+    "visualize", _add_visualize_arguments, _run_visualize, help="draw the tokens each method keeps on the frames"
+)
 register_subcommand("make-tiny", _add_make_tiny_arguments, _run_make_tiny, help="write a random-init tiny checkpoint")
+register_subcommand(
+    "train-tiny", _add_train_tiny_arguments, _run_train_tiny, help="train a tiny checkpoint on the brief-event task"
+)
 register_subcommand("make-videos", _add_make_videos_arguments, _run_make_videos, help="write synthetic test videos")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU efficiency benchmark (issue 6): full-size random-weight models on one GPU, the same adapters
+# GPU efficiency benchmark: full-size random-weight models on one GPU, the same adapters
 # the evaluation uses. Overridable: MODELS, OUT, PLOT, EXTRA (more `vidcom2 bench` flags).
 #   bash scripts/bench_efficiency.sh
 #   MODELS=llava_ov_7b EXTRA="--full" bash scripts/bench_efficiency.sh

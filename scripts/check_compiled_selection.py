@@ -1,4 +1,4 @@
-"""What execution=compiled costs and changes against the unfused modes (issue 6 investigation, not a test).
+"""What execution=compiled costs and changes against the unfused modes (a GPU investigation, not a test).
 
     python scripts/check_compiled_selection.py [--videos 8]
 

@@ -1,4 +1,4 @@
-"""Does a compressed request fit in the memory of the uncompressed one? (issue 6: "peak memory never above")
+"""Does a compressed request fit in the memory of the uncompressed one? (the target: peak memory never above)
 
     python scripts/check_memory_cap.py --model qwen2_vl_7b --frames 32 --attn sdpa_varlen --preprocess-device cuda \
         --compressors vidcom2,random,uniform --out results/memory_cap_h100.csv

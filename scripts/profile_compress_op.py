@@ -1,4 +1,4 @@
-"""Where the VidCom2 selection op spends its time on a GPU (issue 2/6 investigation, not a test).
+"""Where the VidCom2 selection op spends its time on a GPU (a GPU investigation, not a test).
 
     python scripts/profile_compress_op.py [--frames 32 --tokens 196 --dim 3584]
 

@@ -1,4 +1,4 @@
-"""Where the LLaVA compress STAGE spends its time inside the pipeline (issue 6 investigation, not a test).
+"""Where the LLaVA compress STAGE spends its time inside the pipeline (a GPU investigation, not a test).
 
     python scripts/profile_compress_stage.py [--model llava_ov_7b --frames 32 --out DIR]
 

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The embedded default main job (offline, CPU, a few minutes): tiny random LLaVA-OV checkpoint +
-# synthetic videos -> a local multiple-choice task through the real lmms-eval CLI, uncompressed and
-# VidCom2 R=0.25 -> CSVs in $WORK_DIR/results (committed results/ are untouched unless
-# RESULTS_DIR=results). NPROC=2 runs every evaluation as 2 torchrun processes.
-#   WORK_DIR=work/eval_default ARCH=llava_ov NPROC=1 FRAMES=8 RETENTIONS=1.0,0.25 bash scripts/run_default.sh
+# The default job (offline, CPU, a few minutes): the tiny LLaVA-OV checkpoint trained on the brief-event
+# task (checkpoints/tiny_event_llava_ov, made by `vidcom2 train-tiny`) answers 48 synthetic videos through
+# the real lmms-eval CLI, uncompressed and with every method at R = 0.25 and 0.10; prints one table
+# (method, achieved retention, accuracy, share of the event's tokens kept) and writes it with the CSVs
+# and kept_tokens.png into $WORK_DIR (committed results/ are untouched unless RESULTS_DIR=results).
+#   WORK_DIR=work/eval_default METHODS=vidcom2,random RETENTIONS=0.25 VIDEOS=48 NPROC=1 FRAMES=8 bash scripts/run_default.sh
+#   MODEL=DIR evaluates another checkpoint; MODEL=train trains a fresh one into $WORK_DIR first.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A fresh machine: create .venv and install the package first (idempotent; skipped when PYTHON is given).
 [[ -n "${PYTHON:-}" ]] || bash "$repo_root/scripts/bootstrap.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-args=(eval-default --work-dir "${WORK_DIR:-work/eval_default}" --arch "${ARCH:-llava_ov}"
-  --nproc "${NPROC:-1}" --frames "${FRAMES:-8}" --retentions "${RETENTIONS:-1.0,0.25}")
+model="${MODEL:-$repo_root/checkpoints/tiny_event_llava_ov}"
+args=(eval-default --work-dir "${WORK_DIR:-work/eval_default}" --nproc "${NPROC:-1}" --frames "${FRAMES:-8}"
+  --retentions "${RETENTIONS:-0.25,0.1}" --videos "${VIDEOS:-48}")
+[[ "$model" == "train" ]] || args+=(--model "$model")
+[[ -z "${METHODS:-}" ]] || args+=(--methods "$METHODS")
 [[ -z "${RESULTS_DIR:-}" ]] || args+=(--results-dir "$RESULTS_DIR")
 [[ -z "${EXTRA_MODEL_ARGS:-}" ]] || args+=(--model-args "$EXTRA_MODEL_ARGS")
 [[ "${FRESH:-0}" != "1" ]] || args+=(--fresh)

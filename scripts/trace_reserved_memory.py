@@ -1,4 +1,4 @@
-"""Which allocations grow reserved GPU memory in one steady-state request (issue 6 investigation, not a test).
+"""Which allocations grow reserved GPU memory in one steady-state request (a GPU investigation, not a test).
 
     python scripts/trace_reserved_memory.py [--model qwen2_vl_7b --frames 8 --compressors none,vidcom2,random]
 

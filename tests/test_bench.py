@@ -39,7 +39,7 @@ def test_vidcom2_options_reach_the_vidcom2_cases_only(tmp_path: Path) -> None:
 
 
 def test_timed_requests_compile_in_process(tmp_path: Path) -> None:
-    """No inductor worker pool may boot beside the timed requests (it slowed the first ones, run 7b)."""
+    """No inductor worker pool may boot beside the timed requests (it slowed the first ones on an H100)."""
     import torch._inductor.config as inductor_config
 
     seen = []
@@ -147,7 +147,7 @@ def test_preprocess_device_reaches_qwen_adapters_and_is_refused_elsewhere(tmp_pa
 def test_plot_keeps_each_panel_to_one_run_and_splits_variants(tmp_path: Path) -> None:
     from llava.bench.plot import _one_run_per_model, _variant, plot_efficiency
 
-    def row(run: str, compressor: str, retention: float, **extra: str) -> dict[str, str]:
+    def row(run: tuple[str, str], compressor: str, retention: float, **extra: str) -> dict[str, str]:
         base = {
             "model": "m",
             "compressor": compressor,
@@ -161,22 +161,25 @@ def test_plot_keeps_each_panel_to_one_run_and_splits_variants(tmp_path: Path) ->
             "attn_implementation": "sdpa",
             "preprocess_device": "cuda:0",
             "cuda_alloc_conf": "",
-            "run": run,
+            "date": run[0],
+            "commit": run[1],
+            "setup": "one GPU",
         }
         return {**base, **extra}
 
-    sweep = [row("2a: old", "none", 1.0)] + [row("2a: old", "vidcom2", r) for r in (0.5, 0.25, 0.1)]
-    later = [row("3b: new", "none", 1.0), row("3b: new", "vidcom2", 0.25)]  # no sweep: the 2a sweep is kept
-    newest = [row("3d: newer", "none", 1.0)] + [row("3d: newer", "vidcom2", r) for r in (0.5, 0.25, 0.1)]
-    assert {r["run"] for r in _one_run_per_model(sweep + later)} == {"2a: old"}
-    assert {r["run"] for r in _one_run_per_model(sweep + later + newest)} == {"3d: newer"}
+    old, new, newer = ("2026-11-25", "aaaaaaa"), ("2026-11-26", "bbbbbbb"), ("2026-11-26", "ccccccc")
+    sweep = [row(old, "none", 1.0)] + [row(old, "vidcom2", r) for r in (0.5, 0.25, 0.1)]
+    later = [row(new, "none", 1.0), row(new, "vidcom2", 0.25)]  # no sweep: the older sweep is kept
+    newest = [row(newer, "none", 1.0)] + [row(newer, "vidcom2", r) for r in (0.5, 0.25, 0.1)]  # same day, later rows
+    assert {r["commit"] for r in _one_run_per_model(sweep + later)} == {"aaaaaaa"}
+    assert {r["commit"] for r in _one_run_per_model(sweep + later + newest)} == {"ccccccc"}
     assert (
         _variant(
-            row("x", "none", 1.0, model="qwen2_vl_7b", attn_implementation="sdpa_varlen", preprocess_device="cuda")
+            row(old, "none", 1.0, model="qwen2_vl_7b", attn_implementation="sdpa_varlen", preprocess_device="cuda")
         )
         == "qwen2_vl_7b (sdpa_varlen, GPU processor)"
     )
-    assert _variant(row("x", "none", 1.0)) == "m"
+    assert _variant(row(old, "none", 1.0)) == "m"
     path = tmp_path / "rows.csv"
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(sweep[0]))

@@ -125,8 +125,8 @@ def compiling_in_process() -> Iterator[None]:
     The pool is started by a process's first compilation and boots in the background (each worker imports
     torch), which takes longer than that compilation, so it competed for the host with the timed requests
     that followed: on Qwen3-VL, 8 frames, the compress stage took 0.60 ms right after the first compile and
-    0.16 ms with the workers off or after two more warm-ups (H100, run 7b). Steady-state serving has no
-    booting workers; the bench measures that."""
+    0.16 ms with the workers off or after two more warm-ups (H100, 2026-11-26). Steady-state serving has
+    no booting workers; the bench measures that."""
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(compile_threads=1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,8 +12,8 @@ def plot_efficiency(
 ) -> Path:
     """Rows of ``vidcom2 bench`` at one frame count (default: the most common) and batch size -> PNG.
 
-    A panel per model variant; when a CSV gathers several runs (a ``run`` column), each panel shows
-    the run with the most rows for it, so no line mixes measurements of different runs."""
+    A panel per model variant; when a CSV gathers several measurements (``date``, ``commit``, ``setup``
+    columns), each panel shows one of them, so no line mixes measurements of different invocations."""
     import matplotlib
 
     csv_path, png_path = Path(csv_path), Path(png_path)
@@ -89,19 +88,24 @@ def _variant(row: dict[str, str]) -> str:
     return row["model"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _run_key(row: dict[str, str]) -> tuple[str, str, str]:
+    """Which measurement a row belongs to: (date, commit, setup) of the bench invocation."""
+    return row.get("date", ""), row.get("commit", ""), row.get("setup", "")
+
+
 def _one_run_per_model(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Per model variant, the rows of one run: the latest run holding a retention sweep (an uncompressed
-    row and >= 3 retentions of one compressor), else the latest run ("latest" by the run's number)."""
-    by_run: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    for r in rows:
-        by_run[(r["model"], r.get("run", ""))].append(r)
-    chosen: dict[str, tuple[bool, int, str]] = {}
-    for (model, run), mine in by_run.items():
+    """Per model variant, the rows of one measurement (same date, commit and setup): the latest holding a
+    retention sweep (an uncompressed row and >= 3 retentions of one compressor), else the latest ("latest"
+    by date, then by position in the file: rows are appended in the order they were measured)."""
+    by_run: dict[tuple[str, tuple[str, str, str]], list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_run[(r["model"], _run_key(r))].append(i)
+    chosen: dict[str, tuple[bool, str, int, tuple[str, str, str]]] = {}
+    for (model, key), members in by_run.items():
         per_compressor: dict[str, int] = defaultdict(int)
-        for r in mine:
-            per_compressor[r["compressor"]] += 1
+        for i in members:
+            per_compressor[rows[i]["compressor"]] += 1
         sweep = "none" in per_compressor and max(per_compressor.values()) >= 3
-        number = re.search(r"\d+", run)
-        rank = (sweep, int(number.group()) if number else 0, run)
+        rank = (sweep, key[0], max(members), key)
         chosen[model] = max(chosen.get(model, rank), rank)
-    return [r for r in rows if r.get("run", "") == chosen[r["model"]][2]]
+    return [r for r in rows if _run_key(r) == chosen[r["model"]][3]]

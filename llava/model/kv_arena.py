@@ -4,8 +4,8 @@ Why: transformers' DynamicCache holds every layer's keys and values as tensors o
 concatenates them anew at each decode step. A compressed prompt makes them small (about 0.3 MiB each
 for an 8-frame Qwen2-VL video at R = 0.25), and PyTorch's caching allocator serves tensors of at most
 1 MiB from 2 MiB "small pool" segments it reserves for them, instead of from the large blocks the vision
-tower has just freed. The shorter prompt then reserved more GPU memory than the full one (issue 6: +18
-to +26 MiB on Qwen2-VL and Qwen3-VL at 8 frames, with any compressor). Here the keys and values are
+tower has just freed. The shorter prompt then reserved more GPU memory than the full one (+18 to +26
+MiB on Qwen2-VL and Qwen3-VL at 8 frames, with any compressor). Here the keys and values are
 allocated once, with room for the tokens still to generate, in groups just large enough for the large
 pool; decode steps write into them instead of reallocating.
 

@@ -55,17 +55,21 @@ ARCHS = {
 }
 
 
-def tiny_lmms_lab_config(arch: str) -> dict[str, Any]:
+def tiny_lmms_lab_config(arch: str, image_size: int = TINY_VISION["image_size"]) -> dict[str, Any]:
     """config.json of a tiny lmms-lab checkpoint. The tower is named by its real hub id but described
-    by ``mm_vision_tower_config``, so loading never looks it up."""
+    by ``mm_vision_tower_config``, so loading never looks it up. ``image_size``: the tower's input side
+    (a multiple of the 14-pixel patch; 98 -> a 7x7 patch grid, 196 -> 14x14)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown LLaVA arch {arch!r}; valid: {', '.join(ARCHS)}")
+    patch = TINY_VISION["patch_size"]
+    if image_size < patch or image_size % patch:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {patch}, got {image_size}")
     return {
         "model_type": "llava",
         "architectures": ["LlavaQwenForCausalLM"],
         **TINY_TEXT,
         "mm_vision_tower": "google/siglip-so400m-patch14-384",
-        "mm_vision_tower_config": dict(TINY_VISION),
+        "mm_vision_tower_config": {**TINY_VISION, "image_size": image_size},
         "mm_hidden_size": TINY_VISION["hidden_size"],
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
@@ -104,11 +108,12 @@ def _hf_name(name: str) -> str:
     raise KeyError(name)
 
 
-def _hf_config(tokenizer: Any) -> dict[str, Any]:
+def _hf_config(tokenizer: Any, lmms_config: dict[str, Any]) -> dict[str, Any]:
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    vision = {**TINY_VISION, "num_hidden_layers": TINY_VISION["num_hidden_layers"] - 1, "vision_use_head": False}
-    size = TINY_VISION["image_size"]
+    tower = lmms_config["mm_vision_tower_config"]
+    vision = {**tower, "num_hidden_layers": tower["num_hidden_layers"] - 1, "vision_use_head": False}
+    size = tower["image_size"]
     config = LlavaOnevisionConfig(
         text_config=Qwen2Config(**TINY_TEXT).to_dict(),
         vision_config=SiglipVisionConfig(**vision).to_dict(),
@@ -125,29 +130,43 @@ def _hf_config(tokenizer: Any) -> dict[str, Any]:
     return data
 
 
+def tiny_tokenizer() -> Any:
+    """The char-level tokenizer every tiny LLaVA checkpoint holds."""
+    return build_char_tokenizer(
+        SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+
+
 def write_tiny_llava(out_dir: str | Path, *, arch: str, seed: int = 0, fmt: str = "lmms-lab") -> Path:
     """Write a tiny random checkpoint (weights, config, tokenizer, preprocessor config); returns the dir."""
     if fmt not in ("lmms-lab", "hf"):
         raise ValueError(f"unknown --format {fmt!r}; valid: lmms-lab, hf")
+    lmms_config = tiny_lmms_lab_config(arch)
+    model = build_random(parse_spec(lmms_config), seed=seed)
+    return save_llava_checkpoint(model, lmms_config, out_dir, fmt=fmt)
+
+
+def save_llava_checkpoint(
+    model: torch.nn.Module, lmms_config: dict[str, Any], out_dir: str | Path, *, fmt: str
+) -> Path:
+    """Save a tiny LlavaVideoModel (random or trained) with the tiny tokenizer and its preprocessor config,
+    in either storage format; ``lmms_config`` is the config it was built from. Returns the directory."""
+    arch = next((a for a, v in ARCHS.items() if lmms_config["mm_spatial_pool_mode"] == v["mm_spatial_pool_mode"]), "")
     if fmt == "hf" and arch != "llava_ov":
         raise ValueError(
             f"--format hf is only for llava_ov: transformers' LlavaOnevision cannot express {arch}'s grid "
             "newline layout; use --format lmms-lab"
         )
-    lmms_config = tiny_lmms_lab_config(arch)
-    model = build_random(parse_spec(lmms_config), seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(
-        SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
-    )
+    tokenizer = tiny_tokenizer()
     rename = _lmms_lab_name if fmt == "lmms-lab" else _hf_name
     state = {rename(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = lmms_config if fmt == "lmms-lab" else _hf_config(tokenizer)
+    config = lmms_config if fmt == "lmms-lab" else _hf_config(tokenizer, lmms_config)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out))
-    size = TINY_VISION["image_size"]
+    size = lmms_config["mm_vision_tower_config"]["image_size"]
     preprocessor = {
         "image_processor_type": "SiglipImageProcessor",
         "do_resize": True,

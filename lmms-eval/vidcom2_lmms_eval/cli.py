@@ -12,17 +12,24 @@ from llava.cli import register_subcommand
 
 
 def _add_default(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--work-dir", default="work/eval_default", help="where checkpoints, videos, runs and CSVs go")
+    p.add_argument("--work-dir", default="work/eval_default", help="where videos, runs, CSVs and the picture go")
     p.add_argument(
-        "--arch", default="llava_ov", help="tiny architecture: llava_ov, llava_vid, qwen2_vl, qwen2_5_vl, qwen3_vl"
+        "--model", default=None, help="checkpoint directory (default: train the tiny one into the work dir)"
     )
-    p.add_argument("--retentions", default="1.0,0.25", help="comma list; 1.0 is the uncompressed baseline")
+    p.add_argument("--methods", default=None, help="comma list of methods (default: every registered method)")
+    p.add_argument("--retentions", default="0.25,0.1", help="comma list of R for every method besides `none`")
+    p.add_argument("--videos", type=int, default=48, help="brief-event videos (one question each)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun on CPU) per lmms-eval run")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument(
         "--results-dir", default=None, help="CSV folder (default <work-dir>/results; never results/ unless given)"
     )
-    p.add_argument("--model-args", default="", help="extra --model_args, e.g. frame_score=equal,temperature=0.02")
+    p.add_argument(
+        "--model-args",
+        default="",
+        help="extra --model_args for every lmms-eval run (runtime settings, e.g. attn_implementation=eager; the "
+        "event-token replay does not see them)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete the work dir first")
 
 
@@ -30,10 +37,13 @@ def _run_default(args: argparse.Namespace) -> int:
     from vidcom2_lmms_eval.default_job import run_default
 
     retentions = tuple(float(r) for r in args.retentions.split(",") if r.strip())
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     written = run_default(
         args.work_dir,
-        arch=args.arch,
+        model=args.model,
+        methods=methods,
         retentions=retentions,
+        videos=args.videos,
         nproc=args.nproc,
         frames=args.frames,
         results_dir=args.results_dir,
@@ -69,7 +79,7 @@ def _run_collect_efficiency(args: argparse.Namespace) -> int:
 
 
 register_subcommand(
-    "eval-default", _add_default, _run_default, help="synthetic task through lmms-eval, offline, to CSVs"
+    "eval-default", _add_default, _run_default, help="the brief-event task through lmms-eval: every method, one table"
 )
 register_subcommand("collect", _add_collect, _run_collect, help="lmms-eval outputs -> results CSVs")
 register_subcommand(

@@ -88,6 +88,7 @@ SCORINGS: dict[str, Scoring] = {
     ),  # sic: lmms-eval's spelling
     "longvideobench_val_v": Scoring("lvb_acc", _lvb_correct, scale=100.0, tolerance=1e-3),
     "vidcom2_synth_mc": Scoring("accuracy", lambda m: float(m) == 1.0, scale=100.0),
+    "vidcom2_synth_event": Scoring("accuracy", lambda m: float(m) == 1.0, scale=100.0),
 }
 MVBENCH_PREFIX = "mvbench_"
 

@@ -1,23 +1,28 @@
-"""A synthetic multiple-choice video task with known answers, built from ``vidcom2 make-videos`` output.
+"""The synthetic multiple-choice video tasks of the default job, built from ``vidcom2 make-videos`` output.
 
 Why: the whole evaluation path (lmms-eval CLI, our wrappers, compression, meter, collector) must run
-offline on a CPU in minutes. Questions are facts written in the videos' manifest (scene cut? static
-stretch? duration?), so the answers are known without any labelling. A tiny random model answers at
-chance; the point is the plumbing and the efficiency figures, not the accuracy.
+offline on a CPU in minutes, on questions whose answers are known without labelling.
+
+- ``vidcom2_synth_event`` (the default job): one question per brief-event video (llava.event_task):
+  the colour of a small square shown in two frames. The tiny checkpoint trained on it answers far above
+  chance, so the accuracy under a method shows whether the method kept the event.
+- ``vidcom2_synth_mc`` (plumbing): facts written in the plumbing videos' manifest (scene cut? static
+  stretch? duration?). A random-weight model answers it at chance; its tests exercise the failure paths.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llava.event_task import LETTERS, QUESTION, parse_letter, prompt_text, read_manifest
+from llava.event_task import options as event_options
+
 TASK = "vidcom2_synth_mc"
-LETTERS = "ABCD"
-PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
+EVENT_TASK = "vidcom2_synth_event"
 DURATIONS = (2, 3, 4, 8)  # seconds offered as options; every default synthetic video has one of them
 
 
@@ -73,10 +78,37 @@ def build_task(out_dir: str | Path, videos_dir: str | Path, *, broken: bool = Fa
                     "answer": "B",
                 }
             )
+    return _write_task(out, docs, TASK)
+
+
+def build_event_task(out_dir: str | Path, videos_dir: str | Path) -> Path:
+    """Write the brief-event task (docs.jsonl + YAML) for a ``make-videos --task event`` folder; return it.
+    Each doc carries its video's ground truth (colour, event frames, box) for the event-token share."""
+    out, videos = Path(out_dir), Path(videos_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    docs = [
+        {
+            "doc_id": i,
+            "video": str(videos / video.path),
+            "video_name": video.name,
+            "question": QUESTION,
+            "options": event_options(),
+            "answer": video.answer,
+            "colour": video.colour,
+            "event_frames": [video.start, video.start + video.length],
+            "box": list(video.box),
+        }
+        for i, video in enumerate(read_manifest(videos))
+    ]
+    return _write_task(out, docs, EVENT_TASK)
+
+
+def _write_task(out: Path, docs: list[dict[str, Any]], task: str) -> Path:
+    """docs.jsonl and the task's YAML template (lmms-eval resolves data_files next to the YAML)."""
     (out / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    template = resources.files("vidcom2_lmms_eval") / "tasks" / f"{TASK}.yaml"
+    template = resources.files("vidcom2_lmms_eval") / "tasks" / f"{task}.yaml"
     with resources.as_file(template) as src:
-        shutil.copyfile(src, out / f"{TASK}.yaml")
+        shutil.copyfile(src, out / f"{task}.yaml")
     return out
 
 
@@ -85,14 +117,7 @@ def doc_to_visual(doc: dict[str, Any]) -> list[str]:
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
-    return "\n".join([doc["question"], *doc["options"], PROMPT_SUFFIX])
-
-
-def parse_letter(response: str, n_options: int) -> str | None:
-    """First standalone option letter in the response (``B``, ``(B)``, ``B.``, ``Answer: B``)."""
-    valid = LETTERS[:n_options]
-    match = re.search(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", response.strip())
-    return match.group(1) if match else None
+    return prompt_text(doc["question"], doc["options"])
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
