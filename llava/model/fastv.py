@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.model.inllm_select import cap_counts, top_visual
+from llava.model.inllm_select import ATTENTION_MODES, POSITION_RULES, cap_counts, top_visual
 from llava.model.method_api import (
     LLM_ATTENTION_ROWS,
     Boundary,
@@ -31,9 +31,6 @@ from llava.model.method_api import (
     check_choice,
     check_range,
 )
-
-POSITION_RULES = ("inherit", "compact", "auto")
-ATTENTION_MODES = ("rows", "eager")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+POSITION_RULES = ("auto", "compact", "inherit")  # auto: compact on 1-D positions, inherit on M-RoPE
+ATTENTION_MODES = ("rows", "eager")  # rows from the layer's own q / k, or the authors' whole map
+
 
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """(B, L) float32 scores, (B, L) bool video tokens, per-row counts -> (B, L) bool: each row's

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.model.inllm_select import cap_counts, top_visual
+from llava.model.inllm_select import ATTENTION_MODES, POSITION_RULES, cap_counts, top_visual
 from llava.model.method_api import (
     LLM_ATTENTION_ROWS,
     Boundary,
@@ -29,9 +29,6 @@ from llava.model.method_api import (
     Stage,
     check_choice,
 )
-
-POSITION_RULES = ("auto", "compact", "inherit")
-ATTENTION_MODES = ("rows", "eager")
 
 
 @dataclass(frozen=True)

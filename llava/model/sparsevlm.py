@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.model.inllm_select import top_visual
+from llava.model.inllm_select import ATTENTION_MODES, POSITION_RULES, top_visual
 from llava.model.method_api import (
     LLM_ATTENTION_ROWS,
     Boundary,
@@ -72,8 +72,6 @@ from llava.model.method_api import (
 )
 
 _OWNER = "SparseVLM"
-POSITION_RULES = ("auto", "compact", "inherit")
-ATTENTION_MODES = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
 SHAPE_192 = (0.521, 0.347, 0.191)  # upstream's LLaVA-1.5 "192" schedule (300, 200, 110 of 576), normalised
 RECYCLE_FRACTION = 0.3  # upstream: int(0.3 * n_drop) + 1 dropped tokens are recycled
