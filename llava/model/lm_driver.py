@@ -244,9 +244,10 @@ def _compact(stack: DecoderStack, seq: _Sequence, action: LayerAction, rule: str
     else:
         rope = (_gather_seq(seq.rope[0], index), _gather_seq(seq.rope[1], index))
     flat_old = torch.arange(batch, device=keep.device)[:, None] * length + index  # (B, L') old flat positions
-    moved = torch.full((batch * length,), -1, dtype=torch.long, device=keep.device)
+    moved = torch.full((batch * length + 1,), -1, dtype=torch.long, device=keep.device)  # + a spill slot
     new_flat = torch.arange(batch, device=keep.device)[:, None] * new_len + torch.arange(new_len, device=keep.device)
-    moved[flat_old[valid]] = new_flat[valid]
+    moved.scatter_(0, torch.where(valid, flat_old, batch * length).reshape(-1), new_flat.reshape(-1))  # no host sync
+    moved = moved[:-1]
     where = torch.where(seq.where >= 0, moved[seq.where.clamp(min=0)], seq.where)
     visual = torch.gather(seq.visual, 1, index) & valid
     extra = torch.gather(seq.extra_rows, 1, index) & valid if seq.extra_rows is not None else None
