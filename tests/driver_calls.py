@@ -27,9 +27,8 @@ def qwen_generate(model, prepared: stages.PrefillInputs, options: GenerationOpti
     out = lm_driver.generate(stages.qwen_stack(model), stages.lm_inputs(prepared), options, stop_ids=eos, **kwargs)
     pad = model.generation_config.pad_token_id
     pad = eos[0] if pad is None else int(pad)
-    longest = max(len(row) for row in out.ids)
     stopped = [row + [eos[0]] if len(row) < options.max_new_tokens else row for row in out.ids]
-    width = max(longest, *(len(row) for row in stopped))
+    width = max(len(row) for row in stopped)
     rows = [row + [pad] * (width - len(row)) for row in stopped]
     return torch.tensor(rows, device=out.first_logits.device), out.first_logits
 

@@ -197,9 +197,14 @@ def test_pdrop_schedule_is_solved_from_r() -> None:
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_batch_of_two_equals_two_single_runs(method: str) -> None:
-    lm = tiny_lm("sdpa")
-    short, long = prompt(lm, LENGTH, seed=1), prompt(lm, LENGTH + 5, seed=2)
     spec = CompressionSpec(method, 0.4, {"layers": "2/4", "shape": "1/0.5"} if method == "pdrop" else {})
+    assert_batch_equals_single_rows(tiny_lm("sdpa"), spec)
+
+
+def assert_batch_equals_single_rows(lm: Qwen2ForCausalLM, spec: CompressionSpec) -> None:
+    """Two prompts of different lengths, left padded into one batch, give each row's single-run result:
+    first logits, generated ids and video tokens per layer."""
+    short, long = prompt(lm, LENGTH, seed=1), prompt(lm, LENGTH + 5, seed=2)
     options = GenerationOptions(max_new_tokens=5, ignore_eos=True)
     singles = [generate(llava_stack(lm), p, options, stop_ids=[], plan=spec.llm_plan(LAYERS)) for p in (short, long)]
     batch = generate(llava_stack(lm), stack_pad([short, long]), options, stop_ids=[], plan=spec.llm_plan(LAYERS))

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_inllm_methods import LAYERS, LENGTH, VISUAL, prompt, stack_pad, tiny_lm, videos  # noqa: F401
+from test_inllm_methods import (  # noqa: F401
+    LAYERS,
+    LENGTH,
+    VISUAL,
+    assert_batch_equals_single_rows,
+    prompt,
+    stack_pad,
+    tiny_lm,
+    videos,
+)
 
 from llava.families_index import load_video_llm, tiny_builders
 from llava.model import holitom, sparsevlm
@@ -367,15 +376,7 @@ BATCH_SPECS = [
 
 @pytest.mark.parametrize("spec", BATCH_SPECS, ids=lambda s: s.compressor)
 def test_batch_of_two_equals_two_single_runs(spec: CompressionSpec) -> None:
-    lm = peaky_lm()
-    short, long = prompt(lm, LENGTH, seed=1), prompt(lm, LENGTH + 5, seed=2)
-    options = GenerationOptions(max_new_tokens=5, ignore_eos=True)
-    singles = [generate(llava_stack(lm), p, options, stop_ids=[], plan=spec.llm_plan(LAYERS)) for p in (short, long)]
-    batch = generate(llava_stack(lm), stack_pad([short, long]), options, stop_ids=[], plan=spec.llm_plan(LAYERS))
-    for row, single in enumerate(singles):
-        torch.testing.assert_close(batch.first_logits[row], single.first_logits[0], atol=1e-5, rtol=1e-5)
-        assert batch.ids[row] == single.ids[0]
-        assert [c[row] for c in batch.layer_visual] == [c[0] for c in single.layer_visual]
+    assert_batch_equals_single_rows(peaky_lm(), spec)
 
 
 def test_errors_name_the_option_and_the_limit() -> None:
