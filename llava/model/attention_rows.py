@@ -16,6 +16,7 @@ projections on the current hidden states): the attention output is then zeros an
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,9 +86,7 @@ def _wrapped(base: str):
             capture.scores = row_scores(query, key, capture, kwargs.get("scaling") or query.shape[-1] ** -0.5)
             if capture.probe:
                 return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
-        if base == "eager":
-            import sys
-
+        if base == "eager":  # transformers keeps eager attention in each model's own module
             forward = sys.modules[type(module).__module__].eager_attention_forward
         else:
             forward = ALL_ATTENTION_FUNCTIONS[base]
