@@ -24,7 +24,7 @@ STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # eager: DynamicCache, one eager forward per token (the default). static: a StaticCache filled from the
 # prefill, steps still eager. compiled: the static cache plus a torch.compile'd step (CUDA graphs on CUDA).
-DECODE_MODES = ("eager", "static", "compiled")
+DECODE_MODES = ("eager", "static", "graphed", "compiled")
 
 
 def check_decode_mode(mode: str) -> str:

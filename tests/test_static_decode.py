@@ -245,6 +245,26 @@ def test_compiled_graph_is_whole_and_host_sync_free(
     release_static_decode(qwen.model)
 
 
+def test_graphed_is_static_numerics(llava: LlavaVideoLLM, qwen: QwenVideoLLM, videos: Path) -> None:
+    """graphed traces the step to ATen ops and replays them (on the CPU: runs them, no CUDA graph): the
+    eager kernels, so its logits equal static mode's bit for bit and its ids equal eager decoding's."""
+    release_static_decode(llava.model)
+    release_static_decode(qwen.model)
+    batch = llava_batch(llava, videos, ["moving.mp4", "mixed.mp4"], QUESTIONS)
+    eager = llava_ids(llava, batch, "eager")
+    assert llava_ids(llava, batch, "graphed") == eager
+    ids = torch.tensor(eager)
+    assert torch.equal(llava_logits(llava, batch, ids, "graphed"), llava_logits(llava, batch, ids, "static"))
+    assert any(k[1] == "graphed" for k in cached_shapes(llava.model.language_model))
+    prepared = qwen_prepared(qwen, videos, 2)
+    reference, _ = qwen_generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
+    options = GenerationOptions(STEPS, ignore_eos=True, decode_mode="graphed")
+    assert torch.equal(qwen_generate(qwen.model, prepared, options)[0], reference)
+    assert torch.equal(qwen_logits(qwen, prepared, reference, "graphed"), qwen_logits(qwen, prepared, reference, "static"))
+    release_static_decode(llava.model)
+    release_static_decode(qwen.model)
+
+
 def test_compiled_matches_eager_and_is_reused(llava: LlavaVideoLLM, videos: Path) -> None:
     """Inductor on the CPU (no CUDA graphs there): same ids as eager; a second request of the same
     shape reuses the compiled step and its cache without compiling again."""
@@ -275,7 +295,7 @@ def test_bad_decode_mode_raises_naming_it() -> None:
     from vidcom2_lmms_eval.args import parse_model_args
     from vidcom2_lmms_eval.wrappers import generation_options
 
-    with pytest.raises(ValueError, match="decode_mode must be one of eager, static, compiled, got 'fast'"):
+    with pytest.raises(ValueError, match="decode_mode must be one of eager, static, graphed, compiled, got 'fast'"):
         GenerationOptions(decode_mode="fast")
     with pytest.raises(ValueError, match="decode_mode='fast'"):
         parse_model_args("qwen2_vl", {"pretrained": "m", "decode_mode": "fast"}, environ={})
@@ -304,7 +324,7 @@ def test_cli_and_bench_pass_decode_mode(capsys: pytest.CaptureFixture, tmp_path:
     from llava.cli import main
 
     assert main(["infer", "--model", "m", "--video", "v.mp4", "--question", "q", "--decode-mode", "fast"]) == 2
-    assert "decode_mode must be one of eager, static, compiled" in capsys.readouterr().err
+    assert "decode_mode must be one of eager, static, graphed, compiled" in capsys.readouterr().err
     assert main(["bench", "--decode-mode", "fast", "--out", str(tmp_path / "x.csv")]) == 2
     assert "--decode-mode must be one of" in capsys.readouterr().err
     for command in ("infer", "bench"):
