@@ -98,9 +98,10 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument(
         "--decode-mode",
-        default="eager",
-        help="eager (default); static: static KV cache; compiled: static cache + torch.compile'd step "
-        "(CUDA graphs on CUDA; the first use of a shape compiles, seconds to a minute; needs --attn sdpa or eager)",
+        default="auto",
+        help="auto (default: compiled on CUDA where it applies, else eager); eager; static: static KV cache; "
+        "compiled: static cache + torch.compile'd step (CUDA graphs on CUDA; the first use of a shape compiles, "
+        "seconds to a minute; needs --attn sdpa or eager)",
     )
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu")
@@ -154,7 +155,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         seed=args.seed,
         decode_mode=args.decode_mode,
     )
-    if generation.decode_mode != "eager":
+    if generation.decode_mode not in ("eager", "auto"):
         from llava.model.static_decode import check_attention
 
         check_attention(args.attn, generation.decode_mode)

@@ -22,9 +22,10 @@ from llava.model.compression import CompressionSpec
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# eager: DynamicCache, one eager forward per token (the default). static: a StaticCache filled from the
-# prefill, steps still eager. compiled: the static cache plus a torch.compile'd step (CUDA graphs on CUDA).
-DECODE_MODES = ("eager", "static", "graphed", "compiled")
+# auto (the default): compiled where it applies (see llava.model.static_decode.resolve_decode_mode), else
+# eager. eager: DynamicCache, one eager forward per token. static: a StaticCache filled from the prefill,
+# steps still eager. compiled: the static cache plus a torch.compile'd step (CUDA graphs on CUDA).
+DECODE_MODES = ("auto", "eager", "static", "compiled")
 
 
 def check_decode_mode(mode: str) -> str:
@@ -60,18 +61,13 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
-    decode_mode: str = "eager"  # one of DECODE_MODES; see llava.model.static_decode
+    decode_mode: str = "auto"  # one of DECODE_MODES; see llava.model.static_decode
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check_decode_mode(self.decode_mode)
 
-
-def decode_room(options: GenerationOptions) -> int:
-    """KV-cache rows to reserve after the prompt: the tokens eager decoding will feed back (static and
-    compiled decoding copy the prompt's cache into a static cache of their own instead)."""
-    return options.max_new_tokens if options.decode_mode == "eager" else 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import argparse
 import csv
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,11 +25,49 @@ from llava.bench.models import get_bench_model
 from llava.model.compression import CompressionSpec
 from llava.runtime import GenerationOptions
 
-MODES = ("eager", "static", "graphed", "compiled")
+MODES = ("eager", "static", "compiled")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def measure(
+    llm: Any,
+    mode: str,
+    videos: list,
+    questions: list[str],
+    spec: CompressionSpec,
+    sampling: Any,
+    tokens: int,
+    reference: list[list[int]],
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """One decode mode over every prompt: its row, and its ids (the reference when it is eager's)."""
+    generation = GenerationOptions(max_new_tokens=tokens, ignore_eos=True, decode_mode=mode)
+
+    def ask(i: int) -> Any:
+        return llm.answer_batch(
+            [videos[i]], [questions[i]], compression=spec, generation=generation, sampling=sampling
+        )[0]
+
+    first = ask(0)  # compiles (compiled mode); untimed
+    results = [ask(i) for i in range(len(videos))]
+    ids = [r.output_ids for r in results]
+    reference = reference or ids
+    prefixes = [common_prefix(a, b) for a, b in zip(ids, reference, strict=True)]
+    row = {
+        "decode_mode": mode,
+        "compressor": spec.compressor,
+        "retention": spec.retention,
+        "prompts": len(videos),
+        "tokens": tokens,
+        "decode_ms_per_token": round(statistics.median(r.timings["decode"] for r in results) * 1e3 / (tokens - 1), 2),
+        "first_request_decode_s": round(first.timings["decode"], 2),
+        "identical_sequences": sum(p == len(r) for p, r in zip(prefixes, reference, strict=True)),
+        "mean_common_prefix": round(statistics.mean(prefixes), 2),
+        "min_common_prefix": min(prefixes),
+    }
+    return row, ids
 
 
 def main() -> None:
@@ -53,36 +92,10 @@ def main() -> None:
         llm = bench.build("cuda", dtype, "sdpa")
         reference: list[list[int]] = []
         for mode in MODES:
-            generation = GenerationOptions(max_new_tokens=args.tokens, ignore_eos=True, decode_mode=mode)
-
-            def ask(i: int, generation: GenerationOptions = generation):  # noqa: ANN202
-                return llm.answer_batch(
-                    [videos[i]], [questions[i]], compression=spec, generation=generation, sampling=sampling
-                )[0]
-
-            first = ask(0)  # compiles (compiled mode); untimed
-            results = [ask(i) for i in range(args.prompts)]
-            ids = [r.output_ids for r in results]
+            row, ids = measure(llm, mode, videos, questions, spec, sampling, args.tokens, reference)
             reference = reference or ids
-            prefixes = [common_prefix(a, b) for a, b in zip(ids, reference, strict=True)]
-            row = {
-                "model": args.model,
-                "dtype": dtype,
-                "decode_mode": mode,
-                "compressor": args.compressor,
-                "retention": args.retention,
-                "prompts": args.prompts,
-                "tokens": args.tokens,
-                "decode_ms_per_token": round(
-                    statistics.median(r.timings["decode"] for r in results) * 1e3 / (args.tokens - 1), 2
-                ),
-                "first_request_decode_s": round(first.timings["decode"], 2),
-                "identical_sequences": sum(p == len(r) for p, r in zip(prefixes, reference, strict=True)),
-                "mean_common_prefix": round(statistics.mean(prefixes), 2),
-                "min_common_prefix": min(prefixes),
-            }
-            rows.append(row)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            rows.append({"model": args.model, "dtype": dtype, **row})
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
         del llm
         torch.cuda.empty_cache()
     if args.out is not None:

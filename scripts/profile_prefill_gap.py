@@ -98,50 +98,56 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     video = write_bench_video(Path(tempfile.mkdtemp()) / "v.mp4", args.frames)
-    generation = GenerationOptions(max_new_tokens=1, ignore_eos=True)
     for name in args.models.split(","):
-        bench = get_bench_model(name)
-        llm = bench.build("cuda", "bfloat16", args.attn)
-        sampling = bench.sampling(args.frames)
-        stack, undo = patch(llm)
-        for spec in (CompressionSpec("none", 1.0), CompressionSpec("vidcom2", 0.25)):
-
-            def request(spec: CompressionSpec = spec) -> Any:
-                return llm.answer_batch(
-                    [video], ["Describe the video."], compression=spec, generation=generation, sampling=sampling
-                )[0]
-
-            for _ in range(3):
-                request()
-            HOST.clear()
-            IDLE.clear()
-            results = [request() for _ in range(args.repeats)]
-            stage = {s: statistics.median(r.timings[s] for r in results) * 1e3 for s in ("compress", "prefill")}
-            length = int(results[-1].extra.get("prompt_tokens") or results[-1].extra["prompt_tokens_after"])
-            host = {k: statistics.median(v) for k, v in HOST.items()}
-            idle = {k: sum(v) / len(v) for k, v in IDLE.items()}
-            inputs = random_inputs(llm, stack, length)
-            with torch.inference_mode():
-                for _ in range(3):
-                    lm_driver.prefill(stack, inputs, room=1)
-                driver = statistics.median(
-                    time_call_ms(lambda: lm_driver.prefill(stack, inputs, room=1), llm.device) for _ in range(15)
-                )
-            ideal = ideal_prefill_seconds(llm, length, 1, repeats=15, warmup=3) * 1e3
-            print(
-                f"{name} {spec.compressor} L={length}: compress {stage['compress']:.2f} ms, prefill stage "
-                f"{stage['prefill']:.2f} ms; host ms {', '.join(f'{k} {v:.2f}' for k, v in host.items())}; "
-                f"GPU idle at start {', '.join(f'{k} {v:.0%}' for k, v in idle.items())}; driver alone "
-                f"{driver:.2f} ms; bare LM (ideal) {ideal:.2f} ms",
-                flush=True,
-            )
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                request()
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-            (args.out / f"prefill_ops_{name}_{spec.compressor}.txt").write_text(table)
-        undo()
-        del llm
+        profile_model(name, args, video)
         torch.cuda.empty_cache()
+
+
+def profile_model(name: str, args: argparse.Namespace, video: Path) -> None:
+    """Print the figures of the module docstring for ``name`` and write its op tables under ``args.out``."""
+    generation = GenerationOptions(max_new_tokens=1, ignore_eos=True)
+    bench = get_bench_model(name)
+    llm = bench.build("cuda", "bfloat16", args.attn)
+    sampling = bench.sampling(args.frames)
+    stack, undo = patch(llm)
+    for spec in (CompressionSpec("none", 1.0), CompressionSpec("vidcom2", 0.25)):
+
+        def request(spec: CompressionSpec = spec) -> Any:
+            return llm.answer_batch(
+                [video], ["Describe the video."], compression=spec, generation=generation, sampling=sampling
+            )[0]
+
+        for _ in range(3):
+            request()
+        HOST.clear()
+        IDLE.clear()
+        results = [request() for _ in range(args.repeats)]
+        stage = {s: statistics.median(r.timings[s] for r in results) * 1e3 for s in ("compress", "prefill")}
+        length = int(results[-1].extra.get("prompt_tokens") or results[-1].extra["prompt_tokens_after"])
+        host = {k: statistics.median(v) for k, v in HOST.items()}
+        idle = {k: sum(v) / len(v) for k, v in IDLE.items()}
+        inputs = random_inputs(llm, stack, length)
+
+        def driver_once(inputs: lm_driver.LMInputs = inputs) -> Any:
+            return lm_driver.prefill(stack, inputs, room=1)
+
+        with torch.inference_mode():
+            for _ in range(3):
+                driver_once()
+            driver = statistics.median(time_call_ms(driver_once, llm.device) for _ in range(15))
+        ideal = ideal_prefill_seconds(llm, length, 1, repeats=15, warmup=3) * 1e3
+        print(
+            f"{name} {spec.compressor} L={length}: compress {stage['compress']:.2f} ms, prefill stage "
+            f"{stage['prefill']:.2f} ms; host ms {', '.join(f'{k} {v:.2f}' for k, v in host.items())}; "
+            f"GPU idle at start {', '.join(f'{k} {v:.0%}' for k, v in idle.items())}; driver alone "
+            f"{driver:.2f} ms; bare LM (ideal) {ideal:.2f} ms",
+            flush=True,
+        )
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            request()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (args.out / f"prefill_ops_{name}_{spec.compressor}.txt").write_text(table)
+    undo()
 
 
 if __name__ == "__main__":

@@ -245,26 +245,6 @@ def test_compiled_graph_is_whole_and_host_sync_free(
     release_static_decode(qwen.model)
 
 
-def test_graphed_is_static_numerics(llava: LlavaVideoLLM, qwen: QwenVideoLLM, videos: Path) -> None:
-    """graphed traces the step to ATen ops and replays them (on the CPU: runs them, no CUDA graph): the
-    eager kernels, so its logits equal static mode's bit for bit and its ids equal eager decoding's."""
-    release_static_decode(llava.model)
-    release_static_decode(qwen.model)
-    batch = llava_batch(llava, videos, ["moving.mp4", "mixed.mp4"], QUESTIONS)
-    eager = llava_ids(llava, batch, "eager")
-    assert llava_ids(llava, batch, "graphed") == eager
-    ids = torch.tensor(eager)
-    assert torch.equal(llava_logits(llava, batch, ids, "graphed"), llava_logits(llava, batch, ids, "static"))
-    assert any(k[1] == "graphed" for k in cached_shapes(llava.model.language_model))
-    prepared = qwen_prepared(qwen, videos, 2)
-    reference, _ = qwen_generate(qwen.model, prepared, GenerationOptions(STEPS, ignore_eos=True))
-    options = GenerationOptions(STEPS, ignore_eos=True, decode_mode="graphed")
-    assert torch.equal(qwen_generate(qwen.model, prepared, options)[0], reference)
-    assert torch.equal(qwen_logits(qwen, prepared, reference, "graphed"), qwen_logits(qwen, prepared, reference, "static"))
-    release_static_decode(llava.model)
-    release_static_decode(qwen.model)
-
-
 def test_compiled_matches_eager_and_is_reused(llava: LlavaVideoLLM, videos: Path) -> None:
     """Inductor on the CPU (no CUDA graphs there): same ids as eager; a second request of the same
     shape reuses the compiled step and its cache without compiling again."""
@@ -295,7 +275,7 @@ def test_bad_decode_mode_raises_naming_it() -> None:
     from vidcom2_lmms_eval.args import parse_model_args
     from vidcom2_lmms_eval.wrappers import generation_options
 
-    with pytest.raises(ValueError, match="decode_mode must be one of eager, static, graphed, compiled, got 'fast'"):
+    with pytest.raises(ValueError, match="decode_mode must be one of auto, eager, static, compiled, got 'fast'"):
         GenerationOptions(decode_mode="fast")
     with pytest.raises(ValueError, match="decode_mode='fast'"):
         parse_model_args("qwen2_vl", {"pretrained": "m", "decode_mode": "fast"}, environ={})
@@ -306,7 +286,7 @@ def test_bad_decode_mode_raises_naming_it() -> None:
     settings = parse_model_args("llava_onevision", {"pretrained": "m", "decode_mode": "compiled"}, environ={})
     assert settings.decode_mode == "compiled"
     assert generation_options({"max_new_tokens": 4}, 16, settings.decode_mode).decode_mode == "compiled"
-    assert parse_model_args("llava_onevision", {"pretrained": "m"}, environ={}).decode_mode == "eager"
+    assert parse_model_args("llava_onevision", {"pretrained": "m"}, environ={}).decode_mode == "auto"
     with pytest.raises(ValueError, match="needs attn_implementation sdpa or eager"):
         start_static_decode(
             torch.nn.Linear(1, 1),
@@ -324,7 +304,7 @@ def test_cli_and_bench_pass_decode_mode(capsys: pytest.CaptureFixture, tmp_path:
     from llava.cli import main
 
     assert main(["infer", "--model", "m", "--video", "v.mp4", "--question", "q", "--decode-mode", "fast"]) == 2
-    assert "decode_mode must be one of eager, static, graphed, compiled" in capsys.readouterr().err
+    assert "decode_mode must be one of auto, eager, static, compiled" in capsys.readouterr().err
     assert main(["bench", "--decode-mode", "fast", "--out", str(tmp_path / "x.csv")]) == 2
     assert "--decode-mode must be one of" in capsys.readouterr().err
     for command in ("infer", "bench"):
@@ -349,3 +329,31 @@ def test_cli_and_bench_pass_decode_mode(capsys: pytest.CaptureFixture, tmp_path:
         decode_tokens=3, repeats=1, warmup=1, decode_mode="static",
     )
     assert [g.decode_mode for g in seen] == ["static", "static"]
+
+
+def test_auto_decode_mode_resolution() -> None:
+    """auto compiles only where one graph can serve every step: CUDA, sdpa / eager attention, no in-LLM
+    method, more than one token; an explicit mode is kept as asked."""
+    from llava.model.static_decode import resolve_decode_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_decode_mode("auto", cuda, "sdpa", False, 16) == "compiled"
+    assert resolve_decode_mode("auto", cuda, "eager", False, 2) == "compiled"
+    assert resolve_decode_mode("auto", cpu, "sdpa", False, 16) == "eager"
+    assert resolve_decode_mode("auto", cuda, "sdpa", True, 16) == "eager"  # an in-LLM plan keeps shorter caches
+    assert resolve_decode_mode("auto", cuda, "flash_attention_2", False, 16) == "eager"
+    assert resolve_decode_mode("auto", cuda, "sdpa", False, 1) == "eager"
+    assert resolve_decode_mode("static", cpu, "sdpa", True, 16) == "static"  # the driver then refuses it
+    with pytest.raises(ValueError, match="decode_mode must be one of"):
+        resolve_decode_mode("fast", cpu, "sdpa", False, 16)
+
+
+def test_results_report_the_resolved_decode_mode(llava: LlavaVideoLLM, videos: Path) -> None:
+    """The default (auto) decodes eagerly on the CPU and every result says so."""
+    assert GenerationOptions().decode_mode == "auto"
+    result = llava.answer(videos / "moving.mp4", "What moves?", generation=GenerationOptions(max_new_tokens=3))
+    assert result.extra["decode_mode"] == "eager"
+    result = llava.answer(
+        videos / "moving.mp4", "What moves?", generation=GenerationOptions(max_new_tokens=3, decode_mode="static")
+    )
+    assert result.extra["decode_mode"] == "static"

@@ -390,6 +390,7 @@ class QwenVideoLLM:
                         "batch_size": len(out.ids),
                         "prompt_tokens_after": batch.lengths[row],
                         "layer_average_retention": layer_average_retention(out.layer_visual, row, before),
+                        "decode_mode": out.decode_mode,
                     },
                 )
             )

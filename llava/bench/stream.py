@@ -222,7 +222,7 @@ def run_stream(
     compression: CompressionSpec,
     warmup: int = 1,
     depth: int | None = None,
-    decode_mode: str = "eager",
+    decode_mode: str = "auto",
     progress: Any = None,
 ) -> StreamStats:
     """Run ``warmup`` batches (untimed, the same path), then every sample; see the module docstring."""
@@ -435,6 +435,9 @@ def run_stream_command(
                 _release_case_state(llm)
                 row = speedups.fill(stream_row(model.name, case, stats, options, args.prefetch_depth))
                 row.update(env)
+                used = stats.first.extra.get("decode_mode")
+                if used and used != args.decode_mode:  # auto: the mode it resolved to
+                    row["decode_mode"] = f"{args.decode_mode}:{used}"
                 row.update(
                     video_frames=args.video_frames or case.frames,
                     video_size=args.video_size,

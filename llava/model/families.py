@@ -324,6 +324,7 @@ class LlavaVideoLLM:
                 "batch_size": len(prompts),
                 "prompt_tokens": int(batch.valid.shape[1]),
                 "layer_average_retention": layer_average_retention(out.layer_visual, row, layout.total_tokens),
+                "decode_mode": out.decode_mode,
             }
             results.append(
                 InferenceResult(

@@ -38,7 +38,7 @@ from transformers import Cache
 from llava.model.attention_rows import RowCapture, base_implementation, capturing_rows
 from llava.model.kv_arena import arena_cache
 from llava.model.method_api import Boundary, DecodeStep, InLLMPlan, LayerAction, LayerState
-from llava.model.static_decode import start_static_decode
+from llava.model.static_decode import resolve_decode_mode, start_static_decode
 from llava.runtime import GenerationOptions, maybe_stage
 
 
@@ -477,6 +477,7 @@ class Generated:
     ids: list[list[int]]
     first_logits: torch.Tensor
     layer_visual: list[list[int]]
+    decode_mode: str = "eager"  # the mode the request decoded in (``auto`` resolved)
 
 
 @torch.inference_mode()
@@ -495,15 +496,19 @@ def generate(
     A row stops at a stop id (``options.ignore_eos`` ignores them) or when ``stop_check(ids (B, T)) ->
     (B,) bool`` fires (stop strings). ``options.decode_mode`` static / compiled decodes on a static cache
     filled from this prefill (llava.model.static_decode); an in-LLM plan needs eager decoding, since its
-    layer groups keep caches of different lengths. ``timer`` is charged "prefill" and "decode"."""
-    static = options.decode_mode != "eager" and options.max_new_tokens > 1
+    layer groups keep caches of different lengths (``auto`` picks it then). ``timer`` is charged "prefill"
+    and "decode"."""
+    device = inputs.embeds.device
+    mode = resolve_decode_mode(
+        options.decode_mode, device, base_implementation(stack.config), plan is not None, options.max_new_tokens
+    )
+    static = mode != "eager" and options.max_new_tokens > 1
     if static and plan is not None:
         raise ValueError(
-            f"decode_mode={options.decode_mode!r} runs one static cache of one length and one mask for every "
+            f"decode_mode={mode!r} runs one static cache of one length and one mask for every "
             "layer; an in-LLM method keeps shorter caches in later layers, a decode-time method masks keys per "
-            "step: use decode_mode=eager"
+            "step: use decode_mode=eager or auto"
         )
-    device = inputs.embeds.device
     generator = None
     if options.do_sample:
         generator = torch.Generator(device=device)
@@ -516,7 +521,7 @@ def generate(
         if static:
             decoder = start_static_decode(
                 stack.static_model, stack.static_step, stack.config, state.cache,
-                state.groups[0].key_valid.long(), options.max_new_tokens, options.decode_mode,
+                state.groups[0].key_valid.long(), options.max_new_tokens, mode,
             )  # fmt: skip
         logits = state.logits
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
@@ -540,7 +545,7 @@ def generate(
                 logits = decode_step(stack, state, token)
     generated = torch.stack(steps, dim=1).tolist()
     trim = () if options.ignore_eos else stop_ids
-    return Generated([trim_at_stop(row, trim) for row in generated], state.logits, state.layer_visual)
+    return Generated([trim_at_stop(row, trim) for row in generated], state.logits, state.layer_visual, mode)
 
 
 def layer_average_retention(layer_visual: list[list[int]], row: int, before: int) -> float:

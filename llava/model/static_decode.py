@@ -17,11 +17,9 @@ each generated slot filled so far, 0 beyond; the causal mask built from the cach
 empty slots as well. Static caches, masks and compiled steps are kept per model instance and per
 (mode, batch, cache length, dtype, device), so requests of the same shape reuse one compiled graph.
 
-Modes: ``"static"`` runs the step eagerly (the same numerics route, testable anywhere); ``"graphed"``
-traces it to ATen ops and replays those as a CUDA graph (torch.compile's ``cudagraphs`` backend: the eager
-kernels, no fusion, so the numbers are static mode's); ``"compiled"`` compiles it with inductor
-(``fullgraph=True, dynamic=False``, fused kernels: bf16 rounding differs). On CUDA the graphs are replayed;
-on the CPU they are only traced or compiled. One decode at a time per model: a request's decoder must be done before the next request
+Modes: ``"static"`` runs the step eagerly (the same numerics route, testable anywhere), ``"compiled"``
+compiles it (``fullgraph=True, dynamic=False``); on CUDA the graph is replayed, on the CPU it is only
+compiled. One decode at a time per model: a request's decoder must be done before the next request
 of the same shape starts (the adapters run requests one after another).
 """
 
@@ -61,6 +59,22 @@ def static_cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACH
     return -(-(prompt_len + max_new_tokens) // bucket) * bucket
 
 
+def resolve_decode_mode(
+    mode: str, device: torch.device, attn_implementation: str, in_llm: bool, max_new_tokens: int
+) -> str:
+    """The mode a request decodes in. ``auto``: ``compiled`` on CUDA when the step can be one graph (sdpa or
+    eager attention, no in-LLM method keeping shorter caches, more than one token to decode), else ``eager``.
+
+    Why compiled: eager decoding is launch-bound (LLaVA-OV-7B on an H200: 16-54 ms/token against 6.3 compiled);
+    float32 ids equal eager's, bf16 ids may differ where two logits are within rounding (results/NOTES.md).
+    Not on the CPU: inductor's C++ compile would cost more than it saves there."""
+    check_decode_mode(mode)
+    if mode != "auto":
+        return mode
+    graphable = attn_implementation in ATTENTION_IMPLEMENTATIONS and not in_llm and max_new_tokens > 1
+    return "compiled" if device.type == "cuda" and graphable else "eager"
+
+
 def check_attention(attn_implementation: str, mode: str) -> None:
     """Static / compiled decoding needs sdpa or eager attention: flash-attention-2's masking of a static
     cache checks the mask on the host (a graph break and a sync per step)."""
@@ -97,13 +111,11 @@ def release_static_decode(model: torch.nn.Module) -> None:
         _RUNNERS.pop(module, None)
 
 
-def _compile(forward: StepForward, mode: str) -> Callable[..., torch.Tensor]:
+def _compile(forward: StepForward) -> Callable[..., torch.Tensor]:
     """One compiled region per runner, so dynamo's recompile limit (8) counts shapes per runner, not per
     process (every runner compiles the same function: without isolation, see :func:`_first_call`)."""
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
-    if _COMPILE_BACKEND is None and mode == "graphed":
-        kwargs["backend"] = "cudagraphs"
-    elif _COMPILE_BACKEND is None:
+    if _COMPILE_BACKEND is None:
         kwargs["mode"] = "reduce-overhead"
     else:
         kwargs["backend"] = _COMPILE_BACKEND
@@ -144,8 +156,8 @@ def _build_runner(
     )
     mask = torch.zeros((batch, length), dtype=mask_dtype, device=first.device)
     torch._dynamo.mark_static_address(mask)  # written in place between replays, read live by the graph
-    compiled = mode in ("graphed", "compiled")
-    return _Runner(cache=cache, mask=mask, step=_compile(forward, mode) if compiled else forward, compiled=compiled)
+    compiled = mode == "compiled"
+    return _Runner(cache=cache, mask=mask, step=_compile(forward) if compiled else forward, compiled=compiled)
 
 
 class StaticDecoder:
@@ -204,10 +216,8 @@ def start_static_decode(
     prompt's (B, L) 2-D mask, L being the prefill cache's length.
     """
     check_decode_mode(mode)
-    if mode == "eager":
-        raise ValueError(
-            "start_static_decode needs decode_mode 'static', 'graphed' or 'compiled'; 'eager' keeps the DynamicCache"
-        )
+    if mode in ("eager", "auto"):
+        raise ValueError("start_static_decode needs decode_mode 'static' or 'compiled' (auto resolved)")
     check_attention(getattr(config, "_attn_implementation", None) or "eager", mode)
     batch, prompt_len = prompt_mask.shape
     cached = prefill_cache.layers[0].keys if prefill_cache.layers else None

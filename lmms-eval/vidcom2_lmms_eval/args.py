@@ -85,8 +85,10 @@ COMMON_KEYS = {
     "prefetch_workers": f"threads reading and preprocessing the next batches while the GPU answers (default "
     f"{DEFAULT_PREFETCH_WORKERS}; 0: each batch is read when its turn comes)",
     "max_new_tokens": "default when the task's generation_kwargs do not set it",
-    "decode_mode": f"one of {', '.join(DECODE_MODES)}: eager (default) or a static KV cache, compiled with CUDA "
-    "graphs (same outputs, faster decoding; the first request of a shape compiles)",
+    "decode_mode": f"one of {', '.join(DECODE_MODES)}: auto (default: compiled on CUDA where it applies - no "
+    "in-LLM method, sdpa or eager attention - else eager), eager, static (a static KV cache) or compiled (static "
+    "cache + CUDA graphs: float32 ids equal eager's, bf16 may differ at near-tied logits; the first request of a "
+    "shape compiles)",
 }
 
 
@@ -112,7 +114,7 @@ class WrapperSettings:
     vision_head: str | None = None
     resume_dir: str | None = None
     max_new_tokens: int = 1024
-    decode_mode: str = "eager"
+    decode_mode: str = "auto"
     prefetch_workers: int = DEFAULT_PREFETCH_WORKERS
     compression_source: str = "model_args"
     raw: dict[str, Any] = field(default_factory=dict)
@@ -230,10 +232,10 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
     if prefetch_workers < 0:
         raise ValueError(f"model_arg prefetch_workers must be >= 0, got {prefetch_workers}")
     compression, source = compression_from(args, environ)
-    decode_mode = str(args.get("decode_mode", "eager")).strip().lower()
+    decode_mode = str(args.get("decode_mode", "auto")).strip().lower()
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"model_arg decode_mode={args['decode_mode']!r} is not one of {', '.join(DECODE_MODES)}")
-    if decode_mode != "eager" and attn == "flash_attention_2":
+    if decode_mode not in ("eager", "auto") and attn == "flash_attention_2":
         raise ValueError(
             f"model_arg decode_mode={decode_mode} needs attn_implementation sdpa or eager, not flash_attention_2"
         )

@@ -83,7 +83,7 @@ def default_meter_dir(pretrained: str) -> Path | None:
 
 
 def generation_options(
-    gen_kwargs: dict[str, Any], default_max_new_tokens: int, decode_mode: str = "eager"
+    gen_kwargs: dict[str, Any], default_max_new_tokens: int, decode_mode: str = "auto"
 ) -> GenerationOptions:
     """lmms-eval generation_kwargs -> GenerationOptions (temperature 0 means greedy, as in the built-ins).
 
