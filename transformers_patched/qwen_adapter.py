@@ -96,6 +96,7 @@ class PreparedBatch:
     on_device: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
     positions: torch.Tensor | None = None  # (4, B, L) prompt positions, computed on the host (qwen_stages)
+    placeholders: dict[str, int] | None = None  # image / video placeholder tokens, counted on the host
 
 
 class QwenVideoLLM:
@@ -244,6 +245,7 @@ class QwenVideoLLM:
                 )
             # positions from the CPU ids and grids now: no GPU work to wait for, none left for later
             positions = stages.prompt_positions(self.model, batch)
+            placeholders = stages.placeholder_counts(self.model, batch)
             if on_host:  # cast where the processor ran (half the bytes to copy later), pin for a fast copy
                 inputs = self._cast_pixels(dict(batch.items()))
                 if pin_memory and self.device.type == "cuda":
@@ -259,6 +261,7 @@ class QwenVideoLLM:
             videos_per_row=videos_per_row,
             on_device=not on_host,
             positions=positions,
+            placeholders=placeholders,
         )
 
     def _on_device(self, inputs: Any) -> dict[str, Any]:
@@ -358,7 +361,9 @@ class QwenVideoLLM:
         with timer.stage("compress"):
             keep_flags = stages.select_video_tokens(self.model, inputs, vision, compression)
         with timer.stage("prefill"):
-            lm_inputs = stages.build_prefill(self.model, inputs, vision, keep_flags, prepared.positions)
+            lm_inputs = stages.build_prefill(
+                self.model, inputs, vision, keep_flags, prepared.positions, prepared.placeholders
+            )
             batch = stages.lm_inputs(lm_inputs)
         stack = stages.qwen_stack(self.model)
         tokenizer = self.processor.tokenizer

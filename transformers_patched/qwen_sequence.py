@@ -84,21 +84,23 @@ def video_keep_flags(keep_masks: list[torch.Tensor], sizes: list[int], device: t
 
 
 def token_keep_mask(
-    attention_mask: torch.Tensor, video_positions: torch.Tensor, video_flags: torch.Tensor
+    attention_mask: torch.Tensor,
+    video_positions: torch.Tensor,
+    video_flags: torch.Tensor,
+    n_placeholders: int | None = None,
 ) -> torch.Tensor:
     """(B, L) real tokens, (B, L) video placeholders, (N,) kept video tokens -> (B, L) kept tokens.
 
-    Padding is dropped (the packed layout re-pads); non-video tokens are always kept.
-    """
-    n_placeholders = int(video_positions.sum().item())
+    Padding is dropped (the packed layout re-pads); non-video tokens are always kept. ``n_placeholders``:
+    the placeholder count when the caller knows it on the host (else it is read from the device)."""
+    if n_placeholders is None:
+        n_placeholders = int(video_positions.sum().item())
     if n_placeholders != video_flags.numel():
         raise ValueError(
             f"the prompt holds {n_placeholders} video placeholder tokens but the videos give "
             f"{video_flags.numel()} tokens: the processor output and the vision features disagree"
         )
-    keep = attention_mask.bool().clone()
-    keep[video_positions] = video_flags
-    return keep
+    return attention_mask.bool().masked_scatter(video_positions, video_flags)  # in order, no host sync
 
 
 def joint_visual_features(

@@ -225,6 +225,13 @@ def prompt_positions(model: PreTrainedModel, inputs: Mapping[str, Any]) -> torch
     return torch.cat([text[None], mrope.to(text.device)], dim=0)
 
 
+def placeholder_counts(model: PreTrainedModel, inputs: Mapping[str, Any]) -> dict[str, int]:
+    """Image and video placeholder tokens in the prompt batch. Adapters count them on the host from the
+    processor's CPU ids, so :func:`build_prefill` checks them against the features without a device read."""
+    ids, config = inputs["input_ids"], model.config
+    return {"image": int((ids == config.image_token_id).sum()), "video": int((ids == config.video_token_id).sum())}
+
+
 @torch.inference_mode()
 def build_prefill(
     model: PreTrainedModel,
@@ -232,9 +239,11 @@ def build_prefill(
     vision: VisionOutputs,
     keep_flags: list[torch.Tensor],
     positions: torch.Tensor | None = None,
+    placeholders: Mapping[str, int] | None = None,
 ) -> PrefillInputs:
     """Assemble the full sequence, take its (4, B, L) positions (``positions``, from
-    :func:`prompt_positions` on the host, or computed here), then keep only the kept tokens."""
+    :func:`prompt_positions` on the host, or computed here), then keep only the kept tokens.
+    ``placeholders``: :func:`placeholder_counts` from the host (else counted here, a device read)."""
     if inputs.get("mm_token_type_ids") is None:
         raise ValueError("inputs lack mm_token_type_ids (the processor returns them): M-RoPE needs them")
     arch = _arch(model)
@@ -245,13 +254,15 @@ def build_prefill(
     embeds = model.get_input_embeddings()(input_ids)
     image_pos = input_ids == config.image_token_id
     video_pos = input_ids == config.video_token_id
+    counts = placeholders if placeholders is not None else placeholder_counts(model, inputs)
     for name, pos, feats in (("image", image_pos, vision.image_embeds), ("video", video_pos, vision.video_embeds)):
         n_features = sum(int(f.shape[0]) for f in feats)
-        n_tokens = int(pos.sum().item())
-        if n_tokens != n_features:
-            raise ValueError(f"the prompt holds {n_tokens} {name} placeholder tokens but the {name}s give {n_features}")
-        if feats:
-            embeds[pos] = torch.cat(feats).to(embeds.dtype)
+        if counts[name] != n_features:
+            raise ValueError(
+                f"the prompt holds {counts[name]} {name} placeholder tokens but the {name}s give {n_features}"
+            )
+        if feats:  # the features in placeholder order, no host sync
+            embeds = embeds.masked_scatter(pos[..., None], torch.cat(feats).to(embeds.dtype))
 
     has_visual = bool(vision.video_embeds or vision.image_embeds)
     if positions is None:
@@ -260,7 +271,7 @@ def build_prefill(
 
     sizes = [int(f.shape[0]) for f in vision.video_embeds]
     flags = video_keep_flags(keep_flags, sizes, device)
-    keep = token_keep_mask(attention_mask, video_pos, flags)
+    keep = token_keep_mask(attention_mask, video_pos, flags, counts["video"])
     index = pack_left(keep)
     packed_mask = packed_attention_mask(index, device)
     packed_positions = gather_packed(positions.permute(1, 2, 0), index).permute(2, 0, 1)

@@ -28,6 +28,12 @@ def pad_left(
     longest = max(s.shape[0] for s in sequences)
     first = sequences[0]
     batch = len(sequences)
+    nxt = torch.tensor(next_positions, dtype=torch.long, device=first.device)
+    lengths = tuple(int(s.shape[0]) for s in sequences)
+    if batch == 1:  # nothing to pad: views, no copies (a short prefill is launch-bound)
+        valid = torch.ones((1, longest), dtype=torch.bool, device=first.device)
+        pos = positions[0].long()[None, None]
+        return LMInputs(first[None], valid, pos, nxt[None], visual[0][None], lengths, tuple(visual_counts))
     embeds = first.new_zeros((batch, longest, first.shape[-1]))
     valid = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
     is_visual = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
@@ -38,8 +44,6 @@ def pad_left(
         valid[i, start:] = True
         pos[i, start:] = p
         is_visual[i, start:] = v
-    nxt = torch.tensor(next_positions, dtype=torch.long, device=first.device)
-    lengths = tuple(int(s.shape[0]) for s in sequences)
     return LMInputs(embeds, valid, pos[None], nxt[None], is_visual, lengths, tuple(visual_counts))
 
 

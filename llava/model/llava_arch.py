@@ -271,7 +271,8 @@ class LlavaVideoModel(nn.Module):
         sequences, positions, next_positions, visual, counts = [], [], [], [], []
         for before, block, after in prompts:
             n0, nv, n1 = len(before), block.layout.length, len(after)
-            sequences.append(torch.cat([self.embed_ids(before), block.embeds.to(self.dtype), self.embed_ids(after)]))
+            text = self.embed_ids([*before, *after])  # one copy and one lookup for both sides
+            sequences.append(torch.cat([text[:n0], block.embeds.to(self.dtype), text[n0:]]))
             flags = torch.zeros(n0 + nv + n1, dtype=torch.bool, device=self.device)
             flags[n0 : n0 + nv] = block.layout.source < block.layout.total_tokens
             visual.append(flags)
