@@ -1,7 +1,8 @@
 """Where the time goes: per-stage timings of full-size models on one GPU, against the ideal.
 
 Each case runs the adapter's own ``answer_batch`` (the path `vidcom2 infer` and lmms-eval use) on a
-synthetic mp4, after warm-up, and keeps the median of the repeats per stage. Stage times come from
+synthetic mp4, after warm-up, and keeps the median of the repeats per stage (the ideal prefill runs between
+the repeats, so both see the same load on a shared host). Stage times come from
 the adapters' StageTimer (CUDA events around each stage, read once per request). The 'ideal' of a case is
 the same language model run on the kept length with no compression step: vision time of the
 uncompressed run + prefill of a sequence as long as the compressed prompt. A row then states the
@@ -15,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,9 +156,12 @@ def run_case(
     decode_mode: str = "eager",
     vidcom2_options: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
+    after_each: Callable[[InferenceResult], None] | None = None,
 ) -> tuple[dict[str, float], InferenceResult, float, float, float]:
     """Median seconds per stage over ``repeats`` runs after ``warmup``; peak allocated and reserved memory
-    over the timed runs, and the memory still reserved when they began (all MiB).
+    of the first timed run (the runs are identical), and the memory still reserved when it began (all MiB).
+    ``after_each(result)`` runs after every timed run (the ideal prefill, interleaved so that both see the
+    same host load).
 
     ``decode_mode`` "compiled" compiles on the first run of a shape: keep ``warmup`` >= 1 so it is not timed.
     Everything torch.compile compiles here compiles in this process (see :func:`compiling_in_process`).
@@ -181,8 +185,14 @@ def run_case(
     for _ in range(warmup):
         once()
     reserved_at_start = _reset_memory(device)
-    runs = [once() for _ in range(repeats)]
-    peak_alloc, peak_reserved = _memory(device)
+    runs = [once()]
+    peak_alloc, peak_reserved = _memory(device)  # read before after_each's work can add to them
+    while True:
+        if after_each is not None:
+            after_each(runs[-1][0][0])
+        if len(runs) == repeats:
+            break
+        runs.append(once())
     medians = {stage: statistics.median(r[0][0].timings.get(stage, 0.0) for r in runs) for stage in STAGES}
     medians["wall"] = statistics.median(r[1] for r in runs)
     return medians, runs[-1][0][0], peak_alloc, peak_reserved, reserved_at_start
@@ -272,6 +282,14 @@ def bench_model(
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []
     for case in sorted(cases, key=lambda c: (c.frames, c.batch, c.compressor != "none", -c.retention)):
+        ideal_times: list[float] = []
+
+        def ideal_after(
+            result: InferenceResult, batch: int = case.batch, times: list[float] = ideal_times, llm: VideoLLM = llm
+        ) -> None:
+            length = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
+            times.append(ideal_prefill_seconds(llm, length, batch, repeats=1, warmup=0 if times else 1))
+
         stages, result, alloc, reserved, reserved_at_start = run_case(
             llm,
             model,
@@ -283,13 +301,14 @@ def bench_model(
             decode_mode=decode_mode,
             vidcom2_options=vidcom2_options,
             method_options=method_options,
+            after_each=ideal_after,
         )
         if isinstance(getattr(llm, "model", None), torch.nn.Module):
             release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
         release_selection_graphs()  # likewise the captured selection graphs of this case's shape
         ttft, total = ttft_seconds(stages), sum(stages[s] for s in STAGES)
         prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
-        ideal_prefill = ideal_prefill_seconds(llm, prompt_tokens, case.batch, repeats=repeats, warmup=1)
+        ideal_prefill = statistics.median(ideal_times)  # the bare LM on prompt_tokens, between the timed runs
         key = (case.frames, case.batch)
         if case.compressor == "none":
             baseline[key] = {"ttft": ttft, "prefill": stages["prefill"], "alloc": alloc}
