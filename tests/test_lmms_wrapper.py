@@ -170,3 +170,35 @@ def test_a_task_bug_in_doc_to_visual_is_not_a_video_failure(monkeypatch, tmp_pat
     reqs = _requests(w, docs, [0], visual=lambda doc: [doc["no_such_field"]])
     with pytest.raises(ValueError, match="synth doc_id=0: the task's doc_to_visual raised KeyError"):
         w.generate_until(reqs)
+
+
+@pytest.mark.parametrize("arch", ["llava_ov", "qwen2_5_vl"])
+def test_batch_size_batches_real_models_each_video_on_its_budget(tmp_path, docs, arch):
+    """--batch_size N: a tiny checkpoint of each family answers N requests per answer_batch call, with the
+    answers and per-video kept counts of one-by-one runs (each video compressed on its own budget)."""
+    from llava.families_index import tiny_builders
+
+    path = tiny_builders()[arch](tmp_path / arch, seed=3)
+    cls = wrappers.LlavaOneVision if arch == "llava_ov" else wrappers.Qwen25VL
+    ids = [0, 3, 6, 9, 12]  # five different videos
+    runs = {}
+    for batch in (1, 3):
+        w = cls(pretrained=str(path), compressor="vidcom2", retention=0.5, max_frames_num=4, batch_size=batch,
+                meter_dir=str(tmp_path / f"meter{batch}"), prefetch_workers=0)
+        sizes = []
+        for name in ("answer", "answer_batch", "answer_prepared"):  # the wrapper's read-ahead uses the last
+
+            def counting(*args, _original=getattr(w.model, name), _sizes=sizes, **kwargs):
+                out = _original(*args, **kwargs)
+                _sizes.append(len(out) if isinstance(out, list) else 1)
+                return out
+
+            setattr(w.model, name, counting)
+        texts = [o.text for o in w.generate_until(_requests(w, docs, ids))]
+        kept = {r.doc_id: (r.tokens_before, r.tokens_after, r.batch_size) for r in w.meter.records}
+        runs[batch] = (texts, kept, sizes)
+    assert runs[3][2] == [3, 2] and runs[1][2] == [1] * 5  # two calls: 3 + 2 requests
+    assert runs[3][0] == runs[1][0]
+    assert {d: k[:2] for d, k in runs[3][1].items()} == {d: k[:2] for d, k in runs[1][1].items()}
+    assert all(0 < after < before for before, after, _ in runs[3][1].values())
+    assert sorted(k[2] for k in runs[3][1].values()) == [2, 2, 3, 3, 3]
