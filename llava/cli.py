@@ -155,10 +155,9 @@ def _run_infer(args: argparse.Namespace) -> int:
         seed=args.seed,
         decode_mode=args.decode_mode,
     )
-    if generation.decode_mode not in ("eager", "auto"):
-        from llava.model.static_decode import check_attention
+    from llava.model.static_decode import check_attention
 
-        check_attention(args.attn, generation.decode_mode)
+    check_attention(args.attn, generation.decode_mode)
     if not Path(args.video).exists():
         raise FileNotFoundError(f"video not found: {args.video}")
     model = load_video_llm(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from llava.bench.efficiency import ideal_prefill_seconds, write_bench_video
+from llava.bench.efficiency import ideal_prefill_seconds, prompt_tokens, write_bench_video
 from llava.bench.models import get_bench_model, hidden_size
 from llava.bench.timing import time_call_ms
 from llava.model import lm_driver
@@ -123,7 +123,7 @@ def profile_model(name: str, args: argparse.Namespace, video: Path) -> None:
         IDLE.clear()
         results = [request() for _ in range(args.repeats)]
         stage = {s: statistics.median(r.timings[s] for r in results) * 1e3 for s in ("compress", "prefill")}
-        length = int(results[-1].extra.get("prompt_tokens") or results[-1].extra["prompt_tokens_after"])
+        length = prompt_tokens(results[-1])
         host = {k: statistics.median(v) for k, v in HOST.items()}
         idle = {k: sum(v) / len(v) for k, v in IDLE.items()}
         inputs = random_inputs(llm, stack, length)

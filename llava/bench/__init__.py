@@ -155,10 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     command = "vidcom2 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     label = {"commit": source_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     attn = args.attn or ("sdpa" if args.decode_mode != "eager" else _default_attn())
-    if args.decode_mode not in ("eager", "auto"):
-        from llava.model.static_decode import check_attention
+    from llava.model.static_decode import check_attention
 
-        check_attention(attn, args.decode_mode)
+    check_attention(attn, args.decode_mode)
     if args.stream is not None:
         from llava.bench.stream import run_stream_command
 

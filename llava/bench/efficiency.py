@@ -113,6 +113,11 @@ def _reset_memory(device: torch.device) -> float:
     return torch.cuda.memory_reserved(device) / 2**20
 
 
+def prompt_tokens(result: InferenceResult) -> int:
+    """The prompt length the LM prefilled (each family names it in its results' extra)."""
+    return int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
+
+
 def ttft_seconds(stages: dict[str, float]) -> float:
     """Time to first token from a case's stage medians: preprocessing to the first token (the video read is
     its own stage, outside it)."""
@@ -287,8 +292,7 @@ def bench_model(
         def ideal_after(
             result: InferenceResult, batch: int = case.batch, times: list[float] = ideal_times, llm: VideoLLM = llm
         ) -> None:
-            length = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
-            times.append(ideal_prefill_seconds(llm, length, batch, repeats=1, warmup=0 if times else 1))
+            times.append(ideal_prefill_seconds(llm, prompt_tokens(result), batch, repeats=1, warmup=0 if times else 1))
 
         stages, result, alloc, reserved, reserved_at_start = run_case(
             llm,
@@ -307,8 +311,8 @@ def bench_model(
             release_static_decode(llm.model)  # kept static caches would count in the next case's peak memory
         release_selection_graphs()  # likewise the captured selection graphs of this case's shape
         ttft, total = ttft_seconds(stages), sum(stages[s] for s in STAGES)
-        prompt_tokens = int(result.extra.get("prompt_tokens", result.extra.get("prompt_tokens_after", 0)))
-        ideal_prefill = statistics.median(ideal_times)  # the bare LM on prompt_tokens, between the timed runs
+        prompt_length = prompt_tokens(result)
+        ideal_prefill = statistics.median(ideal_times)  # the bare LM on prompt_length tokens, between the timed runs
         key = (case.frames, case.batch)
         if case.compressor == "none":
             baseline[key] = {"ttft": ttft, "prefill": stages["prefill"], "alloc": alloc}
@@ -327,7 +331,7 @@ def bench_model(
             "visual_tokens_after": result.visual_tokens_after,
             "achieved_retention": round(result.achieved_retention, 4),
             "layer_average_retention": round(result.layer_average_retention, 4),
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": prompt_length,
             **{f"{s}_ms": round(stages[s] * 1e3, 3) for s in STAGES},
             "decode_ms_per_token": round(stages["decode"] * 1e3 / max(1, decode_tokens - 1), 3),
             "ttft_ms": round(ttft * 1e3, 3),

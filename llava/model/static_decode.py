@@ -77,7 +77,10 @@ def resolve_decode_mode(
 
 def check_attention(attn_implementation: str, mode: str) -> None:
     """Static / compiled decoding needs sdpa or eager attention: flash-attention-2's masking of a static
-    cache checks the mask on the host (a graph break and a sync per step)."""
+    cache checks the mask on the host (a graph break and a sync per step). eager needs nothing, and auto
+    decodes eagerly where the attention does not allow a static cache (:func:`resolve_decode_mode`)."""
+    if mode in ("eager", "auto"):
+        return
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"decode_mode={mode!r} needs attn_implementation {' or '.join(ATTENTION_IMPLEMENTATIONS)}, "
