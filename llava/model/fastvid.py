@@ -604,7 +604,7 @@ def fastvid_select(
         row_start = torch.arange(n_frames, device=device)[:, None] * m  # (F, 1) first row of each frame
         kept = (order[:, :n_sal] + frame_start[:, None]).reshape(-1)
         kept_values = flat[kept].to(dtype)
-        rows = features[torch.arange(n_frames, device=device)[:, None], rest]  # (F, M, D)
+        rows = flat.index_select(0, rest_source).view(n_frames, m, dim)  # (F, M, D), one index per row
         values = rows.to(dtype)
         rows = values if dtype == torch.float32 else rows.float()  # float32: distances and cluster sums
         dist = ranks = None
