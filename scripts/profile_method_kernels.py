@@ -4,16 +4,21 @@ The compress stage is queued behind the vision tower, so what it costs is the GP
 plus whatever the host launches after its first synchronisation. This script queues a stand-in for the
 tower, runs the selection under torch.profiler and prints, per method: kernels launched, their summed
 GPU time, the host time of the call, and the kernels that take the most GPU time. Random features and
-signals of LLaVA-OV's shape by default:
+signals of LLaVA-OV's shape by default; ``--stage MODEL`` profiles the LLaVA adapter's whole compress
+stage instead (selection, table and layout), queued behind that full-size model's own vision tower
+(random weights) on ``--frames`` random frames, with the stage's median event-timed ms:
 
     python scripts/profile_method_kernels.py --methods visionzip,fastvid,holitom --shape 32,196,3584
+    python scripts/profile_method_kernels.py --stage llava_ov_7b --frames 32 --methods vidcom2,visionzip,dycoke
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +33,67 @@ from llava.model.compression import CompressionSpec  # noqa: E402
 from llava.model.method_api import VideoTokens  # noqa: E402
 
 
+def method_spec(entry: str, retention: float) -> CompressionSpec:
+    """``name`` or ``name@key=value;key=value`` (that method's options) -> its spec."""
+    name, _, options = entry.partition("@")
+    pairs = dict(item.split("=", 1) for item in options.split(";")) if options else {}
+    return CompressionSpec(name, retention, {f"{name}.{k}": v for k, v in pairs.items()})
+
+
+def report(name: str, prof: profile, host_ms: float, top: int, note: str) -> None:
+    """Print the kernels the profiler saw: count, summed GPU time, span and the costliest names."""
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1e3
+    first = min(e.time_range.start for e in kernels)
+    last = max(e.time_range.end for e in kernels)
+    print(f"\n== {name}: {len(kernels)} kernels, {total:.3f} ms GPU summed, span {(last - first) / 1e3:.3f} ms, "
+          f"host call {host_ms:.3f} ms ({note})")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time / 1e3)
+    for kernel, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {sum(times):7.3f} ms  x{len(times):3d}  {kernel}")
+
+
+def profile_stage(args: argparse.Namespace) -> None:
+    """The LLaVA adapter's compress stage of each method behind the model's own vision tower."""
+    from llava.bench.models import get_bench_model
+    from llava.runtime import StageTimer
+
+    llm = get_bench_model(args.stage).build("cuda", "bfloat16", "sdpa")
+    model = llm.model
+    side = model.spec.image_size
+    pixels = torch.randn(args.frames, 3, side, side, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for entry in args.methods.split(","):
+            spec, name = method_spec(entry, args.retention), entry
+
+            def stage(spec: CompressionSpec = spec) -> tuple[Callable[[], object], StageTimer]:
+                timer = StageTimer(model.device)
+                with timer.stage("vision"):
+                    features, sig = model.encode_video_with_signals(pixels, spec.tower_signals)
+                return (lambda: model.compress_videos([features], spec, llm.grid_newlines, [sig])), timer
+
+            for _ in range(3):
+                compress, _ = stage()
+                compress()
+            times = []
+            for _ in range(args.repeats):
+                compress, timer = stage()
+                with timer.stage("compress"):
+                    compress()
+                times.append(timer.seconds["compress"] * 1e3)
+            compress, _ = stage()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                compress()
+                host_ms = (time.perf_counter() - t0) * 1e3
+                torch.cuda.synchronize()
+            print(f"\n{name}@{args.retention:g}: compress stage {statistics.median(times):.3f} ms (median of "
+                  f"{args.repeats}, CUDA events, behind the tower)")
+            report(name, prof, host_ms, args.top, "the tower queued before")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="vidcom2,visionzip,dycoke,fastvid,holitom")
@@ -35,7 +101,13 @@ def main() -> None:
     p.add_argument("--retention", type=float, default=0.35, help="0.35: above DyCoke's floor at 32 frames")
     p.add_argument("--family", default="llava_onevision")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--stage", default=None, help="a bench model (e.g. llava_ov_7b): profile its compress stage")
+    p.add_argument("--frames", type=int, default=32, help="with --stage")
+    p.add_argument("--repeats", type=int, default=10, help="with --stage: timed stages")
     args = p.parse_args()
+    if args.stage:
+        profile_stage(args)
+        return
     device = torch.device("cuda")
     frames, per_frame, dim = (int(v) for v in args.shape.split(","))
     side = int(per_frame**0.5)
@@ -45,7 +117,7 @@ def main() -> None:
     sig = {k: v.to(device) for k, v in signals(frames, per_frame, g).items()}
     video = VideoTokens(features, (frames, side, per_frame // side), sig, args.family)
     for name in args.methods.split(","):
-        spec = CompressionSpec(name, args.retention)
+        spec = method_spec(name, args.retention)
         for _ in range(3):
             spec.select_videos([video])[0].mask.sum().item()
         torch.cuda.synchronize()
@@ -56,18 +128,7 @@ def main() -> None:
             int(choice.mask.sum())
             host_ms = (time.perf_counter() - t0) * 1e3
             torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        total = sum(e.device_time for e in kernels) / 1e3
-        first = min(e.time_range.start for e in kernels)
-        last = max(e.time_range.end for e in kernels)
-        print(f"\n== {name}: {len(kernels)} kernels, {total:.3f} ms GPU summed, span {(last - first) / 1e3:.3f} ms, "
-              f"host call {host_ms:.3f} ms (30 ms of busy work queued before)")
-        by_name: dict[str, list[float]] = {}
-        for e in kernels:
-            by_name.setdefault(e.name[:90], []).append(e.device_time / 1e3)
-        ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]
-        for kernel, times in ranked:
-            print(f"  {sum(times):7.3f} ms  x{len(times):3d}  {kernel}")
+        report(name, prof, host_ms, args.top, "30 ms of busy work queued before")
 
 
 if __name__ == "__main__":

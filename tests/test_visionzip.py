@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llava.model import compression
-from llava.model.method_api import VIT_KEYS, VIT_RECEIVED_ATTENTION, VideoTokens, parse_options
+from llava.model.method_api import VIT_KEYS, VIT_RECEIVED_ATTENTION, VideoSelection, VideoTokens, parse_options
 from llava.model.visionzip import (
     METHOD,
     VisionZipOptions,
@@ -419,3 +419,29 @@ def test_through_the_registry() -> None:
     sources, rows = reference_original(features, attention, keys, 0.25, 0.75)
     assert out.mask.reshape(-1).nonzero().squeeze(1).tolist() == sources
     torch.testing.assert_close(out.table[sources].double(), rows, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled execution runs there only)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("retention", [0.25, 0.1])
+def test_compiled_execution_on_cuda_matches_the_reference_and_eager(dtype, retention) -> None:
+    features, attention, keys = random_inputs(8, 14, 14, 64, 16, seed=3)
+    features = features.to(dtype)
+    expected = reference_original(features.float(), attention, keys, retention, 54 / 64)
+    out = {}
+    for execution in ("compiled", "eager"):
+        video = video_of(*(t.cuda() for t in (features, attention, keys)), 14, 14)
+        out[execution] = visionzip_select(video, retention, VisionZipOptions(execution=execution))
+        selection = out[execution]
+        assert selection.source.is_cuda and selection.features.dtype == torch.float32
+        assert_matches(VideoSelection(selection.source.cpu(), selection.features.cpu()), *expected)
+    assert torch.equal(out["compiled"].source, out["eager"].source)
+    bad = attention.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the compiled path keeps the finite check
+        visionzip_select(video_of(features.cuda(), bad.cuda(), keys.cuda(), 14, 14), retention)
+
+
+def test_execution_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="execution"):
+        VisionZipOptions(execution="graph")

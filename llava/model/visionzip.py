@@ -45,6 +45,12 @@ than n_ctx exist, n_ctx is clamped; again impossible for R <= 1); an anchor alwa
 cluster (upstream assigns anchors by argmax too, which differs only when two anchors are exact
 duplicates); density ranks and importance ties go to the lower index (upstream: torch.topk order);
 scores are float32 (upstream: the model dtype); frames are batched (upstream: Python loops).
+
+Execution (``execution``, the original port on CUDA): ``compiled`` (default) runs the selection as the
+few dozen kernels torch.compile fuses it into (compiled once per input shape and R, at the first call;
+:mod:`llava.model.compiled_select`), ``eager`` as its ~100 unfused kernels. Both select the same
+tokens up to float32 rounding: a metric tie within rounding may go to another target. The CPU and the
+authors' port always run eager.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from llava.model.compiled_select import compiled
 from llava.model.dpc_knn import stable_top
 from llava.model.method_api import (
     VIT_KEYS,
@@ -67,6 +74,7 @@ from llava.model.method_api import (
 from llava.model.vidcom2 import check_retention, check_video_features
 
 PORTS = ("original", "authors")
+EXECUTIONS = ("compiled", "eager")
 NON_FINITE = "visionzip: features or signals contain NaN or Inf; refusing to select tokens from them"
 
 
@@ -80,15 +88,19 @@ class VisionZipOptions:
         (upstream env DOMINANT_RATIO, default 54/64: the 54 + 10 split of the LLaVA-1.5 README).
     authors_dominant_ratio: the same share in the authors' port (env visionzip_dominant_ratio, 0.6).
     k_neighbors: neighbours in the authors' port's density (env visionzip_k_neighbors, 5).
+    execution: "compiled" (default: torch.compile's fused kernels on CUDA) or "eager" (the unfused
+        kernels); the CPU and the authors' port always run eager (see the module docstring).
     """
 
     port: str = "original"
     dominant_ratio: float = 54 / 64
     authors_dominant_ratio: float = 0.6
     k_neighbors: int = 5
+    execution: str = "compiled"
 
     def __post_init__(self) -> None:
         check_choice("visionzip", "port", self.port, PORTS)
+        check_choice("visionzip", "execution", self.execution, EXECUTIONS)
         check_range("visionzip", "dominant_ratio", float(self.dominant_ratio), 0.0, 1.0)
         check_range("visionzip", "authors_dominant_ratio", float(self.authors_dominant_ratio), 0.0, 1.0)
         if isinstance(self.k_neighbors, bool) or not isinstance(self.k_neighbors, int) or self.k_neighbors < 1:
@@ -283,8 +295,18 @@ def _select(video: VideoTokens, retention: float, options: VisionZipOptions | No
     keys = video.signal(VIT_KEYS)
     _check_signal(VIT_RECEIVED_ATTENTION, attention, n_frames, per_frame, 2)
     _check_signal(VIT_KEYS, keys, n_frames, per_frame, 3)
+    select = _original if opts.execution == "eager" or not features.is_cuda else compiled(_original, "visionzip")
+    source, values, finite = select(features, attention, keys, n_dom, n_ctx)
+    return VideoSelection(source, values, valid=finite)
+
+
+def _original(
+    features: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor, n_dom: int, n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The original port as plain tensors (sources, values, finite flag): what torch.compile traces."""
     finite = torch.isfinite(features).all() & torch.isfinite(attention).all() & torch.isfinite(keys).all()
-    return replace(visionzip_select_counts(features, attention, keys, n_dom, n_ctx), valid=finite)
+    selection = visionzip_select_counts(features, attention, keys, n_dom, n_ctx)
+    return selection.source, selection.features, finite
 
 
 METHOD = Method(
