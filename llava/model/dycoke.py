@@ -245,7 +245,7 @@ def dycoke_keep_masks(
     k_p = dycoke_plan(n_frames, per_frame, retention, opts)[1]
     full_t, pruned_t, reference_t = _frame_tensors(n_frames, opts.anchors, x.device)
     mask = torch.zeros(n_videos, n_frames, per_frame, dtype=torch.bool, device=x.device)
-    mask[:, full_t] = True
+    mask.index_fill_(1, full_t, True)  # not mask[:, full_t] = True: that index_put_ of a host scalar syncs on CUDA
     if k_p > 0:
         dtype = torch.float32 if opts.score_dtype == "float32" else x.dtype
         similarity = position_cosine(x[:, reference_t], x[:, pruned_t], dtype)  # (B, n_p, P)

@@ -247,7 +247,8 @@ def gap_tensors(
     sim = (unit[:-1] * unit[1:]).sum(dim=-1)  # (F-1,)
     gaps = sim.shape[0]
     lowest = torch.zeros(gaps, dtype=torch.bool, device=sim.device)
-    lowest[stable_top(-sim, min(c - 1, gaps))] = True  # c - 1 clamped to F - 1: upstream's topk crashes
+    # c - 1 clamped to F - 1 (upstream's topk crashes); index_fill_, as lowest[...] = True would sync on CUDA
+    lowest.index_fill_(0, stable_top(-sim, min(c - 1, gaps)), True)
     cut = lowest | (sim < tau)
     near = sim < ignore if ignore is not None else torch.zeros_like(cut)
     return cut, near
