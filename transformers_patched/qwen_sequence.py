@@ -23,6 +23,8 @@ class PackIndex:
 
     rows, src, dst: (K,) int64 - token (rows[k], src[k]) moves to (rows[k], dst[k]).
     counts: (B,) kept tokens per row. length: max(counts).
+    columns: a batch of one: its kept columns (K,) in order, the whole move (no padding), so the gathers
+    are one index_select each rather than a scatter into a padded layout (fewer launches on the host).
     """
 
     rows: torch.Tensor
@@ -30,6 +32,7 @@ class PackIndex:
     dst: torch.Tensor
     counts: torch.Tensor
     length: int
+    columns: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -41,6 +44,11 @@ def pack_left(keep: torch.Tensor) -> PackIndex:
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a (B, L) bool tensor, got {tuple(keep.shape)} {keep.dtype}")
     counts = keep.sum(dim=1)
+    if keep.shape[0] == 1:  # one row: the packed layout is its kept columns, in order (one device read)
+        columns = keep[0].nonzero().squeeze(1)
+        length = int(columns.shape[0])
+        rows = torch.zeros_like(columns)
+        return PackIndex(rows, columns, torch.arange(length, device=keep.device), counts, length, columns)
     length = int(counts.max().item()) if keep.numel() else 0
     rank = keep.long().cumsum(dim=1) - 1
     rows, src = keep.nonzero(as_tuple=True)
@@ -50,6 +58,8 @@ def pack_left(keep: torch.Tensor) -> PackIndex:
 
 def gather_packed(values: torch.Tensor, index: PackIndex, fill: float | bool = 0) -> torch.Tensor:
     """(B, L, *rest) -> (B, index.length, *rest): kept entries moved, the rest ``fill`` (left padding)."""
+    if index.columns is not None:
+        return values.index_select(1, index.columns)
     out = values.new_full((index.batch_size, index.length, *values.shape[2:]), fill)
     out[index.rows, index.dst] = values[index.rows, index.src]
     return out
@@ -57,6 +67,8 @@ def gather_packed(values: torch.Tensor, index: PackIndex, fill: float | bool = 0
 
 def packed_attention_mask(index: PackIndex, device: torch.device) -> torch.Tensor:
     """(B, length) int64: 1 on the packed tokens, 0 on the left padding."""
+    if index.columns is not None:
+        return torch.ones(1, index.length, dtype=torch.long, device=device)
     cols = torch.arange(index.length, device=device)
     return (cols[None, :] >= (index.length - index.counts.to(device))[:, None]).long()
 
