@@ -26,11 +26,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from count_method_ops import signals  # noqa: E402
-from profile_methods_gpu import busy  # noqa: E402
+from profile_methods_gpu import busy, random_video  # noqa: E402
 
 from llava.model.compression import CompressionSpec  # noqa: E402
-from llava.model.method_api import VideoTokens  # noqa: E402
 
 
 def method_spec(entry: str, retention: float) -> CompressionSpec:
@@ -109,13 +107,7 @@ def main() -> None:
         profile_stage(args)
         return
     device = torch.device("cuda")
-    frames, per_frame, dim = (int(v) for v in args.shape.split(","))
-    side = int(per_frame**0.5)
-    g = torch.Generator().manual_seed(0)
-    scene = torch.randn(1, per_frame, dim, generator=g)
-    features = (scene + 0.5 * torch.randn(frames, per_frame, dim, generator=g)).to(device, torch.bfloat16)
-    sig = {k: v.to(device) for k, v in signals(frames, per_frame, g).items()}
-    video = VideoTokens(features, (frames, side, per_frame // side), sig, args.family)
+    video = random_video(args.shape, args.family, device)
     for name in args.methods.split(","):
         spec = method_spec(name, args.retention)
         for _ in range(3):

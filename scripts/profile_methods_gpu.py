@@ -34,6 +34,17 @@ def busy(ms: float, device: torch.device) -> None:
         a = a / a.norm()
 
 
+def random_video(shape: str, family: str, device: torch.device) -> VideoTokens:
+    """"F,P,D" -> one bf16 video on ``device``: a shared scene plus per-frame noise, random signals (seed 0)."""
+    frames, per_frame, dim = (int(v) for v in shape.split(","))
+    side = int(per_frame**0.5)
+    g = torch.Generator().manual_seed(0)
+    scene = torch.randn(1, per_frame, dim, generator=g)
+    features = (scene + 0.5 * torch.randn(frames, per_frame, dim, generator=g)).to(device, torch.bfloat16)
+    sig = {k: v.to(device) for k, v in signals(frames, per_frame, g).items()}
+    return VideoTokens(features, (frames, side, per_frame // side), sig, family)
+
+
 def time_selection(spec: CompressionSpec, video: VideoTokens, behind_ms: float) -> float:
     device = video.features.device
     if behind_ms:
@@ -58,13 +69,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device("cuda")
-    frames, per_frame, dim = (int(v) for v in args.shape.split(","))
-    side = int(per_frame**0.5)
-    g = torch.Generator().manual_seed(0)
-    scene = torch.randn(1, per_frame, dim, generator=g)
-    features = (scene + 0.5 * torch.randn(frames, per_frame, dim, generator=g)).to(device, torch.bfloat16)
-    sig = {k: v.to(device) for k, v in signals(frames, per_frame, g).items()}
-    video = VideoTokens(features, (frames, side, per_frame // side), sig, args.family)
+    video = random_video(args.shape, args.family, device)
+    features, sig = video.features, video.signals
     rows = []
     for name in args.methods.split(","):
         spec = CompressionSpec(name, args.retention)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llava.model import compiled_select
 from llava.model.vidcom2 import (
     VidCom2Config,
     vidcom2_frame_budgets,
@@ -479,7 +480,7 @@ def test_compiled_selection_keeps_no_memory_and_compiles_once_per_shape(monkeypa
     core.release_selection_graphs()
     core.vidcom2_keep_masks(videos, 0.25)  # the default: compiles this shape (or finds it compiled)
     # one compiled shape serves every retention: the retention is an input, not a constant of the code
-    monkeypatch.setattr(core, "_MAX_COMPILED_SHAPES", 1)
+    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)
     retentions = (0.1, 0.25, 0.5, 0.33)
     for retention in retentions:
         eager = core.vidcom2_keep_masks(videos, retention, {"execution": "eager"})
@@ -495,7 +496,7 @@ def test_compiled_selection_keeps_no_memory_and_compiles_once_per_shape(monkeypa
 def test_compiling_for_too_many_shapes_raises_naming_the_option(monkeypatch):
     import llava.model.vidcom2 as core
 
-    monkeypatch.setattr(core, "_MAX_COMPILED_SHAPES", 1)
+    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)
     with contextlib.suppress(RuntimeError):  # a process's first compiled shape is within the limit; later ones not
         core.vidcom2_keep_masks([make_video(3, 20, 16, seed=1).cuda()], 0.25)
     with pytest.raises(RuntimeError, match="execution=cuda_graph"):
@@ -508,7 +509,7 @@ def test_compiled_execution_without_triton_says_what_to_do(monkeypatch):
     import llava.model.vidcom2 as core
 
     monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
-    monkeypatch.setattr(core, "_COMPILED", {})
+    monkeypatch.setattr(compiled_select, "_CACHE", {})
     for execution in ("compiled", "compiled_graph"):
         with pytest.raises(RuntimeError, match=f"{execution}.*needs Triton.*execution=cuda_graph"):
             core._selection(VidCom2Config(execution=execution))

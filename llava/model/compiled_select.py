@@ -8,29 +8,39 @@ gets a clear error after ``MAX_SHAPES`` compilations instead of compiling foreve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
 MAX_SHAPES = 1024
-_CACHE: dict[Callable[..., Any], Callable[..., Any]] = {}
+_CACHE: dict[Hashable, Callable[..., Any]] = {}
 
 
-def compiled(fn: Callable[..., Any], owner: str) -> Callable[..., Any]:
+def compiled(
+    fn: Callable[..., Any],
+    owner: str,
+    *,
+    key: Hashable | None = None,
+    execution: str = "compiled",
+    alternatives: str = "execution=eager",
+) -> Callable[..., Any]:
     """``fn`` compiled (fullgraph, static shapes); raises when Triton is missing or the shapes never settle.
 
-    ``owner`` names the method in the errors (with its ``execution=eager`` way out)."""
-    if fn not in _CACHE:
+    ``key``: what the compiled function is cached under (default ``fn`` itself; e.g. a config when ``fn``
+    is a fresh partial). ``owner`` / ``execution`` / ``alternatives`` word the errors: the method, the
+    execution that compiles, and the options that do not."""
+    key = fn if key is None else key
+    if key not in _CACHE:
         from torch.utils._triton import has_triton
 
         if not has_triton():  # torch.compile's GPU kernels are Triton's
             raise RuntimeError(
-                f"{owner} execution='compiled' needs Triton for torch.compile, and it is not importable here; "
-                "install triton or pass execution=eager"
+                f"{owner} execution={execution!r} needs Triton for torch.compile, and it is not importable here; "
+                f"install triton or pass {alternatives}"
             )
-        _CACHE[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    compiled_fn = _CACHE[fn]
+        _CACHE[key] = torch.compile(fn, dynamic=False, fullgraph=True)
+    compiled_fn = _CACHE[key]
 
     def run(*args: Any) -> Any:
         limits = {"recompile_limit": MAX_SHAPES, "accumulated_recompile_limit": MAX_SHAPES}
@@ -39,8 +49,8 @@ def compiled(fn: Callable[..., Any], owner: str) -> Callable[..., Any]:
                 return compiled_fn(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             raise RuntimeError(
-                f"{owner} execution='compiled' has compiled its selection for {MAX_SHAPES} input shapes in this "
-                "process; for inputs of ever-changing shape pass execution=eager (no compilation)"
+                f"{owner} execution={execution!r} has compiled its selection for {MAX_SHAPES} input shapes in "
+                f"this process; for inputs of ever-changing shape pass {alternatives}"
             ) from error
 
     return run

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from llava.model.compiled_select import compiled
 from llava.model.method_api import Method, selecting
 
 FRAME_SCORES = ("neg_mean", "pos_mean", "neg_max", "pos_max", "neg_min", "pos_min", "equal")
@@ -429,12 +430,6 @@ def _mask_from_scores(
 Videos = torch.Tensor | Sequence[torch.Tensor]
 
 
-_COMPILED: dict[VidCom2Config, Callable[..., torch.Tensor]] = {}
-# torch.compile specialises on shapes; one process may meet many (Qwen's resolutions). Beyond this many
-# compilations of the selection it raises instead of quietly running uncompiled kernels.
-_MAX_COMPILED_SHAPES = 1024
-
-
 _COMPILED_EXECUTIONS = ("compiled", "compiled_graph")
 
 
@@ -447,30 +442,9 @@ def _selection(cfg: VidCom2Config) -> Callable[[torch.Tensor, torch.Tensor], tor
     select = partial(_mask_from_scores, cfg=cfg, token_scores_external=None)
     if cfg.execution not in _COMPILED_EXECUTIONS:
         return select
-    if cfg not in _COMPILED:
-        from torch.utils._triton import has_triton
-
-        if not has_triton():  # torch.compile's GPU kernels are Triton's
-            raise RuntimeError(
-                f"VidCom2 execution={cfg.execution!r} needs Triton for torch.compile, and it is not importable "
-                "here; install triton or pass execution=cuda_graph or execution=eager (nothing to compile)"
-            )
-        _COMPILED[cfg] = torch.compile(select, dynamic=False, fullgraph=True)
-    compiled = _COMPILED[cfg]
-
-    def run(features: torch.Tensor, retention: torch.Tensor) -> torch.Tensor:
-        limits = {"recompile_limit": _MAX_COMPILED_SHAPES, "accumulated_recompile_limit": _MAX_COMPILED_SHAPES}
-        try:
-            with torch._dynamo.config.patch(**limits, fail_on_recompile_limit_hit=True):
-                return compiled(features, retention)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
-            raise RuntimeError(
-                f"VidCom2 execution={cfg.execution!r} has compiled the selection for {_MAX_COMPILED_SHAPES} input "
-                "shapes in this process; for inputs of ever-changing shape pass execution=cuda_graph or "
-                "execution=eager (no compilation)"
-            ) from error
-
-    return run
+    # one compilation per config and input shape, at most compiled_select.MAX_SHAPES shapes a process
+    alternatives = "execution=cuda_graph or execution=eager (nothing to compile)"
+    return compiled(select, "VidCom2", key=cfg, execution=cfg.execution, alternatives=alternatives)
 
 
 @_device_constant
