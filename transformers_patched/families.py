@@ -9,17 +9,26 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from llava.placement import Placement
 from llava.runtime import ModelFamily
 from transformers_patched.qwen_arch import ARCHS
 from transformers_patched.qwen_tiny import build_tiny_qwen
 
 
 def _load(
-    arch: str, path: str | Path, *, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"
+    arch: str,
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> Any:
     from transformers_patched.qwen_adapter import QwenVideoLLM
 
-    llm = QwenVideoLLM.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    llm = QwenVideoLLM.from_pretrained(
+        path, device=device, dtype=dtype, attn_implementation=attn_implementation, placement=placement
+    )
     if llm.arch.name != arch:
         raise ValueError(f"{path} is a {llm.arch.name} checkpoint, not {arch}")
     return llm

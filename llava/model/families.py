@@ -31,6 +31,7 @@ from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, LLM_ATTENTION_R
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
 from llava.model.siglip_signals import load_siglip_head
 from llava.model.tiny import tiny_builder
+from llava.placement import Placement, is_split
 from llava.runtime import (
     FrameSampling,
     GenerationOptions,
@@ -300,7 +301,7 @@ class LlavaVideoLLM:
     ) -> list[InferenceResult]:
         with timer.stage("prefill"):
             batch = self.model.build_inputs(prompts, self.position_mode)
-        stack = llava_stack(self.model.language_model)
+        stack = llava_stack(self.model.language_model, split=is_split(self.model))
         out = generate(
             stack,
             batch,
@@ -339,8 +340,17 @@ class LlavaVideoLLM:
         return results
 
 
-def _load(path: str | Path, *, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"):
-    model, tokenizer, directory = load_llava(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+def _load(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
+) -> LlavaVideoLLM:
+    model, tokenizer, directory = load_llava(
+        path, device=device, dtype=dtype, attn_implementation=attn_implementation, placement=placement
+    )
     return LlavaVideoLLM(model, tokenizer, source=str(directory))
 
 

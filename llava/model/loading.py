@@ -25,7 +25,14 @@ from safetensors import safe_open
 
 from llava.model.llava_arch import LlavaVideoModel
 from llava.model.llava_config import LlavaSpec, parse_spec
+from llava.placement import Placement, dispatch, plan_device_map
 from llava.runtime import resolve_dtype
+
+# Never cut across devices: a decoder layer (its attention and MLP share the residual), the vision tower
+# (its signals for VisionZip / HoliTom are read within one device).
+NO_SPLIT = ("Qwen2DecoderLayer", "SiglipVisionModel")
+# Built and combined on one device: features, newlines and the text embedding form the LM input.
+ENTRY = ("vision", "projector", "image_newline", "language_model.model.embed_tokens")
 
 _LMMS_LAB_RULES = [
     (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision."),
@@ -107,19 +114,32 @@ def load_weights(model: LlavaVideoModel, directory: Path, device: torch.device, 
 
 
 def load_llava(
-    path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> tuple[LlavaVideoModel, object, Path]:
-    """(model in eval mode, tokenizer, checkpoint directory) from a local directory or hub id."""
+    """(model in eval mode, tokenizer, checkpoint directory) from a local directory or hub id.
+
+    A split ``placement`` (llava.placement) plans the device map on the meta-built model, reads the weights
+    into host memory and dispatches them with accelerate (``device`` is then unused)."""
     from transformers import AutoTokenizer
 
     directory = resolve_checkpoint(path)
     config = json.loads((directory / "config.json").read_text())
     spec = parse_spec(config, directory)
-    torch_device, torch_type = torch.device(device), resolve_dtype(dtype)
+    split = placement is not None and placement.split
+    torch_device = torch.device("cpu" if split else (placement.device if placement else device))
+    torch_type = resolve_dtype(dtype)
     with torch.device("meta"):
         model = LlavaVideoModel(spec, attn_implementation=attn_implementation)
+    device_map = plan_device_map(model, placement, no_split=NO_SPLIT, entry=ENTRY, dtype=torch_type) if split else None
     load_weights(model, directory, torch_device, torch_type)
     _rebuild_buffers(model, torch_device)
+    if device_map is not None:
+        model = dispatch(model, device_map, placement.offload_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), padding_side="left")
     return model.eval(), tokenizer, directory
 
