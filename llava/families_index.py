@@ -100,3 +100,13 @@ def load_video_llm(
     return detect_family(path, family).load(
         path, device=device, dtype=dtype, attn_implementation=attn_implementation, placement=placement
     )
+
+
+def place_adapter(llm: Any, placement: Placement) -> Any:
+    """An adapter whose model was built whole on the CPU (the benchmark's random weights), its model
+    dispatched over ``placement``'s device map by its family's rules (llava.placement)."""
+    family = families().get(llm.family)
+    if family is None or family.place is None:
+        raise ValueError(f"model family {llm.family!r} cannot be split over devices (device_map)")
+    llm.model = family.place(llm.model, placement)
+    return llm

@@ -274,3 +274,20 @@ def is_split(model: nn.Module) -> bool:
     """True for a model dispatched over a device map with more than one value (offload included)."""
     device_map = getattr(model, "hf_device_map", None) or {}
     return len(set(device_map.values())) > 1 or "disk" in device_map.values()
+
+
+# NVLink multicast (NVLS) off in NCCL, PyTorch's symmetric memory and NVSHMEM: on the shared multi-GPU hosts a
+# program that uses it can put the host's GPUs out of service; every multi-GPU process starts with these.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def keep_multicast_off(environ: dict[str, str] | None = None) -> None:
+    """Set :data:`NO_MULTICAST` in ``environ`` (default os.environ) before any GPU library starts; a value
+    set otherwise is an error naming the variable (it is never overridden silently)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    for key, value in NO_MULTICAST.items():
+        if env.get(key, value) != value:
+            raise ValueError(f"{key}={env[key]} turns NVLink multicast on; it must be {value} (or unset)")
+        env[key] = value

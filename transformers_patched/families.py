@@ -11,7 +11,7 @@ from typing import Any
 
 from llava.placement import Placement
 from llava.runtime import ModelFamily
-from transformers_patched.qwen_arch import ARCHS
+from transformers_patched.qwen_arch import ARCHS, place_split
 from transformers_patched.qwen_tiny import build_tiny_qwen
 
 
@@ -42,5 +42,7 @@ def _tiny(arch: str, out_dir: Path, *, seed: int = 0, fmt: str | None = None) ->
     return build_tiny_qwen(arch, out_dir, seed=seed, fmt=fmt)
 
 
-FAMILIES = tuple(ModelFamily(name=a, detect=partial(_detect, a), load=partial(_load, a)) for a in ARCHS)
+FAMILIES = tuple(
+    ModelFamily(name=a, detect=partial(_detect, a), load=partial(_load, a), place=place_split) for a in ARCHS
+)
 TINY_BUILDERS = {a: partial(_tiny, a) for a in ARCHS}

@@ -138,10 +138,16 @@ def load_llava(
     device_map = plan_device_map(model, placement, no_split=NO_SPLIT, entry=ENTRY, dtype=torch_type) if split else None
     load_weights(model, directory, torch_device, torch_type)
     _rebuild_buffers(model, torch_device)
-    if device_map is not None:
+    if device_map is not None:  # planned before the weights are read: a bad map fails without reading them
         model = dispatch(model, device_map, placement.offload_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), padding_side="left")
     return model.eval(), tokenizer, directory
+
+
+def place_split(model: LlavaVideoModel, placement: Placement) -> LlavaVideoModel:
+    """A model built whole on the CPU (the benchmark's random weights) dispatched over the placement's map."""
+    device_map = plan_device_map(model, placement, no_split=NO_SPLIT, entry=ENTRY, dtype=model.dtype)
+    return dispatch(model, device_map, placement.offload_dir)
 
 
 def _rebuild_buffers(model: LlavaVideoModel, device: torch.device) -> None:
