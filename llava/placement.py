@@ -110,11 +110,14 @@ MaxMemory = dict[int | str, int | str]  # GPU index / "cpu" / "disk" -> "70GiB" 
 
 
 def parse_max_memory(value: str | Mapping[Any, Any] | None, *, param: str = "--max-memory") -> MaxMemory:
-    """``0=70GiB,1=70GiB,cpu=100GiB`` (or a mapping) -> {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}."""
+    """``0=70GiB,1=70GiB,cpu=100GiB`` (or a mapping) -> {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}.
+
+    lmms-eval's ``--model_args`` splits on ``,`` and ``=``, so there the same reads ``0:70GiB/1:70GiB/cpu:100GiB``
+    (``/`` between entries, ``:`` before the size)."""
     if value is None or value == "":
         return {}
     items = value.items() if isinstance(value, Mapping) else (
-        part.split("=", 1) if "=" in part else (part, None) for part in str(value).replace("/", ",").split(",")
+        _memory_entry(part) for part in str(value).replace("/", ",").split(",")
     )
     out: dict[int | str, int | str] = {}
     for key, amount in items:
@@ -133,6 +136,17 @@ def parse_max_memory(value: str | Mapping[Any, Any] | None, *, param: str = "--m
         else:
             raise ValueError(f"{param}: {key_text!r} is not a GPU index, cpu or disk")
     return out
+
+
+def _memory_entry(part: str) -> tuple[str, str | None]:
+    """``0=70GiB`` or ``0:70GiB`` (``cuda:0:70GiB``) -> ("0", "70GiB"); no size -> (part, None)."""
+    if "=" in part:
+        key, amount = part.split("=", 1)
+        return key, amount
+    if ":" in part:
+        key, amount = part.rsplit(":", 1)
+        return key, amount
+    return part, None
 
 
 def make_placement(
