@@ -316,3 +316,47 @@ def test_missing_video_without_record_fails_naming_task_doc_and_path(data, tmp_p
     assert f"{data['broken'].hf_home}/videomme/data/mini001.mp4 does not exist" in proc.stdout
     assert "on_video_error=record counts it as a failed sample" in proc.stdout
     assert "FAILED - lmms-eval wrote no results for none_f32" in proc.stderr
+
+
+LAUNCHING = ("eval_common.sh", "bench_stream.sh", "bench_efficiency.sh", "run_default.sh")
+
+
+def test_every_launching_script_turns_nvlink_multicast_off():
+    """Each script that starts model processes sources no_multicast.sh (the table scripts through
+    eval_common.sh), and no_multicast.sh forces the three variables of llava.placement.NO_MULTICAST."""
+    from llava.placement import NO_MULTICAST
+
+    body = (SCRIPTS / "no_multicast.sh").read_text()
+    for key, value in NO_MULTICAST.items():
+        assert f"{key}={value}" in body and "export" in body
+    for name in LAUNCHING:
+        assert re.search(r"^source .*no_multicast\.sh\"?$", (SCRIPTS / name).read_text(), re.M), name
+    for table in sorted(PLANS):
+        assert re.search(r"^source .*eval_common\.sh\"?$", (SCRIPTS / table).read_text(), re.M), table
+    others = {p.name for p in SCRIPTS.glob("*.sh")} - set(LAUNCHING) - set(PLANS) - {"no_multicast.sh"}
+    assert others == {"bootstrap.sh", "run_tests.sh"}  # a new launcher must be added above
+
+
+def test_launched_processes_see_multicast_off_even_if_the_caller_turned_it_on(tmp_path):
+    """The table script's launcher inherits NCCL_NVLS_ENABLE=0 etc. whatever the caller exported."""
+    dump = tmp_path / "env.json"
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(f"import json, os, sys\njson.dump(dict(os.environ), open({str(dump)!r}, 'w'))\nsys.exit(3)\n")
+    env = {**_out(tmp_path), "LAUNCHER": f"{sys.executable} {launcher}", "METHODS": "none", "MODEL": "x",
+           "NCCL_NVLS_ENABLE": "1", "NVSHMEM_DISABLE_NVLS": "0"}  # fmt: skip
+    proc = _run("eval_llava_ov.sh", tmp_path, **env)
+    assert proc.returncode == 1 and "lmms-eval exited with an error for none_f32" in proc.stderr
+    seen = json.loads(dump.read_text())
+    assert (seen["NCCL_NVLS_ENABLE"], seen["TORCH_SYMM_MEM_DISABLE_MULTICAST"], seen["NVSHMEM_DISABLE_NVLS"]) == (
+        "0", "1", "1",
+    )
+
+
+def test_keep_multicast_off_sets_the_variables_and_refuses_a_conflict():
+    from llava.placement import keep_multicast_off
+
+    env: dict[str, str] = {}
+    keep_multicast_off(env)
+    assert env == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    with pytest.raises(ValueError, match="NCCL_NVLS_ENABLE=1 turns NVLink multicast on; it must be 0"):
+        keep_multicast_off({"NCCL_NVLS_ENABLE": "1"})
