@@ -360,3 +360,42 @@ def test_keep_multicast_off_sets_the_variables_and_refuses_a_conflict():
     assert env == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     with pytest.raises(ValueError, match="NCCL_NVLS_ENABLE=1 turns NVLink multicast on; it must be 0"):
         keep_multicast_off({"NCCL_NVLS_ENABLE": "1"})
+
+
+def test_table_script_two_cpu_processes_tiny_checkpoint_synthetic_task(data, tmp_path):
+    """``eval_llava_ov.sh`` unchanged with two CPU processes (torchrun, gloo) of a real tiny checkpoint on the
+    synthetic task, uncompressed and VidCom2 R = 0.25, collector included: every doc answered exactly once
+    across the ranks, the collected sample count equals the task size, and one meter covers both ranks."""
+    task = build_task(tmp_path / "synth", data["root"] / "videos")
+    docs = [json.loads(line)["doc_id"] for line in (task / "docs.jsonl").read_text().splitlines()]
+    env = {
+        **_out(tmp_path),
+        "LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 -m",
+        "MODEL": str(data["model"]),
+        "TASKS": "vidcom2_synth_mc",
+        "INCLUDE_PATH": str(task),
+        "METHODS": "none vidcom2",
+        "RETENTIONS": "0.25",
+        "EXTRA_MODEL_ARGS": CPU_ARGS,
+        "GEN_KWARGS": "max_new_tokens=2",
+        "PAPER_MODEL": "LLaVA-OV-7B",
+    }
+    proc = _run("eval_llava_ov.sh", tmp_path, **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = {r["method"]: r for r in _csv(tmp_path / "results" / "llava_ov_summary.csv")}
+    assert set(summary) == {"none", "vidcom2"}
+    for method, row in summary.items():
+        assert (row["world_size"], int(row["samples"]), int(row["failed_samples"])) == ("2", len(docs), 0), method
+        run_dir = Path(row["results_file"]).parent
+        answered = [json.loads(line)["doc_id"] for line in next(run_dir.glob("*_samples_vidcom2_synth_mc.jsonl"))
+                    .read_text().splitlines()]  # fmt: skip
+        assert sorted(answered) == docs, method  # each doc once: no rank padding counted, none lost
+        meter = json.loads(Path(row["meter_file"]).read_text())["overall"]
+        assert meter["samples"] == len(docs) and set(meter["samples_per_rank"]) == {"0", "1"}
+        assert sum(meter["samples_per_rank"].values()) == len(docs)
+        records = Path(row["meter_file"]).with_name(Path(row["meter_file"]).stem + "_samples.jsonl")
+        metered = [(r["doc_id"], r["rank"]) for r in map(json.loads, records.read_text().splitlines())]
+        assert sorted(d for d, _ in metered) == docs and {r for _, r in metered} == {0, 1}
+    assert 0.2 <= float(summary["vidcom2"]["achieved_retention"]) <= 0.35
+    bench = {(r["method"], r["benchmark"]) for r in _csv(tmp_path / "results" / "llava_ov_benchmarks.csv")}
+    assert {("none", "vidcom2_synth_mc"), ("vidcom2", "vidcom2_synth_mc")} <= bench
