@@ -399,3 +399,30 @@ def test_table_script_two_cpu_processes_tiny_checkpoint_synthetic_task(data, tmp
     assert 0.2 <= float(summary["vidcom2"]["achieved_retention"]) <= 0.35
     bench = {(r["method"], r["benchmark"]) for r in _csv(tmp_path / "results" / "llava_ov_benchmarks.csv")}
     assert {("none", "vidcom2_synth_mc"), ("vidcom2", "vidcom2_synth_mc")} <= bench
+
+
+def test_eval_scaling_cpu_smoke_writes_one_row_per_finished_run(data, tmp_path):
+    """scripts/eval_scaling.py with one and two CPU processes: a row per run that ran, with the meter's sample
+    count (the task size), per-rank loads that add up, and the command; CPU rows never go into *_h200.csv."""
+    task = build_task(tmp_path / "synth", data["root"] / "videos")
+    n = len((task / "docs.jsonl").read_text().splitlines())
+    out = tmp_path / "scaling_cpu.csv"
+    args = [sys.executable, str(SCRIPTS / "eval_scaling.py"), "--cpu", "--gpus", "1,2", "--compressors", "vidcom2",
+            "--model-args", f"pretrained={data['model']},{CPU_ARGS},max_frames_num=8", "--tasks", "vidcom2_synth_mc",
+            "--include-path", str(task), "--gen-kwargs", "max_new_tokens=2", "--work-dir", str(tmp_path / "w")]
+    proc = subprocess.run([*args, "--out", str(out)], env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _csv(out)
+    assert [(r["gpus"], r["compressor"], r["retention"], r["device"]) for r in rows] == [
+        ("1", "vidcom2", "0.25", "cpu"), ("2", "vidcom2", "0.25", "cpu"),
+    ]  # fmt: skip
+    for row in rows:
+        per_rank = [int(x) for x in row["rank_samples"].split("/")]
+        assert int(row["samples"]) == n == sum(per_rank) and len(per_rank) == int(row["gpus"])
+        assert float(row["samples_per_s"]) > 0 and 0 < float(row["balance"]) <= 1
+        assert f"--nproc_per_node {row['gpus']} -m lmms_eval" in row["command"] and row["commit"] != "unknown"
+    refused = subprocess.run([*args, "--out", str(tmp_path / "eval_scaling_h200.csv")], env=_env(), cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "is named for H200 rows; these run on cpu" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "eval_scaling_h200.csv").exists()

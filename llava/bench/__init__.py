@@ -116,7 +116,10 @@ def source_commit() -> str:
     if os.environ.get("VIDCOM2_COMMIT"):
         return os.environ["VIDCOM2_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        root = Path(__file__).resolve().parents[2]  # the checkout's, wherever the command runs from
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
