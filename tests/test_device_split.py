@@ -26,14 +26,14 @@ from llava.runtime import FrameSampling, GenerationOptions
 from llava.synthetic_videos import make_videos
 from transformers_patched.qwen_tiny import build_tiny_qwen
 
-FAMILIES = ("llava_ov", "qwen2_vl")
+FAMILIES = ("llava_ov", "qwen2_vl", "qwen3_vl")  # qwen3_vl: DeepStack rows cross the split
 FRAMES = FrameSampling(num_frames=8)
 GEN = GenerationOptions(max_new_tokens=4, ignore_eos=True)
 # DyCoke keeps whole anchor frames: at 8 frames (Qwen: 4 temporal patches) its floor is 0.5
 RETENTION = {"dycoke": 0.6}
 # the tiny LMs have 16 layers: SparseVLM's default boundaries (2, 6, 15) need 17; 2 / 6 / 10 cross the split
 OPTIONS = {"sparsevlm": {"layers": "2/6/10"}}
-PREFIX = {"llava_ov": ("language_model.model.", "language_model."), "qwen2_vl": ("model.language_model.", "")}
+PREFIX = {"llava_ov": "language_model.model.", "qwen2_vl": "model.language_model.", "qwen3_vl": "model.language_model."}
 
 
 def entry_map(family: str) -> dict[str, str]:
@@ -47,7 +47,7 @@ def entry_map(family: str) -> dict[str, str]:
 
 
 def layer_map(family: str, layers: int, first: str, second: str) -> dict[str, str]:
-    body = PREFIX[family][0]
+    body = PREFIX[family]
     return {f"{body}layers.{i}": first if i < layers // 2 else second for i in range(layers)}
 
 
@@ -169,7 +169,7 @@ def test_bad_maps_fail_at_load_naming_what_is_wrong(pair, tmp_path):
     family, path, whole, _ = pair
     layers = layer_map(family, lm_layers(whole), "cpu", "cpu")
     apart = {**entry_map(family), **layers}
-    embed = f"{PREFIX[family][0]}embed_tokens"
+    embed = f"{PREFIX[family]}embed_tokens"
     apart[embed] = "disk"
     with pytest.raises(ValueError, match="vision tower and the text embedding must share one device"):
         load_video_llm(path, placement=make_placement(device_map=apart, offload_dir=str(tmp_path)))

@@ -118,6 +118,13 @@ def _single_video(visuals: Any, task: str, doc_id: Any) -> str:
     return str(items[0])
 
 
+def split_devices(llm: Any) -> tuple[torch.device, ...]:
+    """The GPUs a split model's device map uses (empty for a model on one device)."""
+    device_map = getattr(getattr(llm, "model", None), "hf_device_map", None) or {}
+    names = sorted({str(d) for d in device_map.values() if str(d).startswith("cuda")})
+    return tuple(torch.device(n) for n in names)
+
+
 class VidCom2Wrapper(lmms):
     """Shared body of the five ids; subclasses only name their lmms-eval id."""
 
@@ -170,7 +177,7 @@ class VidCom2Wrapper(lmms):
                 "use --batch_size 1"
             )
         self.batch_size_per_gpu = s.batch_size
-        self.meter = EfficiencyMeter(self._device, self._run_info())
+        self.meter = EfficiencyMeter(self._device, self._run_info(), split_devices(self.model))
         self.resume = ResumeCache(s.resume_dir, self._rank) if s.resume_dir else None
         self._finalized = False
         logger.info(
