@@ -41,6 +41,7 @@ from torch import nn
 STRATEGIES = ("auto", "balanced")
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B)?\s*$", re.IGNORECASE)
 _DEVICE = re.compile(r"^(cpu|disk|meta|mps|cuda(:\d+)?|\d+)$")
+MaxMemory = dict[int | str, int | str]  # GPU index / "cpu" / "disk" -> "70GiB" or bytes
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Placement:
     device: str = "cpu"
     strategy: str | None = None
     explicit: dict[str, str] = field(default_factory=dict)
-    max_memory: dict[int | str, int | str] = field(default_factory=dict)
+    max_memory: MaxMemory = field(default_factory=dict)
     offload_dir: str | None = None
 
     @property
@@ -106,9 +107,6 @@ def parse_device_map(value: str | Mapping[str, Any] | None, *, param: str = "--d
     return None, {str(k): _device_name(v, f"{param} entry {k!r}") for k, v in raw.items()}
 
 
-MaxMemory = dict[int | str, int | str]  # GPU index / "cpu" / "disk" -> "70GiB" or bytes
-
-
 def parse_max_memory(value: str | Mapping[Any, Any] | None, *, param: str = "--max-memory") -> MaxMemory:
     """``0=70GiB,1=70GiB,cpu=100GiB`` (or a mapping) -> {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}.
 
@@ -119,7 +117,7 @@ def parse_max_memory(value: str | Mapping[Any, Any] | None, *, param: str = "--m
     items = value.items() if isinstance(value, Mapping) else (
         _memory_entry(part) for part in str(value).replace("/", ",").split(",")
     )
-    out: dict[int | str, int | str] = {}
+    out: MaxMemory = {}
     for key, amount in items:
         key_text = str(key).strip().lower()
         match = _MEMORY.match(str(amount)) if amount is not None else None
@@ -174,15 +172,24 @@ def make_placement(
 # ---------------------------------------------------------------- planning and dispatch
 
 
+def device_of(name: str, device_map: Mapping[str, str]) -> str:
+    """The map's device for a module or tensor name: its longest covering prefix."""
+    owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    if not owners:
+        raise ValueError(f"device map places no module covering {name!r}")
+    return device_map[max(owners, key=len)]
+
+
+def load_device(name: str, device_map: Mapping[str, str]) -> torch.device:
+    """Where a loader should put tensor ``name`` before :func:`dispatch`: its GPU, or host memory for the
+    modules the map runs from cpu or disk (accelerate offloads those from there)."""
+    device = device_of(name, device_map)
+    return torch.device("cpu" if device in ("cpu", "disk", "meta") else device)
+
+
 def _entry_devices(device_map: Mapping[str, str], entry: Iterable[str]) -> dict[str, str]:
-    """The device of each entry module: the map's longest prefix covering it."""
-    found: dict[str, str] = {}
-    for name in entry:
-        owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
-        if not owners:
-            raise ValueError(f"device map places no module covering {name!r}")
-        found[name] = device_map[max(owners, key=len)]
-    return found
+    """The device of each entry module."""
+    return {name: device_of(name, device_map) for name in entry}
 
 
 def plan_device_map(
@@ -221,6 +228,14 @@ def plan_device_map(
             for k, v in infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split,
                                               dtype=dtype).items()
         }  # fmt: skip
+    offloaded = sorted(k for k, v in device_map.items() if v in ("cpu", "disk"))
+    if offloaded and any(v.startswith("cuda") for v in device_map.values()):
+        warnings.warn(
+            f"device map runs {len(offloaded)} module(s) from host memory or disk ({', '.join(offloaded[:3])}"
+            f"{', ...' if len(offloaded) > 3 else ''}): their weights are copied to a GPU at every call; give the "
+            "GPUs more max_memory to keep them resident",
+            stacklevel=2,
+        )
     devices = _entry_devices(device_map, entry)
     if len(set(devices.values())) > 1 or "disk" in devices.values():
         shown = ", ".join(f"{k} -> {v}" for k, v in devices.items())
