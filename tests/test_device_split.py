@@ -229,3 +229,18 @@ def test_cuda_split_equals_unsplit(pair, videos, method, second, monkeypatch):
     got, got_logits = run(split, videos, spec, monkeypatch)
     assert got.output_ids == ref.output_ids and got.extra["decode_mode"] == "eager"
     torch.testing.assert_close(got_logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["vidcom2", "fastv"])
+def test_a_map_naming_a_parent_module_answers_the_same(pair, videos, method, monkeypatch, tmp_path):
+    """All decoder layers offloaded as one entry (``...layers``: the ModuleList, not each layer): the driver
+    finds where each layer runs from the hooks accelerate placed below that entry."""
+    family, path, whole, _ = pair
+    device_map = {**entry_map(family), f"{PREFIX[family]}layers": "disk"}
+    split = load_video_llm(path, placement=make_placement(device_map=device_map, offload_dir=str(tmp_path)))
+    assert decoder_layers(split)[0].self_attn.q_proj.weight.device.type == "meta"  # offloaded
+    spec = CompressionSpec(method, 0.25)
+    ref, ref_logits = run(whole, videos, spec, monkeypatch)
+    got, got_logits = run(split, videos, spec, monkeypatch)
+    assert got.output_ids == ref.output_ids
+    torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)

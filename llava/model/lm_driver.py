@@ -380,7 +380,7 @@ def prefill(
             )  # fmt: skip
             if i < len(deepstack):
                 hidden = _deepstack_add(hidden, deepstack[i], ds_where)
-    logits = stack.head(stack.norm(hidden[:, -1:]))[:, -1].float()
+    logits = _head(stack, hidden[:, -1:])[:, -1].float()
     if devices is not None:
         logits = logits.to(inputs.embeds.device)  # sampling and stop checks run on the entry device
     decoding = plan if plan is not None and plan.decode_layer is not None else None
@@ -416,15 +416,38 @@ def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor)
         group.key_valid = torch.cat([group.key_valid, _ones_on(ones, group.key_valid)], dim=1)
         mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
         rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
-        for layer in stack.layers[group.start : end]:
-            hidden = layer(
+        for i in range(group.start, end):
+            if stack.layer_devices is not None and stack.layer_devices[i] != hidden.device:
+                hidden, mask, rope = _step_inputs_on(stack.layer_devices[i], hidden, mask, rope)
+            hidden = stack.layers[i](
                 hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
                 past_key_values=state.cache, use_cache=True,
             )  # fmt: skip
     for group in state.groups:
         if group.own_positions or group is state.groups[0]:
             group.next_position = group.next_position + 1
-    return _on_entry(stack, stack.head(stack.norm(hidden))[:, -1].float(), tokens)
+    return _on_entry(stack, _head(stack, hidden)[:, -1].float(), tokens)
+
+
+def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.device == like.device else tensor.to(like.device)
+
+
+def _step_inputs_on(
+    device: torch.device, hidden: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+    """A decode step's layer inputs on the next layer's device (split models; a layer inside a module the
+    map names whole has no hook of its own to move them)."""
+    return hidden.to(device), _to(mask, device), (rope[0].to(device), rope[1].to(device))
+
+
+def _head(stack: DecoderStack, hidden: torch.Tensor) -> torch.Tensor:
+    """norm then head, (B, T, D) -> (B, T, V); on a split model each runs where its weights are (a map that
+    names only their parent gives them no hook of their own to move the input)."""
+    if stack.layer_devices is None:
+        return stack.head(stack.norm(hidden))
+    normed = stack.norm(hidden.to(execution_device(stack.norm)))
+    return stack.head(normed.to(execution_device(stack.head)))
 
 
 def _ones_on(ones: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -457,6 +480,8 @@ def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch
             mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
             rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
             for i in range(group.start, end):
+                if stack.layer_devices is not None and stack.layer_devices[i] != hidden.device:
+                    hidden, mask, rope = _step_inputs_on(stack.layer_devices[i], hidden, mask, rope)
                 kwargs: dict[str, Any] = {}
                 capture = None
                 if i == read_at:
@@ -470,12 +495,12 @@ def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch
                 )  # fmt: skip
                 if capture is not None:
                     restricted = _decode_mask(base, plan, state, group, capture, hidden.dtype)
-                    mask = mask if restricted is None else restricted
+                    mask = mask if restricted is None else _on_device_of(restricted, hidden)
     for group in state.groups:
         if group.own_positions or group is state.groups[0]:
             group.next_position = group.next_position + 1
     state.steps += 1
-    return _on_entry(stack, stack.head(stack.norm(hidden))[:, -1].float(), tokens)
+    return _on_entry(stack, _head(stack, hidden)[:, -1].float(), tokens)
 
 
 def _decode_mask(
