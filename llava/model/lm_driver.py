@@ -22,6 +22,12 @@ left of the new (host-known) length, so nothing waits for the GPU.
 never as an L x L map. A plan with a decode stage (``InLLMPlan.decode_layer`` = l, DyCoke's DP) makes
 every decode step read the current token's attention row at layer l - 1 and run layers >= l with the key
 mask the plan returns (:func:`_decode_step_masked`); without one, decoding does no extra work.
+
+A model split over devices (llava.placement; ``DecoderStack.split``) runs each layer where accelerate put
+it: the driver reads every layer's execution device once per request, moves the sequence state (hidden
+states, positions, rope tables, masks, keep flags, DeepStack targets, a plan's attention rows) with the
+hidden states when the next layer sits elsewhere, and returns the logits to the input device. Each layer's
+KV cache is made on its own device by its first update. An unsplit model takes none of these branches.
 """
 
 from __future__ import annotations
@@ -413,7 +419,7 @@ def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor)
     ends = [g.start for g in state.groups[1:]] + [stack.num_layers]
     shared = _rope(stack, hidden, state.groups[0].next_position[..., None])
     for group, end in zip(state.groups, ends, strict=True):
-        group.key_valid = torch.cat([group.key_valid, _ones_on(ones, group.key_valid)], dim=1)
+        group.key_valid = torch.cat([group.key_valid, _on_device_of(ones, group.key_valid)], dim=1)
         mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
         rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
         for i in range(group.start, end):
@@ -430,6 +436,8 @@ def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor)
 
 
 def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where ``like`` is (split models: e.g. the step's (B, 1) key column beside a later group's
+    key mask on another GPU); the same tensor when it already is."""
     return tensor if tensor.device == like.device else tensor.to(like.device)
 
 
@@ -449,10 +457,6 @@ def _head(stack: DecoderStack, hidden: torch.Tensor) -> torch.Tensor:
     normed = stack.norm(hidden.to(execution_device(stack.norm)))
     return stack.head(normed.to(execution_device(stack.head)))
 
-
-def _ones_on(ones: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The step's (B, 1) True column where a group's key mask is (another device on a split model)."""
-    return ones if ones.device == like.device else ones.to(like.device)
 
 
 def _on_entry(stack: DecoderStack, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -476,7 +480,7 @@ def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch
     read_at = plan.decode_layer - 1
     with capturing_rows(stack.config):
         for group, end in zip(state.groups, ends, strict=True):
-            group.key_valid = torch.cat([group.key_valid, _ones_on(ones, group.key_valid)], dim=1)
+            group.key_valid = torch.cat([group.key_valid, _on_device_of(ones, group.key_valid)], dim=1)
             mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
             rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
             for i in range(group.start, end):
