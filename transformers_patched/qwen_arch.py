@@ -118,18 +118,26 @@ def load_model(
     attn_implementation: str = "sdpa",
     placement: Placement | None = None,
 ) -> PreTrainedModel:
-    """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``; a split
-    ``placement`` (llava.placement) spreads it over a device map instead (:func:`place_split`)."""
+    """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``.
+
+    A split ``placement`` (llava.placement) plans the device map on a meta-built copy (our split rules,
+    :func:`split_rules`) and lets transformers read each tensor straight onto its device through it, so
+    the checkpoint never sits whole in host memory."""
     config = AutoConfig.from_pretrained(str(path))
     arch = arch_of_config(config)
-    model = arch.transformers_class().from_pretrained(
-        str(path),
-        dtype=resolve_dtype(dtype),
-        attn_implementation=_transformers_attention(attn_implementation),
-    )
-    model = _with_vision_attention(model, attn_implementation).eval()
+    cls, torch_type = arch.transformers_class(), resolve_dtype(dtype)
+    attn = _transformers_attention(attn_implementation)
+    split: dict[str, Any] = {}
     if placement is not None and placement.split:
-        return place_split(model, placement)
+        with torch.device("meta"):
+            skeleton = cls._from_config(config, dtype=torch_type, attn_implementation=attn)
+        no_split, entry = split_rules(skeleton)
+        device_map = plan_device_map(skeleton, placement, no_split=no_split, entry=entry, dtype=torch_type)
+        split = {"device_map": device_map, "offload_folder": placement.offload_dir}
+    model = cls.from_pretrained(str(path), dtype=torch_type, attn_implementation=attn, **split)
+    model = _with_vision_attention(model, attn_implementation).eval()
+    if split:
+        return model
     return model.to(placement.device if placement is not None else device)
 
 
