@@ -105,6 +105,18 @@ def _add_infer_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="split the model over devices (accelerate): auto (fill devices in order), balanced (even over the "
+        "GPUs), a device (no split), or a JSON map / JSON file of module name -> device (cuda:N, N, cpu, disk). "
+        "The vision tower and the embedding share the first device; static/compiled decoding is refused "
+        "(auto decodes eagerly)",
+    )
+    g.add_argument(
+        "--max-memory", default=None, help="per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB"
+    )
+    g.add_argument("--offload-dir", default=None, help="folder for the weights a --device-map puts on disk")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument(
         "--attn",
@@ -156,12 +168,17 @@ def _run_infer(args: argparse.Namespace) -> int:
         decode_mode=args.decode_mode,
     )
     from llava.model.static_decode import check_attention
+    from llava.placement import make_placement
 
     check_attention(args.attn, generation.decode_mode)
+    placement = make_placement(args.device, args.device_map, args.max_memory, args.offload_dir)
+    if placement.split and generation.decode_mode in ("static", "compiled"):
+        raise ValueError(f"--decode-mode {generation.decode_mode} needs the model on one device; with --device-map "
+                         "use --decode-mode eager or auto")  # fmt: skip
     if not Path(args.video).exists():
         raise FileNotFoundError(f"video not found: {args.video}")
     model = load_video_llm(
-        args.model, family=args.family, device=args.device, dtype=args.dtype, attn_implementation=args.attn
+        args.model, family=args.family, dtype=args.dtype, attn_implementation=args.attn, placement=placement
     )
     for flag, attribute in (
         ("grid_newlines", "grid_newlines"),

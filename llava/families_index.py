@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from llava.placement import Placement
 from llava.runtime import ModelFamily, VideoLLM
 
 TinyBuilder = Callable[..., Path]  # (out_dir, *, seed, fmt) -> out_dir
@@ -90,8 +91,22 @@ def load_video_llm(
     device: str = "cpu",
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> VideoLLM:
-    """Load any supported checkpoint (hub id or local directory) by its detected family."""
+    """Load any supported checkpoint (hub id or local directory) by its detected family.
+
+    ``placement`` (llava.placement.make_placement) splits the weights over a device map; without one the
+    model goes whole to ``device``."""
     return detect_family(path, family).load(
-        path, device=device, dtype=dtype, attn_implementation=attn_implementation
+        path, device=device, dtype=dtype, attn_implementation=attn_implementation, placement=placement
     )
+
+
+def place_adapter(llm: Any, placement: Placement) -> Any:
+    """An adapter whose model was built whole on the CPU (the benchmark's random weights), its model
+    dispatched over ``placement``'s device map by its family's rules (llava.placement)."""
+    family = families().get(llm.family)
+    if family is None or family.place is None:
+        raise ValueError(f"model family {llm.family!r} cannot be split over devices (device_map)")
+    llm.model = family.place(llm.model, placement)
+    return llm

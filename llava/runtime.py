@@ -189,4 +189,6 @@ class VideoLLM(Protocol):
 class ModelFamily:
     name: str
     detect: Callable[[dict[str, Any]], bool]  # config.json dict -> belongs to this family?
-    load: Callable[..., VideoLLM]  # (path, device=, dtype=, attn_implementation=) -> model
+    load: Callable[..., VideoLLM]  # (path, device=, dtype=, attn_implementation=, placement=) -> model
+    # (torch model built on the CPU, llava.placement.Placement) -> the model dispatched over its device map
+    place: Callable[[Any, Any], Any] | None = None

@@ -5,6 +5,7 @@
 #   MODELS=llava_ov_7b EXTRA="--full" bash scripts/bench_efficiency.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/no_multicast.sh
 MODELS=${MODELS:-llava_ov_7b,llava_vid_7b,qwen2_vl_7b,qwen2_5_vl_7b,qwen3_vl_8b}
 OUT=${OUT:-results/efficiency_h100.csv}
 PLOT=${PLOT:-results/efficiency_h100.png}

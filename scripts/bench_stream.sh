@@ -6,6 +6,7 @@
 #   MODEL=qwen3_vl_8b EXTRA="--preprocess-device cuda" bash scripts/bench_stream.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/no_multicast.sh
 MODEL=${MODEL:?set MODEL, e.g. llava_ov_7b, qwen2_5_vl_7b or qwen3_vl_8b}
 OUT=${OUT:-results/throughput_h200.csv}
 PYTHON=${PYTHON:-python3}

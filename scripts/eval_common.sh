@@ -22,6 +22,7 @@
 #   INCLUDE_PATH=<dir of local task YAMLs>  GEN_KWARGS=max_new_tokens=64 (lmms-eval --gen_kwargs, over every task's)
 #   PYTHON=python  BENCH=0 (efficiency: no `vidcom2 bench` rows)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/no_multicast.sh"
 
 _eval_words() { local text="${1//,/ }"; echo "$text"; }  # "a,b c" -> "a b c"
 _eval_num() { LC_ALL=C printf '%g' "$1"; }

@@ -8,6 +8,7 @@
 #   MODEL=DIR evaluates another checkpoint; MODEL=train trains a fresh one into $WORK_DIR first.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo_root/scripts/no_multicast.sh"
 # A fresh machine: create .venv and install the package first (idempotent; skipped when PYTHON is given).
 [[ -n "${PYTHON:-}" ]] || bash "$repo_root/scripts/bootstrap.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -97,6 +97,10 @@ def test_console_script_subprocess(workdir: Path) -> None:
         (("--option", "novalue"), "KEY=VALUE"),
         (("--grid-newlines", "cols"), "grid_newlines"),
         (("--preprocess-device", "cuda"), "--preprocess-device is not supported by model family llava_video"),
+        (("--device-map", "{bad"), "--device-map: not valid JSON"),
+        (("--max-memory", "0=1GiB"), "--max-memory budgets a split: give --device-map auto or balanced"),
+        (("--device-map", "auto", "--decode-mode", "compiled"), "--decode-mode compiled needs the model on one device"),
+        (("--device-map", '{"vision": "cpu"}'), "device map leaves parameters unplaced"),
     ],
 )
 def test_user_errors_are_one_line(
@@ -140,3 +144,20 @@ def test_parse_options() -> None:
     assert parse_options(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ValueError):
         parse_options(["=1"])
+
+
+def test_infer_with_a_device_map_answers_as_unsplit(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device-map auto`` under a CPU budget of part of the model: later layers are offloaded to disk by
+    accelerate, and the answer, ids and token counts equal the unsplit run's."""
+    extra = ("--compressor", "vidcom2", "--retention", "0.25", "--json")
+    assert main(infer_args(workdir, *extra)) == 0
+    whole = json.loads(capsys.readouterr().out)
+    size = sum(f.stat().st_size for f in (workdir / "vid").glob("*.safetensors"))
+    split_args = ("--device-map", "auto", "--max-memory", f"cpu={size * 6 // 10}B", "--offload-dir",
+                  str(workdir / "offload"))  # fmt: skip
+    assert main(infer_args(workdir, *extra, *split_args)) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert any((workdir / "offload").iterdir())  # something really went to disk
+    assert split["output_ids"] == whole["output_ids"] and split["answer"] == whole["answer"]
+    assert split["visual_tokens_after"] == whole["visual_tokens_after"]
+    assert split["extra"]["decode_mode"] == "eager"

@@ -316,3 +316,113 @@ def test_missing_video_without_record_fails_naming_task_doc_and_path(data, tmp_p
     assert f"{data['broken'].hf_home}/videomme/data/mini001.mp4 does not exist" in proc.stdout
     assert "on_video_error=record counts it as a failed sample" in proc.stdout
     assert "FAILED - lmms-eval wrote no results for none_f32" in proc.stderr
+
+
+LAUNCHING = ("eval_common.sh", "bench_stream.sh", "bench_efficiency.sh", "run_default.sh")
+
+
+def test_every_launching_script_turns_nvlink_multicast_off():
+    """Each script that starts model processes sources no_multicast.sh (the table scripts through
+    eval_common.sh), and no_multicast.sh forces the three variables of llava.placement.NO_MULTICAST."""
+    from llava.placement import NO_MULTICAST
+
+    body = (SCRIPTS / "no_multicast.sh").read_text()
+    for key, value in NO_MULTICAST.items():
+        assert f"{key}={value}" in body and "export" in body
+    for name in LAUNCHING:
+        assert re.search(r"^source .*no_multicast\.sh\"?$", (SCRIPTS / name).read_text(), re.M), name
+    for table in sorted(PLANS):
+        assert re.search(r"^source .*eval_common\.sh\"?$", (SCRIPTS / table).read_text(), re.M), table
+    others = {p.name for p in SCRIPTS.glob("*.sh")} - set(LAUNCHING) - set(PLANS) - {"no_multicast.sh"}
+    assert others == {"bootstrap.sh", "run_tests.sh"}  # a new launcher must be added above
+
+
+def test_launched_processes_see_multicast_off_even_if_the_caller_turned_it_on(tmp_path):
+    """The table script's launcher inherits NCCL_NVLS_ENABLE=0 etc. whatever the caller exported."""
+    dump = tmp_path / "env.json"
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(f"import json, os, sys\njson.dump(dict(os.environ), open({str(dump)!r}, 'w'))\nsys.exit(3)\n")
+    env = {**_out(tmp_path), "LAUNCHER": f"{sys.executable} {launcher}", "METHODS": "none", "MODEL": "x",
+           "NCCL_NVLS_ENABLE": "1", "NVSHMEM_DISABLE_NVLS": "0"}  # fmt: skip
+    proc = _run("eval_llava_ov.sh", tmp_path, **env)
+    assert proc.returncode == 1 and "lmms-eval exited with an error for none_f32" in proc.stderr
+    seen = json.loads(dump.read_text())
+    assert (seen["NCCL_NVLS_ENABLE"], seen["TORCH_SYMM_MEM_DISABLE_MULTICAST"], seen["NVSHMEM_DISABLE_NVLS"]) == (
+        "0", "1", "1",
+    )
+
+
+def test_keep_multicast_off_sets_the_variables_and_refuses_a_conflict():
+    from llava.placement import keep_multicast_off
+
+    env: dict[str, str] = {}
+    keep_multicast_off(env)
+    assert env == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    with pytest.raises(ValueError, match="NCCL_NVLS_ENABLE=1 turns NVLink multicast on; it must be 0"):
+        keep_multicast_off({"NCCL_NVLS_ENABLE": "1"})
+
+
+def test_table_script_two_cpu_processes_tiny_checkpoint_synthetic_task(data, tmp_path):
+    """``eval_llava_ov.sh`` unchanged with two CPU processes (torchrun, gloo) of a real tiny checkpoint on the
+    synthetic task, uncompressed and VidCom2 R = 0.25, collector included: every doc answered exactly once
+    across the ranks, the collected sample count equals the task size, and one meter covers both ranks."""
+    task = build_task(tmp_path / "synth", data["root"] / "videos")
+    docs = [json.loads(line)["doc_id"] for line in (task / "docs.jsonl").read_text().splitlines()]
+    env = {
+        **_out(tmp_path),
+        "LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 -m",
+        "MODEL": str(data["model"]),
+        "TASKS": "vidcom2_synth_mc",
+        "INCLUDE_PATH": str(task),
+        "METHODS": "none vidcom2",
+        "RETENTIONS": "0.25",
+        "EXTRA_MODEL_ARGS": CPU_ARGS,
+        "GEN_KWARGS": "max_new_tokens=2",
+        "PAPER_MODEL": "LLaVA-OV-7B",
+    }
+    proc = _run("eval_llava_ov.sh", tmp_path, **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = {r["method"]: r for r in _csv(tmp_path / "results" / "llava_ov_summary.csv")}
+    assert set(summary) == {"none", "vidcom2"}
+    for method, row in summary.items():
+        assert (row["world_size"], int(row["samples"]), int(row["failed_samples"])) == ("2", len(docs), 0), method
+        run_dir = Path(row["results_file"]).parent
+        answered = [json.loads(line)["doc_id"] for line in next(run_dir.glob("*_samples_vidcom2_synth_mc.jsonl"))
+                    .read_text().splitlines()]  # fmt: skip
+        assert sorted(answered) == docs, method  # each doc once: no rank padding counted, none lost
+        meter = json.loads(Path(row["meter_file"]).read_text())["overall"]
+        assert meter["samples"] == len(docs) and set(meter["samples_per_rank"]) == {"0", "1"}
+        assert sum(meter["samples_per_rank"].values()) == len(docs)
+        records = Path(row["meter_file"]).with_name(Path(row["meter_file"]).stem + "_samples.jsonl")
+        metered = [(r["doc_id"], r["rank"]) for r in map(json.loads, records.read_text().splitlines())]
+        assert sorted(d for d, _ in metered) == docs and {r for _, r in metered} == {0, 1}
+    assert 0.2 <= float(summary["vidcom2"]["achieved_retention"]) <= 0.35
+    bench = {(r["method"], r["benchmark"]) for r in _csv(tmp_path / "results" / "llava_ov_benchmarks.csv")}
+    assert {("none", "vidcom2_synth_mc"), ("vidcom2", "vidcom2_synth_mc")} <= bench
+
+
+def test_eval_scaling_cpu_smoke_writes_one_row_per_finished_run(data, tmp_path):
+    """scripts/eval_scaling.py with one and two CPU processes: a row per run that ran, with the meter's sample
+    count (the task size), per-rank loads that add up, and the command; CPU rows never go into *_h200.csv."""
+    task = build_task(tmp_path / "synth", data["root"] / "videos")
+    n = len((task / "docs.jsonl").read_text().splitlines())
+    out = tmp_path / "scaling_cpu.csv"
+    args = [sys.executable, str(SCRIPTS / "eval_scaling.py"), "--cpu", "--gpus", "1,2", "--compressors", "vidcom2",
+            "--model-args", f"pretrained={data['model']},{CPU_ARGS},max_frames_num=8", "--tasks", "vidcom2_synth_mc",
+            "--include-path", str(task), "--gen-kwargs", "max_new_tokens=2", "--work-dir", str(tmp_path / "w")]
+    proc = subprocess.run([*args, "--out", str(out)], env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _csv(out)
+    assert [(r["gpus"], r["compressor"], r["retention"], r["device"]) for r in rows] == [
+        ("1", "vidcom2", "0.25", "cpu"), ("2", "vidcom2", "0.25", "cpu"),
+    ]  # fmt: skip
+    for row in rows:
+        per_rank = [int(x) for x in row["rank_samples"].split("/")]
+        assert int(row["samples"]) == n == sum(per_rank) and len(per_rank) == int(row["gpus"])
+        assert float(row["samples_per_s"]) > 0 and 0 < float(row["balance"]) <= 1
+        assert f"--nproc_per_node {row['gpus']} -m lmms_eval" in row["command"] and row["commit"] != "unknown"
+    refused = subprocess.run([*args, "--out", str(tmp_path / "eval_scaling_h200.csv")], env=_env(), cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "is named for H200 rows; these run on cpu" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "eval_scaling_h200.csv").exists()

@@ -87,3 +87,24 @@ def test_manifests_replace_builtins_including_chat_classes():
         preferred = get_model(model_id)
         assert simple.__module__ == preferred.__module__ == "vidcom2_lmms_eval.wrappers"
         assert simple.model_id == preferred.model_id == model_id
+
+
+def test_device_map_and_max_memory_are_parsed_once_into_a_placement(tmp_path):
+    budget = {"device_map": "auto", "max_memory": "0:70GiB/1:70GiB/cpu:100GiB"}
+    s = parse_model_args("qwen2_vl", {**P, **budget}, environ={})
+    assert s.placement.strategy == "auto" and s.placement.max_memory == {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}
+    single = parse_model_args("qwen2_vl", {**P, "device_map": "cuda:1"}, environ={})
+    assert single.device == "cuda:1" and not single.placement.split  # the built-ins' single-device habit
+    device_map = tmp_path / "map.json"
+    device_map.write_text('{"model.visual": 0, "lm_head": 1}')
+    s = parse_model_args("qwen2_vl", {**P, "device_map": str(device_map)}, environ={})
+    assert s.placement.explicit == {"model.visual": "cuda:0", "lm_head": "cuda:1"}
+    bad = [
+        ({"device_map": "nowhere"}, "model_arg device_map"),
+        ({"max_memory": "0:70GiB"}, "model_arg max_memory budgets a split: give model_arg device_map auto"),
+        ({"device_map": "auto", "max_memory": "0:lots"}, "model_arg max_memory: entry '0' needs DEVICE=SIZE"),
+        ({"device_map": "auto", "decode_mode": "compiled"}, "decode_mode=compiled needs the model on one device"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=message):
+            parse_model_args("qwen2_vl", {**P, **extra}, environ={})

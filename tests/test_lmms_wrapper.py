@@ -202,3 +202,44 @@ def test_batch_size_batches_real_models_each_video_on_its_budget(tmp_path, docs,
     assert {d: k[:2] for d, k in runs[3][1].items()} == {d: k[:2] for d, k in runs[1][1].items()}
     assert all(0 < after < before for before, after, _ in runs[3][1].values())
     assert sorted(k[2] for k in runs[3][1].values()) == [2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("arch", ["llava_ov", "qwen2_vl"])
+def test_device_map_splits_the_model_and_answers_as_unsplit(tmp_path, docs, arch):
+    """model_args device_map=<JSON file> with the second half of the LM on disk (accelerate's hooks load it
+    per layer): the wrapper's answers and kept counts equal the unsplit wrapper's; several processes with a
+    split map are refused."""
+    import json
+
+    from llava.families_index import load_video_llm, tiny_builders
+
+    path = tiny_builders()[arch](tmp_path / arch, seed=3)
+    whole = load_video_llm(path)
+    if arch == "llava_ov":
+        body, layers = "language_model.model.", whole.model.language_model.model.layers
+        rest = {"vision": "cpu", "projector": "cpu", "image_newline": "cpu", "language_model.lm_head": "cpu"}
+    else:
+        body, layers = "model.language_model.", whole.model.model.language_model.layers
+        rest = {"model.visual": "cpu", "lm_head": "cpu"}
+    rest.update({f"{body}{n}": "cpu" for n in ("embed_tokens", "norm", "rotary_emb")})
+    half = {f"{body}layers.{i}": "cpu" if i < len(layers) // 2 else "disk" for i in range(len(layers))}
+    device_map = tmp_path / "map.json"
+    device_map.write_text(json.dumps({**rest, **half}))
+    cls = wrappers.LlavaOneVision if arch == "llava_ov" else wrappers.Qwen2VL
+    common = {"pretrained": str(path), "compressor": "vidcom2", "retention": 0.5, "max_frames_num": 4,
+              "prefetch_workers": 0, "device": "cpu", "dtype": "float32"}  # fmt: skip
+    runs = []
+    for extra in ({}, {"device_map": str(device_map), "offload_dir": str(tmp_path / "offload")}):
+        w = cls(**common, **extra, meter_dir=str(tmp_path / f"meter{len(runs)}"))
+        texts = [o.text for o in w.generate_until(_requests(w, docs, [0, 3]))]
+        runs.append((texts, [(r.tokens_before, r.tokens_after) for r in w.meter.records]))
+    assert "disk" in w.model.model.hf_device_map.values()
+    offloaded = (w.model.model.language_model.model if arch == "llava_ov" else w.model.model.model.language_model)
+    assert offloaded.layers[-1].mlp.down_proj.weight.device.type == "meta"  # loaded by the hook per call
+    assert runs[1] == runs[0]
+
+
+def test_a_split_device_map_needs_one_process(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"splits one model over this host's devices; 2 processes .* \(GPUS=1\)"):
+        wrappers.LlavaOneVision(pretrained="fake", device_map="auto", meter_dir=str(tmp_path))

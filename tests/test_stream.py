@@ -129,3 +129,20 @@ def test_one_sample_count_per_answer_length_or_one_for_all() -> None:
     both = parser.parse_args(["--stream", "48,12", "--answer-tokens", "1,32"])
     assert check_stream_arguments(both) == {1: 48, 32: 12}
     assert check_stream_arguments(parser.parse_args(["--stream", "5"])) == {1: 5, 32: 5}
+
+
+def test_stream_bench_with_a_device_map_splits_and_keeps_the_counts(tmp_path: Path) -> None:
+    """``--device-map auto`` under a CPU budget of part of the tiny model: accelerate offloads later layers to
+    --offload-dir, rows say ``device_map=auto`` and decode eagerly, with the unsplit run's token counts."""
+    args = ["bench", "--stream", "3", "--warmup", "0", "--models", "tiny_llava_ov", "--device", "cpu"]
+    args += ["--dtype", "float32", "--frames", "4", "--answer-tokens", "2", "--compressors", "none,vidcom2"]
+    args += ["--retentions", "0.5", "--prefetch-workers", "1", "--video-size", "32", "--distinct-videos", "2"]
+    assert main([*args, "--no-progress", "--out", str(tmp_path / "whole.csv")]) == 0
+    split = ["--device-map", "auto", "--max-memory", "cpu=1500KB", "--offload-dir", str(tmp_path / "offload")]
+    assert main([*args, *split, "--no-progress", "--out", str(tmp_path / "split.csv")]) == 0
+    whole = list(csv.DictReader((tmp_path / "whole.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "split.csv").open()))
+    assert any((tmp_path / "offload").iterdir())
+    assert [(r["device_map"], r["decode_mode"]) for r in rows] == [("auto", "auto:eager")] * 2
+    assert [r["visual_tokens_after"] for r in rows] == [r["visual_tokens_after"] for r in whole]
+    assert "device_map" not in whole[0]  # unsplit rows keep the columns of the CSVs they append to

@@ -26,6 +26,7 @@ from transformers.video_utils import VideoMetadata
 from llava.model.compression import CompressionSpec
 from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
 from llava.model.method_api import LLM_ATTENTION_ROWS
+from llava.placement import Placement
 from llava.runtime import FrameSampling, GenerationOptions, InferenceResult, StageTimer, cut_at_stop, maybe_stage
 from llava.video_io import VideoClip, read_videos
 from transformers_patched import qwen_stages as stages
@@ -121,8 +122,10 @@ class QwenVideoLLM:
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
         attn_implementation: str = "sdpa",
+        placement: Placement | None = None,
     ) -> QwenVideoLLM:
-        model = load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        model = load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                           placement=placement)  # fmt: skip
         return cls(model, AutoProcessor.from_pretrained(str(path)))
 
     @property

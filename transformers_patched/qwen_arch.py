@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from llava.placement import Placement, dispatch, plan_device_map
 from llava.runtime import resolve_dtype
 from transformers_patched.vision_attention import SDPA_VARLEN, use_packed_vision_attention
 
@@ -115,16 +116,45 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> PreTrainedModel:
-    """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``."""
+    """A pretrained Qwen video model (hub id or local directory), in eval mode on ``device``.
+
+    A split ``placement`` (llava.placement) plans the device map on a meta-built copy (our split rules,
+    :func:`split_rules`) and lets transformers read each tensor straight onto its device through it, so
+    the checkpoint never sits whole in host memory."""
     config = AutoConfig.from_pretrained(str(path))
     arch = arch_of_config(config)
-    model = arch.transformers_class().from_pretrained(
-        str(path),
-        dtype=resolve_dtype(dtype),
-        attn_implementation=_transformers_attention(attn_implementation),
-    )
-    return _with_vision_attention(model, attn_implementation).to(device).eval()
+    cls, torch_type = arch.transformers_class(), resolve_dtype(dtype)
+    attn = _transformers_attention(attn_implementation)
+    split: dict[str, Any] = {}
+    if placement is not None and placement.split:
+        with torch.device("meta"):
+            skeleton = cls._from_config(config, dtype=torch_type, attn_implementation=attn)
+        no_split, entry = split_rules(skeleton)
+        device_map = plan_device_map(skeleton, placement, no_split=no_split, entry=entry, dtype=torch_type)
+        split = {"device_map": device_map, "offload_folder": placement.offload_dir}
+    model = cls.from_pretrained(str(path), dtype=torch_type, attn_implementation=attn, **split)
+    model = _with_vision_attention(model, attn_implementation).eval()
+    if split:
+        return model
+    return model.to(placement.device if placement is not None else device)
+
+
+def split_rules(model: PreTrainedModel) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(classes never cut across devices, modules that share the entry device) of a Qwen VL model: the
+    text decoder layer and the whole vision tower (DeepStack mergers and window index included) stay in
+    one piece; the tower and the token embedding build the LM input together."""
+    text = model.model.language_model
+    no_split = (type(text.layers[0]).__name__, type(model.model.visual).__name__)
+    return no_split, ("model.visual", "model.language_model.embed_tokens")
+
+
+def place_split(model: PreTrainedModel, placement: Placement) -> PreTrainedModel:
+    """``model`` (loaded on the CPU) dispatched over the placement's device map."""
+    no_split, entry = split_rules(model)
+    device_map = plan_device_map(model, placement, no_split=no_split, entry=entry, dtype=model.dtype)
+    return dispatch(model, device_map, placement.offload_dir)
 
 
 def full_size_config(arch: str) -> PretrainedConfig:

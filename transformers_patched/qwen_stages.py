@@ -25,6 +25,7 @@ from transformers import Cache, PreTrainedModel
 from llava.model.compression import CompressionSpec
 from llava.model.lm_driver import DecoderStack, LMInputs
 from llava.model.method_api import VideoTokens
+from llava.placement import is_split
 from transformers_patched.qwen_arch import QwenArch, arch_of_config
 from transformers_patched.qwen_sequence import (
     gather_packed,
@@ -337,6 +338,7 @@ def qwen_stack(model: PreTrainedModel) -> DecoderStack:
         static_step=static_step,
         # the static forward takes a text row first (its mask code reads it), then the 3 M-RoPE rows
         static_positions=lambda nxt: torch.cat([nxt[:1], nxt])[..., None],
+        split=is_split(model),
     )
 
 

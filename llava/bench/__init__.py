@@ -35,6 +35,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--device-map", default=None,
+        help="split the model over devices: auto, balanced, or a JSON map / file (module -> device); the "
+        "model is built on the CPU first, then dispatched (llava.placement)",
+    )  # fmt: skip
+    p.add_argument("--max-memory", default=None, help="per-device budget for --device-map, e.g. 0=70GiB,1=70GiB")
+    p.add_argument("--offload-dir", default=None, help="folder for modules a --device-map puts on disk")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--attn",
@@ -109,7 +116,10 @@ def source_commit() -> str:
     if os.environ.get("VIDCOM2_COMMIT"):
         return os.environ["VIDCOM2_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        root = Path(__file__).resolve().parents[2]  # the checkout's, wherever the command runs from
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -129,6 +139,12 @@ def _run(args: argparse.Namespace) -> int:
     from llava.model.vidcom2 import VidCom2Config
 
     _fill_defaults(args)
+    from llava.placement import keep_multicast_off, make_placement
+
+    placement = make_placement(args.device, args.device_map, args.max_memory, args.offload_dir)
+    if torch_gpus() > 1:
+        keep_multicast_off()
+    args.placement = placement
     resolve = get_bench_model if args.stream is None else stream_model  # the stream also runs tiny_<arch>
     models = [resolve(name) for name in args.models.split(",") if name]
     compressors = [c for c in args.compressors.split(",") if c]
@@ -180,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
                 model, cases, device=args.device, dtype=args.dtype, attn=attn, decode_tokens=args.decode_tokens,
                 repeats=args.repeats, warmup=args.warmup, work_dir=Path(work), command=command,
                 decode_mode=args.decode_mode, vidcom2_options=vidcom2_options, method_options=method_options,
-                on_row=write_now, preprocess_device=args.preprocess_device,
+                on_row=write_now, preprocess_device=args.preprocess_device, placement=placement,
             )
     if args.plot is not None:
         from llava.bench.plot import plot_efficiency
@@ -188,6 +204,13 @@ def _run(args: argparse.Namespace) -> int:
         plot_efficiency(args.out, args.plot)
     print(f"wrote {args.out}")
     return 0
+
+
+def torch_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 register_subcommand("bench", _add_arguments, _run, help="GPU efficiency benchmark of full-size random-weight models")

@@ -30,6 +30,7 @@ from llava.bench.timing import time_call_ms
 from llava.model.compression import CompressionSpec, options_for
 from llava.model.static_decode import release_static_decode
 from llava.model.vidcom2 import release_selection_graphs
+from llava.placement import Placement
 from llava.runtime import GenerationOptions, InferenceResult, VideoLLM
 
 STAGES = ("read_video", "preprocess", "vision", "compress", "prefill", "decode")
@@ -244,17 +245,26 @@ def build_bench_llm(
     *,
     decode_mode: str = "eager",
     preprocess_device: str | None = None,
+    placement: Placement | None = None,
 ) -> tuple[VideoLLM, dict[str, Any]]:
     """The model's adapter, and the environment columns of its rows.
 
     ``preprocess_device`` moves a Qwen adapter's HF video processor there (QwenVideoLLM.preprocess_device);
-    a model without that knob raises rather than ignoring it."""
-    llm = model.build(device, dtype, attn)
+    a model without that knob raises rather than ignoring it. A split ``placement`` builds the random
+    weights on the CPU and dispatches them over its device map (``device_map`` column)."""
+    split = placement is not None and placement.split
+    llm = model.build("cpu" if split else device, dtype, attn)
+    if split:
+        from llava.families_index import place_adapter
+
+        llm = place_adapter(llm, placement)
     if preprocess_device is not None:
         if not hasattr(llm, "preprocess_device"):
             raise ValueError(f"--preprocess-device: {model.name} has no CPU video processor to move (Qwen models do)")
         llm.preprocess_device = preprocess_device
     env = environment(torch.device(llm.device), attn, dtype, decode_mode)
+    if split:  # only then: unsplit rows keep the columns of the CSVs they append to
+        env["device_map"] = placement.describe()
     env["preprocess_device"] = getattr(llm, "preprocess_device", None) or (
         "cpu" if hasattr(llm, "preprocess_device") else str(llm.device)
     )
@@ -279,10 +289,13 @@ def bench_model(
     vidcom2_options: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     preprocess_device: str | None = None,
+    placement: Placement | None = None,
 ) -> list[dict[str, Any]]:
     """Build one model, run its cases, and return one CSV row per case (ideal columns included).
-    ``preprocess_device``: see :func:`build_bench_llm`."""
-    llm, env = build_bench_llm(model, device, dtype, attn, decode_mode=decode_mode, preprocess_device=preprocess_device)
+    ``preprocess_device``, ``placement``: see :func:`build_bench_llm`."""
+    llm, env = build_bench_llm(
+        model, device, dtype, attn, decode_mode=decode_mode, preprocess_device=preprocess_device, placement=placement
+    )
     videos = {n: write_bench_video(work_dir / f"bench_{n}f.mp4", n) for n in sorted({c.frames for c in cases})}
     baseline: dict[tuple[int, int], dict[str, float]] = {}
     rows = []

@@ -414,6 +414,7 @@ def run_stream_command(
                 attn,
                 decode_mode=args.decode_mode,
                 preprocess_device=args.preprocess_device,
+                placement=getattr(args, "placement", None),
             )
             for case in cases:
                 options = case_options(case, vidcom2_options, method_options)  # type: ignore[arg-type]

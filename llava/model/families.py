@@ -26,11 +26,12 @@ from llava.model.layout import GRID_NEWLINES
 from llava.model.llava_arch import POSITION_MODES, LlavaVideoModel, VisualBlock
 from llava.model.llava_config import FAMILY_OV, FAMILY_VIDEO, POOL_MODES, is_lmms_lab_config, lmms_lab_family
 from llava.model.lm_driver import generate, layer_average_retention, stop_string_check
-from llava.model.loading import load_llava
+from llava.model.loading import load_llava, place_split
 from llava.model.method_api import FRAME_GLOBAL, FRAME_SALIENCE, LLM_ATTENTION_ROWS, VIT_KEYS, VIT_RECEIVED_ATTENTION
 from llava.model.prompt import CONV_TEMPLATE, split_prompt, stop_token_ids
 from llava.model.siglip_signals import load_siglip_head
 from llava.model.tiny import tiny_builder
+from llava.placement import Placement, is_split
 from llava.runtime import (
     FrameSampling,
     GenerationOptions,
@@ -300,7 +301,7 @@ class LlavaVideoLLM:
     ) -> list[InferenceResult]:
         with timer.stage("prefill"):
             batch = self.model.build_inputs(prompts, self.position_mode)
-        stack = llava_stack(self.model.language_model)
+        stack = llava_stack(self.model.language_model, split=is_split(self.model))
         out = generate(
             stack,
             batch,
@@ -339,8 +340,17 @@ class LlavaVideoLLM:
         return results
 
 
-def _load(path: str | Path, *, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"):
-    model, tokenizer, directory = load_llava(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+def _load(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
+) -> LlavaVideoLLM:
+    model, tokenizer, directory = load_llava(
+        path, device=device, dtype=dtype, attn_implementation=attn_implementation, placement=placement
+    )
     return LlavaVideoLLM(model, tokenizer, source=str(directory))
 
 
@@ -353,5 +363,5 @@ def _detect(family: str):
     return detect
 
 
-FAMILIES = (ModelFamily(FAMILY_OV, _detect(FAMILY_OV), _load), ModelFamily(FAMILY_VIDEO, _detect(FAMILY_VIDEO), _load))
+FAMILIES = tuple(ModelFamily(f, _detect(f), _load, place=place_split) for f in (FAMILY_OV, FAMILY_VIDEO))
 TINY_BUILDERS = {"llava_ov": tiny_builder("llava_ov"), "llava_vid": tiny_builder("llava_vid")}

@@ -58,8 +58,9 @@ def static_step(
     return out.logits[:, -1].float()
 
 
-def llava_stack(lm: PreTrainedModel) -> DecoderStack:
-    """The Qwen2ForCausalLM of a LLaVA checkpoint as a :class:`DecoderStack` (1-D positions)."""
+def llava_stack(lm: PreTrainedModel, *, split: bool = False) -> DecoderStack:
+    """The Qwen2ForCausalLM of a LLaVA checkpoint as a :class:`DecoderStack` (1-D positions); ``split``:
+    the model is dispatched over several devices (llava.placement.is_split of the whole model)."""
     body = lm.model
     return DecoderStack(
         embed=body.embed_tokens,
@@ -72,4 +73,5 @@ def llava_stack(lm: PreTrainedModel) -> DecoderStack:
         static_model=lm,
         static_step=static_step,
         static_positions=lambda nxt: nxt[0][:, None],
+        split=split,
     )

@@ -22,6 +22,12 @@ left of the new (host-known) length, so nothing waits for the GPU.
 never as an L x L map. A plan with a decode stage (``InLLMPlan.decode_layer`` = l, DyCoke's DP) makes
 every decode step read the current token's attention row at layer l - 1 and run layers >= l with the key
 mask the plan returns (:func:`_decode_step_masked`); without one, decoding does no extra work.
+
+A model split over devices (llava.placement; ``DecoderStack.split``) runs each layer where accelerate put
+it: the driver reads every layer's execution device once per request, moves the sequence state (hidden
+states, positions, rope tables, masks, keep flags, DeepStack targets, a plan's attention rows) with the
+hidden states when the next layer sits elsewhere, and returns the logits to the input device. Each layer's
+KV cache is made on its own device by its first update. An unsplit model takes none of these branches.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from llava.model.attention_rows import RowCapture, base_implementation, capturin
 from llava.model.kv_arena import arena_cache
 from llava.model.method_api import Boundary, DecodeStep, InLLMPlan, LayerAction, LayerState
 from llava.model.static_decode import resolve_decode_mode, start_static_decode
+from llava.placement import execution_device
 from llava.runtime import GenerationOptions, maybe_stage
 
 
@@ -61,6 +68,13 @@ class DecoderStack:
     static_model: nn.Module | None = None
     static_step: Callable[..., torch.Tensor] | None = None
     static_positions: Callable[[torch.Tensor], torch.Tensor] | None = None
+    split: bool = False  # the model is dispatched over several devices (llava.placement)
+    layer_devices: tuple[torch.device, ...] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        # read once per request, and only for a split model: an unsplit one pays nothing per layer
+        if self.split:
+            self.layer_devices = tuple(execution_device(layer) for layer in self.layers)
 
     @property
     def num_layers(self) -> int:
@@ -166,6 +180,19 @@ class _Sequence:
     extra_rows: torch.Tensor | None = None  # (B, L) bool, e.g. SparseVLM's raters, compacted with the rest
     extra_window: int = 0  # every extra row is among the last extra_window positions (MarkedRows.within_last)
 
+    def moved(self, device: torch.device) -> _Sequence:
+        """The sequence state on ``device``: on a split model it follows the hidden states to the next
+        layer's device, so positions, masks, keep flags and a plan's inputs sit beside them."""
+        return _Sequence(
+            self.hidden.to(device), self.valid.to(device), self.visual.to(device), self.positions.to(device),
+            (self.rope[0].to(device), self.rope[1].to(device)), self.lengths, self.visual_counts,
+            self.where.to(device), _to(self.extra_rows, device), self.extra_window,
+        )  # fmt: skip
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return tensor.to(device) if tensor is not None else None
+
 
 @dataclass
 class PrefillResult:
@@ -192,6 +219,8 @@ def position_rule(rule: str, stack: DecoderStack) -> str:
 
 
 def _rope(stack: DecoderStack, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if stack.split:  # the table is computed on hidden's device; a later group's positions may sit elsewhere
+        positions = positions.to(hidden.device)
     return stack.rotary(hidden, positions if stack.rope_rows > 1 else positions[0])
 
 
@@ -259,7 +288,8 @@ def _deepstack_add(hidden: torch.Tensor, rows: torch.Tensor, where: torch.Tensor
     """hidden (B, L, D) + DeepStack rows (N, D) at their tokens' current flat positions (dropped: none)."""
     flat = hidden.reshape(-1, hidden.shape[-1]).clone()
     alive = where >= 0
-    flat.index_add_(0, where.clamp(min=0), rows.to(flat.dtype) * alive[:, None].to(flat.dtype))
+    rows = rows.to(device=flat.device, dtype=flat.dtype)  # a split model's layer may sit on another device
+    flat.index_add_(0, where.clamp(min=0), rows * alive[:, None].to(flat.dtype))
     return flat.view_as(hidden)
 
 
@@ -300,8 +330,15 @@ def prefill(
     layer_visual: list[list[int]] = []
     hidden = seq.hidden
     pending: RowCapture | None = None
+    devices = stack.layer_devices
     with capturing_rows(stack.config) if plan is not None else nullcontext():
         for i, layer in enumerate(stack.layers):
+            if devices is not None and devices[i] != hidden.device:  # split: the state follows the layers
+                seq.hidden = hidden
+                seq, mask, ds_where = seq.moved(devices[i]), _to(mask, devices[i]), _to(ds_where, devices[i])
+                hidden = seq.hidden
+                if pending is not None and pending.scores is not None:
+                    pending.scores = pending.scores.to(devices[i])
             boundary = boundaries.get(i)
             if boundary is not None:
                 seq.hidden = hidden
@@ -323,6 +360,8 @@ def prefill(
                 if len(action.kept_counts) != batch:
                     raise ValueError(f"in-LLM plan returned {len(action.kept_counts)} counts for a batch of {batch}")
                 seq = _compact(stack, seq, action, rule)
+                if devices is not None:  # the compact rule's fresh rope table comes from the rotary's device
+                    seq = seq.moved(devices[i])
                 if deepstack:
                     ds_where = seq.where[inputs.deepstack_index]
                 hidden = seq.hidden
@@ -347,7 +386,9 @@ def prefill(
             )  # fmt: skip
             if i < len(deepstack):
                 hidden = _deepstack_add(hidden, deepstack[i], ds_where)
-    logits = stack.head(stack.norm(hidden[:, -1:]))[:, -1].float()
+    logits = _head(stack, hidden[:, -1:])[:, -1].float()
+    if devices is not None:
+        logits = logits.to(inputs.embeds.device)  # sampling and stop checks run on the entry device
     decoding = plan if plan is not None and plan.decode_layer is not None else None
     return PrefillResult(logits, cache, groups, layer_visual, decoding)
 
@@ -378,18 +419,49 @@ def decode_step(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor)
     ends = [g.start for g in state.groups[1:]] + [stack.num_layers]
     shared = _rope(stack, hidden, state.groups[0].next_position[..., None])
     for group, end in zip(state.groups, ends, strict=True):
-        group.key_valid = torch.cat([group.key_valid, ones], dim=1)
+        group.key_valid = torch.cat([group.key_valid, _on_device_of(ones, group.key_valid)], dim=1)
         mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
         rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
-        for layer in stack.layers[group.start : end]:
-            hidden = layer(
+        for i in range(group.start, end):
+            if stack.layer_devices is not None and stack.layer_devices[i] != hidden.device:
+                hidden, mask, rope = _step_inputs_on(stack.layer_devices[i], hidden, mask, rope)
+            hidden = stack.layers[i](
                 hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
                 past_key_values=state.cache, use_cache=True,
             )  # fmt: skip
     for group in state.groups:
         if group.own_positions or group is state.groups[0]:
             group.next_position = group.next_position + 1
-    return stack.head(stack.norm(hidden))[:, -1].float()
+    return _on_entry(stack, _head(stack, hidden)[:, -1].float(), tokens)
+
+
+def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where ``like`` is (split models: e.g. the step's (B, 1) key column beside a later group's
+    key mask on another GPU); the same tensor when it already is."""
+    return tensor if tensor.device == like.device else tensor.to(like.device)
+
+
+def _step_inputs_on(
+    device: torch.device, hidden: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+    """A decode step's layer inputs on the next layer's device (split models; a layer inside a module the
+    map names whole has no hook of its own to move them)."""
+    return hidden.to(device), _to(mask, device), (rope[0].to(device), rope[1].to(device))
+
+
+def _head(stack: DecoderStack, hidden: torch.Tensor) -> torch.Tensor:
+    """norm then head, (B, T, D) -> (B, T, V); on a split model each runs where its weights are (a map that
+    names only their parent gives them no hook of their own to move the input)."""
+    if stack.layer_devices is None:
+        return stack.head(stack.norm(hidden))
+    normed = stack.norm(hidden.to(execution_device(stack.norm)))
+    return stack.head(normed.to(execution_device(stack.head)))
+
+
+
+def _on_entry(stack: DecoderStack, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A split model's head may sit on another device than the tokens: the logits go back beside them."""
+    return logits.to(tokens.device) if stack.split else logits
 
 
 def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch.Tensor) -> torch.Tensor:
@@ -408,15 +480,18 @@ def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch
     read_at = plan.decode_layer - 1
     with capturing_rows(stack.config):
         for group, end in zip(state.groups, ends, strict=True):
-            group.key_valid = torch.cat([group.key_valid, ones], dim=1)
+            group.key_valid = torch.cat([group.key_valid, _on_device_of(ones, group.key_valid)], dim=1)
             mask = layer_mask(base, group.key_valid, 1, group.padded, hidden.dtype)
             rope = _rope(stack, hidden, group.next_position[..., None]) if group.own_positions else shared
             for i in range(group.start, end):
+                if stack.layer_devices is not None and stack.layer_devices[i] != hidden.device:
+                    hidden, mask, rope = _step_inputs_on(stack.layer_devices[i], hidden, mask, rope)
                 kwargs: dict[str, Any] = {}
                 capture = None
                 if i == read_at:
-                    rows = torch.zeros(batch, 1, dtype=torch.long, device=tokens.device)
-                    capture = RowCapture(rows, torch.ones_like(rows, dtype=torch.bool), group.key_valid)
+                    where = stack.layer_devices[i] if stack.layer_devices is not None else group.key_valid.device
+                    rows = torch.zeros(batch, 1, dtype=torch.long, device=where)
+                    capture = RowCapture(rows, torch.ones_like(rows, dtype=torch.bool), group.key_valid.to(where))
                     kwargs["row_capture"] = capture
                 hidden = stack.layers[i](
                     hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
@@ -424,12 +499,12 @@ def _decode_step_masked(stack: DecoderStack, state: PrefillResult, tokens: torch
                 )  # fmt: skip
                 if capture is not None:
                     restricted = _decode_mask(base, plan, state, group, capture, hidden.dtype)
-                    mask = mask if restricted is None else restricted
+                    mask = mask if restricted is None else _on_device_of(restricted, hidden)
     for group in state.groups:
         if group.own_positions or group is state.groups[0]:
             group.next_position = group.next_position + 1
     state.steps += 1
-    return stack.head(stack.norm(hidden))[:, -1].float()
+    return _on_entry(stack, _head(stack, hidden)[:, -1].float(), tokens)
 
 
 def _decode_mask(
@@ -442,7 +517,8 @@ def _decode_mask(
     n_keys = group.key_valid.shape[1]
     prompt = group.visual.shape[1]
     visual = torch.nn.functional.pad(group.visual, (0, n_keys - prompt), value=False)
-    step = DecodeStep(state.steps, capture.scores, group.key_valid, visual, prompt, group.visual_counts, state.memory)
+    scores = capture.scores.to(group.key_valid.device)  # a split model's layer may sit elsewhere
+    step = DecodeStep(state.steps, scores, group.key_valid, visual, prompt, group.visual_counts, state.memory)
     keys = plan.decode_act(step)
     if keys is None:
         return None
@@ -500,7 +576,8 @@ def generate(
     and "decode"."""
     device = inputs.embeds.device
     mode = resolve_decode_mode(
-        options.decode_mode, device, base_implementation(stack.config), plan is not None, options.max_new_tokens
+        options.decode_mode, device, base_implementation(stack.config), plan is not None, options.max_new_tokens,
+        split=stack.split,
     )
     static = mode != "eager" and options.max_new_tokens > 1
     if static and plan is not None:

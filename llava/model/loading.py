@@ -25,7 +25,14 @@ from safetensors import safe_open
 
 from llava.model.llava_arch import LlavaVideoModel
 from llava.model.llava_config import LlavaSpec, parse_spec
+from llava.placement import Placement, dispatch, load_device, plan_device_map
 from llava.runtime import resolve_dtype
+
+# Never cut across devices: a decoder layer (its attention and MLP share the residual), the vision tower
+# (its signals for VisionZip / HoliTom are read within one device).
+NO_SPLIT = ("Qwen2DecoderLayer", "SiglipVisionModel")
+# Built and combined on one device: features, newlines and the text embedding form the LM input.
+ENTRY = ("vision", "projector", "image_newline", "language_model.model.embed_tokens")
 
 _LMMS_LAB_RULES = [
     (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision."),
@@ -80,8 +87,17 @@ def _safetensor_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: LlavaVideoModel, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Read every used tensor (mapped names) and assign it; missing parameters raise, naming them."""
+def load_weights(
+    model: LlavaVideoModel,
+    directory: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_map: dict[str, str] | None = None,
+) -> None:
+    """Read every used tensor (mapped names) and assign it; missing parameters raise, naming them.
+
+    With a ``device_map`` each tensor goes straight to its GPU (host memory for cpu / disk modules), so a
+    checkpoint larger than host memory never sits there whole."""
     wanted = dict(model.state_dict(keep_vars=True))
     state: dict[str, torch.Tensor] = {}
     fmt = model.spec.source_format
@@ -90,7 +106,8 @@ def load_weights(model: LlavaVideoModel, directory: Path, device: torch.device, 
             for key in reader.keys():
                 name = map_key(key, fmt)
                 if name is not None and name in wanted:
-                    state[name] = reader.get_tensor(key).to(device=device, dtype=dtype)
+                    where = load_device(name, device_map) if device_map is not None else device
+                    state[name] = reader.get_tensor(key).to(device=where, dtype=dtype)
     tied = bool(getattr(model.spec.text_config, "tie_word_embeddings", False))
     if "language_model.lm_head.weight" not in state and tied:
         state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
@@ -100,28 +117,48 @@ def load_weights(model: LlavaVideoModel, directory: Path, device: torch.device, 
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint {directory} ({fmt} format) lacks weights: {shown}")
     for name in optional - set(state):
-        state[name] = torch.zeros(wanted[name].shape, device=device, dtype=dtype)
+        where = load_device(name, device_map) if device_map is not None else device
+        state[name] = torch.zeros(wanted[name].shape, device=where, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
         model.language_model.tie_weights()
 
 
 def load_llava(
-    path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> tuple[LlavaVideoModel, object, Path]:
-    """(model in eval mode, tokenizer, checkpoint directory) from a local directory or hub id."""
+    """(model in eval mode, tokenizer, checkpoint directory) from a local directory or hub id.
+
+    A split ``placement`` (llava.placement) plans the device map on the meta-built model, reads each tensor
+    onto its mapped device and dispatches the model with accelerate (``device`` is then unused)."""
     from transformers import AutoTokenizer
 
     directory = resolve_checkpoint(path)
     config = json.loads((directory / "config.json").read_text())
     spec = parse_spec(config, directory)
-    torch_device, torch_type = torch.device(device), resolve_dtype(dtype)
+    split = placement is not None and placement.split
+    torch_device = torch.device("cpu" if split else (placement.device if placement else device))
+    torch_type = resolve_dtype(dtype)
     with torch.device("meta"):
         model = LlavaVideoModel(spec, attn_implementation=attn_implementation)
-    load_weights(model, directory, torch_device, torch_type)
-    _rebuild_buffers(model, torch_device)
+    device_map = plan_device_map(model, placement, no_split=NO_SPLIT, entry=ENTRY, dtype=torch_type) if split else None
+    load_weights(model, directory, torch_device, torch_type, device_map)
+    _rebuild_buffers(model, torch_device)  # computed buffers: on the host, dispatch moves them
+    if device_map is not None:  # planned before the weights are read: a bad map fails without reading them
+        model = dispatch(model, device_map, placement.offload_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), padding_side="left")
     return model.eval(), tokenizer, directory
+
+
+def place_split(model: LlavaVideoModel, placement: Placement) -> LlavaVideoModel:
+    """A model built whole on the CPU (the benchmark's random weights) dispatched over the placement's map."""
+    device_map = plan_device_map(model, placement, no_split=NO_SPLIT, entry=ENTRY, dtype=model.dtype)
+    return dispatch(model, device_map, placement.offload_dir)
 
 
 def _rebuild_buffers(model: LlavaVideoModel, device: torch.device) -> None:

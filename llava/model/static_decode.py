@@ -60,18 +60,32 @@ def static_cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACH
 
 
 def resolve_decode_mode(
-    mode: str, device: torch.device, attn_implementation: str, in_llm: bool, max_new_tokens: int
+    mode: str,
+    device: torch.device,
+    attn_implementation: str,
+    in_llm: bool,
+    max_new_tokens: int,
+    *,
+    split: bool = False,
 ) -> str:
     """The mode a request decodes in. ``auto``: ``compiled`` on CUDA when the step can be one graph (sdpa or
-    eager attention, no in-LLM method keeping shorter caches, more than one token to decode), else ``eager``.
+    eager attention, no in-LLM method keeping shorter caches, more than one token to decode, the model on
+    one device), else ``eager``.
 
     Why compiled: eager decoding is launch-bound (LLaVA-OV-7B on an H200: 16-54 ms/token against 6.3 compiled);
     float32 ids equal eager's, bf16 ids may differ where two logits are within rounding (results/NOTES.md).
-    Not on the CPU: inductor's C++ compile would cost more than it saves there."""
+    Not on the CPU: inductor's C++ compile would cost more than it saves there. Not on a ``split`` model
+    (llava.placement): one static cache and one graph cannot span the devices its layers sit on, so static
+    and compiled are refused there and ``auto`` decodes eagerly (results say ``decode_mode: eager``)."""
     check_decode_mode(mode)
+    if split and mode in ("static", "compiled"):
+        raise ValueError(
+            f"decode_mode={mode!r} copies the KV cache into one static cache replayed as one graph; this model "
+            "is split over devices (device_map), each layer's cache on its own device: use decode_mode=eager or auto"
+        )
     if mode != "auto":
         return mode
-    graphable = attn_implementation in ATTENTION_IMPLEMENTATIONS and not in_llm and max_new_tokens > 1
+    graphable = attn_implementation in ATTENTION_IMPLEMENTATIONS and not in_llm and max_new_tokens > 1 and not split
     return "compiled" if device.type == "cuda" and graphable else "eager"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from llava.model.compression import CompressionSpec, available_compressors, is_method_option
 from llava.model.vidcom2 import VidCom2Config
+from llava.placement import Placement, make_placement
 from llava.runtime import DECODE_MODES, FrameSampling
 
 VIDCOM2_KEYS = tuple(f.name for f in fields(VidCom2Config))
@@ -64,7 +65,10 @@ COMMON_KEYS = {
     "pretrained": "hub id or local checkpoint directory",
     "family": "model family of llava.runtime (detected from config.json when omitted)",
     "device": "cpu, cuda or cuda:N (multi-process runs use cuda:LOCAL_RANK)",
-    "device_map": "accepted for compatibility with the built-ins; only single-device maps",
+    "device_map": "a device (cuda:0: no split), or split one model over the host's devices with accelerate: auto, "
+    "balanced, or a JSON file of module name -> device (one process: GPUS=1)",
+    "max_memory": "per-device budget of a split device_map, entries by '/': 0:70GiB/1:70GiB/cpu:100GiB",
+    "offload_dir": "folder for the weights a device_map puts on disk",
     "dtype": "float32, float16 or bfloat16",
     "torch_dtype": "alias of dtype (llava_vid built-in name)",
     "attn_implementation": "sdpa, eager, flash_attention_2, or sdpa_varlen (Qwen: packed vision attention)",
@@ -117,6 +121,7 @@ class WrapperSettings:
     decode_mode: str = "auto"
     prefetch_workers: int = DEFAULT_PREFETCH_WORKERS
     compression_source: str = "model_args"
+    placement: Placement = field(default_factory=Placement)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -239,11 +244,21 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         raise ValueError(
             f"model_arg decode_mode={decode_mode} needs attn_implementation sdpa or eager, not flash_attention_2"
         )
+    device = str(args.get("device", "cuda" if _cuda() else "cpu"))
+    placement = make_placement(
+        device, args.get("device_map"), args.get("max_memory"), args.get("offload_dir"),
+        names=("model_arg device_map", "model_arg max_memory"),
+    )  # fmt: skip
+    if placement.split and decode_mode in ("static", "compiled"):
+        raise ValueError(
+            f"model_arg decode_mode={decode_mode} needs the model on one device; a split device_map decodes "
+            "eagerly (decode_mode=eager or auto)"
+        )
     return WrapperSettings(
         model_id=model_id,
         pretrained=str(args["pretrained"]),
         family=str(args["family"]) if "family" in args else d.family,
-        device=str(args.get("device", "cuda" if _cuda() else "cpu")),
+        device=placement.device,
         dtype=str(args.get("dtype", args.get("torch_dtype", "bfloat16" if _cuda() else "float32"))),
         attn_implementation=attn,
         sampling=sampling,
@@ -261,6 +276,7 @@ def parse_model_args(model_id: str, args: dict[str, Any], environ: dict[str, str
         decode_mode=decode_mode,
         prefetch_workers=prefetch_workers,
         compression_source=source,
+        placement=placement,
         raw=dict(args),
     )
 

@@ -49,20 +49,26 @@ class SampleRecord:
 
 
 class PeakMemory:
-    """Per-sample CUDA peaks (allocated and reserved); None on CPU, where torch keeps no peaks."""
+    """Per-sample CUDA peaks (allocated and reserved); None on CPU, where torch keeps no peaks.
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+    ``devices``: every GPU a split model (llava.placement) runs on; the peaks are summed over them (the
+    request's footprint on the host). Default: ``device`` alone."""
+
+    def __init__(self, device: torch.device, devices: tuple[torch.device, ...] = ()) -> None:
+        self.devices = tuple(d for d in (devices or (device,)) if d.type == "cuda")
+        self.cuda = bool(self.devices) and torch.cuda.is_available()
         self.device = device
 
     def reset(self) -> None:
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for device in self.devices:
+                torch.cuda.reset_peak_memory_stats(device)
 
     def read(self) -> tuple[int | None, int | None]:
         if not self.cuda:
             return None, None
-        return int(torch.cuda.max_memory_allocated(self.device)), int(torch.cuda.max_memory_reserved(self.device))
+        allocated = sum(int(torch.cuda.max_memory_allocated(d)) for d in self.devices)
+        return allocated, sum(int(torch.cuda.max_memory_reserved(d)) for d in self.devices)
 
 
 def _max_or_none(values: list[int | None]) -> int | None:
@@ -141,9 +147,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 class EfficiencyMeter:
     """Collects SampleRecords on one rank; :meth:`finalize` gathers every rank and writes on rank 0."""
 
-    def __init__(self, device: torch.device, run_info: dict[str, Any]) -> None:
+    def __init__(
+        self, device: torch.device, run_info: dict[str, Any], devices: tuple[torch.device, ...] = ()
+    ) -> None:
         self.records: list[SampleRecord] = []
-        self.memory = PeakMemory(device)
+        self.memory = PeakMemory(device, devices)
         self.device = device
         self.run_info = run_info
         self.started = time.time()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,13 @@ def _single_video(visuals: Any, task: str, doc_id: Any) -> str:
     return str(items[0])
 
 
+def split_devices(llm: Any) -> tuple[torch.device, ...]:
+    """The GPUs a split model's device map uses (empty for a model on one device)."""
+    device_map = getattr(getattr(llm, "model", None), "hf_device_map", None) or {}
+    names = sorted({str(d) for d in device_map.values() if str(d).startswith("cuda")})
+    return tuple(torch.device(n) for n in names)
+
+
 class VidCom2Wrapper(lmms):
     """Shared body of the five ids; subclasses only name their lmms-eval id."""
 
@@ -132,12 +139,19 @@ class VidCom2Wrapper(lmms):
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = world
         device = s.device
+        if s.placement.split and world > 1:
+            raise ValueError(
+                f"model_arg device_map={s.raw.get('device_map')!r} splits one model over this host's devices; "
+                f"{world} processes would each take every device: launch one process (GPUS=1)"
+            )
         if world > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process, as the built-ins
-        self._device = torch.device(device)
+        placement = replace(s.placement, device=device)
         self.model = load_video_llm(
-            s.pretrained, family=s.family, device=device, dtype=s.dtype, attn_implementation=s.attn_implementation
+            s.pretrained, family=s.family, dtype=s.dtype, attn_implementation=s.attn_implementation, placement=placement
         )
+        # a split model's entry device (vision tower, embedding): inputs go there, the meter reads its memory
+        self._device = torch.device(self.model.device) if placement.split else torch.device(device)
         self._check_adapter_matches()
         if s.preprocess_device is not None:
             if not hasattr(self.model, "preprocess_device"):
@@ -163,7 +177,7 @@ class VidCom2Wrapper(lmms):
                 "use --batch_size 1"
             )
         self.batch_size_per_gpu = s.batch_size
-        self.meter = EfficiencyMeter(self._device, self._run_info())
+        self.meter = EfficiencyMeter(self._device, self._run_info(), split_devices(self.model))
         self.resume = ResumeCache(s.resume_dir, self._rank) if s.resume_dir else None
         self._finalized = False
         logger.info(
@@ -192,7 +206,7 @@ class VidCom2Wrapper(lmms):
 
     def _run_info(self) -> dict[str, Any]:
         s = self.settings
-        return {
+        info = {
             "model_id": self.model_id,
             "pretrained": s.pretrained,
             "family": getattr(self.model, "family", s.family),
@@ -210,6 +224,9 @@ class VidCom2Wrapper(lmms):
             "decode_mode": s.decode_mode,
             "prefetch_workers": s.prefetch_workers,
         }
+        if s.placement.split:  # only then: unsplit runs keep the meter fields they had
+            info["device_map"] = getattr(self.model.model, "hf_device_map", {})
+        return info
 
     def _signature(self) -> dict[str, Any]:
         info = self._run_info()

@@ -82,5 +82,7 @@ class FakeVideoLLM:
         return self.answer_prepared(prepared, compression=compression, generation=generation)
 
 
-def fake_loader(path, *, family=None, device="cpu", dtype="float32", attn_implementation="sdpa") -> FakeVideoLLM:
-    return FakeVideoLLM(device)
+def fake_loader(
+    path, *, family=None, device="cpu", dtype="float32", attn_implementation="sdpa", placement=None
+) -> FakeVideoLLM:
+    return FakeVideoLLM(placement.device if placement is not None else device)
