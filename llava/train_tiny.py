@@ -308,6 +308,7 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
     report = {
         "config": asdict(config),
         "dropout_retentions": list(DROPOUT_RETENTIONS),
+        "event_drop_share": EVENT_DROP_SHARE,
         "clip_lengths": lengths,
         "advanced_at_steps": history,
         "final_answer_loss": float(np.mean(losses[-25:])),
