@@ -96,8 +96,9 @@ def test_vidcom2_keeps_the_event_and_answers_better_than_random(videos: Path, ac
         for name in kept:
             kept[name] += int((kept_tokens(llm, encoded, CompressionSpec(name, 0.25)).kept & event).sum())
     share = {name: count / total for name, count in kept.items()}
-    assert share["vidcom2"] >= share["random"] + 0.4, share  # measured MEASURED_SHARE
-    assert accuracy["vidcom2"] >= 0.9 and accuracy["vidcom2"] >= accuracy["random"] + 0.2, accuracy  # MEASURED_ACC
+    assert share["vidcom2"] >= share["random"] + 0.4, share  # measured 1.00 against 0.29
+    assert accuracy["vidcom2"] >= 0.9, accuracy
+    assert accuracy["vidcom2"] >= accuracy["random"] + 0.2, accuracy  # measured 1.00 against 0.48 (chance 0.25)
 
 
 def test_train_tiny_runs_end_to_end(tmp_path: Path) -> None:
