@@ -1,10 +1,15 @@
 """The brief-event task: a small coloured square flashes for two frames; its colour is the answer.
 
-Why: a compression method is only as good as what it keeps, and a task whose answer lives in a few
-tokens of one frame shows that directly. Everything else in the video is grey and lasts (a grey ramp
-with grain, grey squares that drift across every frame), so the square is the only colour: a model
-can learn to read it in CPU minutes, a method that keeps what is unique in time and space keeps it,
-and one that keeps tokens blindly keeps it about R of the time.
+Why: a compression method is only as good as what it keeps, and a task whose answer lives in one token
+of one frame shows that directly. Everything else in the video is grey and lasts (a grey ramp with
+grain, grey squares that drift across every frame), so the square is the only colour: a model can learn
+to read it in CPU minutes, a method that keeps what is unique in time and space keeps it, and one that
+keeps tokens blindly keeps it about R of the time.
+
+The square lies inside one cell of the frame's ``GRID`` x ``GRID`` token grid (the 4 x 4 grid of
+LLaVA-OV's pooled tokens and of Qwen's merged tokens at 112 px), so exactly one token per event frame
+shows it: whether a method kept the event is a yes or no per video, and the trained model
+(llava.train_tiny) answers from that token, at chance without it.
 
 Each video (``vidcom2 make-videos --task event``): ``NUM_FRAMES`` frames at ``FPS``; the event covers
 frames [start, start + 2) with an even ``start``, so uniform 8-frame sampling shows it in exactly one
@@ -36,7 +41,8 @@ LETTERS = "ABCD"
 QUESTION = "What colour is the small square that appears only briefly?"
 PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
 SIZE, NUM_FRAMES, FPS = 112, 16, 8
-EVENT_LENGTH, EVENT_SIDE = 2, 16  # frames, pixels (1/7 of the frame side: about one 7x7 token cell)
+EVENT_LENGTH, EVENT_SIDE = 2, 16  # frames, pixels
+GRID = 4  # token cells per side at SIZE; the square lies inside one cell (SIZE // GRID = 28 px)
 DISTRACTORS = 3
 TRAIN_SEED, EVAL_SEED = 1, 0  # disjoint video sets: the checkpoint never sees an evaluation video
 
@@ -84,7 +90,9 @@ def render(rng: np.random.Generator, colour: str) -> tuple[np.ndarray, int, tupl
             x, y = np.clip(start_xy + velocity * t, 0, size - side).astype(int)
             _draw_square(frames[t], int(x), int(y), side, (level, level, level))
     start = 2 * int(rng.integers(1, (n - EVENT_LENGTH) // 2 + 1))  # even, >= 2: never the first frame
-    x0, y0 = (int(v) for v in rng.integers(0, size - EVENT_SIDE + 1, size=2))
+    cell = size // GRID  # the square inside one token cell: the cell's column and row, then the offset in it
+    corner = rng.integers(0, GRID, size=2) * cell + rng.integers(0, cell - EVENT_SIDE + 1, size=2)
+    x0, y0 = (int(v) for v in corner)
     for t in range(start, start + EVENT_LENGTH):
         _draw_square(frames[t], x0, y0, EVENT_SIDE, COLOURS[colour])
     return frames.round().astype(np.uint8), start, (x0, y0, x0 + EVENT_SIDE, y0 + EVENT_SIDE)

@@ -4,8 +4,10 @@ Why: a newcomer's first command should show the methods working. The tiny LLaVA-
 on the event task (llava.train_tiny) answers far above chance uncompressed; each registry method then
 runs at each retention through the real lmms-eval CLI (``python -m lmms_eval``, or torchrun for several
 processes), and the table beside its accuracy gives the share of the event's tokens the method kept,
-replayed in-process on the same frames from the videos' ground truth (llava.kept_tokens). A method that
-keeps the event keeps its accuracy. A method the model cannot run at a retention gets a row saying why.
+replayed in-process on the same frames from the videos' ground truth (llava.kept_tokens). The checkpoint
+answers from the event's own token (llava.train_tiny.event_oracle: at chance without it), so a method
+that keeps the event keeps the accuracy and one that drops it falls to chance: the two columns agree.
+A method the model cannot run at a retention gets a row saying why.
 
 Every run is checked for its results file because lmms-eval exits 0 when an evaluation fails.
 Outputs under ``<work_dir>``: ``results/`` (the collected CSVs and ``event_table.csv``), ``kept_tokens.png``,
