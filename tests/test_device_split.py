@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import llava.model.lm_driver as driver
 from llava.families_index import load_video_llm
 from llava.model.compression import CompressionSpec, available_compressors
-from llava.model.tiny import TINY_VISION, write_tiny_llava
+from llava.model.tiny import write_tiny_llava
 from llava.placement import make_placement, parse_device_map, parse_max_memory
 from llava.runtime import FrameSampling, GenerationOptions
-from llava.synthetic_videos import make_videos
 from transformers_patched.qwen_tiny import build_tiny_qwen
 
 FAMILIES = ("llava_ov", "qwen2_vl", "qwen3_vl")  # qwen3_vl: DeepStack rows cross the split
@@ -59,22 +57,6 @@ def decoder_layers(llm) -> torch.nn.ModuleList:
 
 def lm_layers(llm) -> int:
     return len(decoder_layers(llm))
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("videos")
-    make_videos(out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def siglip_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SigLIP with its attention-pooling head (FastVID's signals on LLaVA)."""
-    out = tmp_path_factory.mktemp("siglip")
-    torch.manual_seed(3)
-    SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, "vision_use_head": True})).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

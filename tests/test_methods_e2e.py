@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from driver_calls import qwen_prefill
-from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from llava.families_index import load_video_llm, tiny_builders
 from llava.model.compression import CompressionSpec
 from llava.model.method_api import VideoTokens
-from llava.model.tiny import TINY_VISION
 from llava.runtime import FrameSampling, GenerationOptions
-from llava.synthetic_videos import make_videos
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_adapter import video_question_messages
 from transformers_patched.qwen_vit_signals import per_video, vision_signals
@@ -33,22 +30,6 @@ RETENTION = {"dycoke": 0.6}
 
 def spec_of(method: str) -> CompressionSpec:
     return CompressionSpec(method, RETENTION.get(method, 0.25))
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("videos")
-    make_videos(out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def siglip_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SigLIP checkpoint with its attention-pooling head (FastVID's signals on LLaVA)."""
-    out = tmp_path_factory.mktemp("siglip")
-    torch.manual_seed(3)
-    SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, "vision_use_head": True})).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
