@@ -281,19 +281,16 @@ def build_prefill(
     visual_pos_masks = deepstack = None
     if arch.deepstack and has_visual:
         visual = image_pos | video_pos
-        if vision.image_deepstack is None and vision.video_deepstack is not None:
-            # videos only: the visual tokens are the video tokens in video order, so the kept rows are the
-            # keep flags' rows; one index for every DeepStack layer (one device read, not two per layer)
-            rows = flags.nonzero().squeeze(1)
-            deepstack = [layer.index_select(0, rows) for layer in vision.video_deepstack]
-        else:
-            keep_visual = keep[visual]
-            image_ds = vision.image_deepstack or [None] * len(vision.video_deepstack or [])
-            video_ds = vision.video_deepstack or [None] * len(image_ds)
-            deepstack = [
-                joint_visual_features(image_pos, video_pos, img, vid)[keep_visual]
-                for img, vid in zip(image_ds, video_ds, strict=True)
-            ]
+        rows = keep[visual].nonzero().squeeze(1)  # the kept visual tokens in sequence order, for every layer
+        image_ds = vision.image_deepstack or [None] * len(vision.video_deepstack or [])
+        video_ds = vision.video_deepstack or [None] * len(image_ds)
+        # one modality alone is every visual token already in sequence order (the placeholder counts were
+        # checked above), so only a prompt with both interleaves them
+        deepstack = [
+            (vid if img is None else img if vid is None else joint_visual_features(image_pos, video_pos, img, vid))
+            .index_select(0, rows)
+            for img, vid in zip(image_ds, video_ds, strict=True)
+        ]
         visual_pos_masks = gather_packed(visual, index, False)
     return PrefillInputs(
         inputs_embeds=gather_packed(embeds, index),
