@@ -17,7 +17,6 @@ from llava.model.generate import llava_stack
 from llava.model.lm_driver import LMInputs, decode_step, generate, prefill
 from llava.model.method_api import Boundary, InLLMPlan, LayerAction, LayerState
 from llava.runtime import FrameSampling, GenerationOptions
-from llava.synthetic_videos import make_videos
 
 LAYERS = 6
 VISUAL = slice(3, 43)  # 40 video tokens after a 3-token prefix; 6 text tokens follow
@@ -232,13 +231,6 @@ def test_errors_name_the_option_and_the_limit() -> None:
 
 
 FAMILIES = ["llava_ov", "llava_vid", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("videos")
-    make_videos(out, seed=0)
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,7 +18,6 @@ from test_inllm_methods import (  # noqa: F401
     prompt,
     stack_pad,
     tiny_lm,
-    videos,
 )
 
 from llava.families_index import load_video_llm, tiny_builders

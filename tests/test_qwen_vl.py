@@ -17,7 +17,6 @@ from transformers import AutoModelForImageTextToText
 from llava.families_index import load_video_llm
 from llava.model.compression import CompressionSpec
 from llava.runtime import FrameSampling, GenerationOptions
-from llava.synthetic_videos import make_videos
 from llava.video_io import VideoReadError, read_video
 from transformers_patched import qwen_stages as stages
 from transformers_patched.qwen_adapter import QwenVideoLLM, video_question_messages
@@ -29,13 +28,6 @@ ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 FRAMES = FrameSampling(num_frames=8)
 VIDCOM2 = CompressionSpec("vidcom2", 0.25)
 GREEDY = GenerationOptions(max_new_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("videos")
-    make_videos(out, seed=0)
-    return out
 
 
 @pytest.fixture(scope="module", params=ARCHS)
