@@ -225,15 +225,16 @@ def moving_object(frames=10, tokens=30, dim=12, seed=2):
 
 def check_against_reference(x, salience, glob, retention, variant, authors=False, **knobs):
     names = {"c": "dyseg_c", "tau": "dyseg_tau", "ignore": "dyseg_ignore", "d": "stprune_d", "p": "dtm_p",
-             "beta": "dtm_beta"}
-    options = FastVIDOptions(variant="auto" if authors else variant, port="authors" if authors else "original",
-                             **{names[key]: value for key, value in knobs.items()})
-    got = fastvid_select(x, None if authors else salience, glob, retention, options)
+             "beta": "dtm_beta", "k": "density_k"}
     want = ref_fastvid(x, salience, glob, retention, variant, authors=authors, **knobs)
-    assert got.source.tolist() == list(want)
-    assert got.features.dtype == torch.float32 and got.features.shape == (len(want), x.shape[-1])
-    torch.testing.assert_close(got.features.double(), torch.tensor(list(want.values()), dtype=torch.float64),
-                               atol=1e-5, rtol=1e-5)
+    for execution in ("eager", "static"):  # the layout read on the host, and the static-shape formulation
+        options = FastVIDOptions(variant="auto" if authors else variant, port="authors" if authors else "original",
+                                 execution=execution, **{names[key]: value for key, value in knobs.items()})
+        got = fastvid_select(x, None if authors else salience, glob, retention, options)
+        assert got.source.tolist() == list(want), execution
+        assert got.features.dtype == torch.float32 and got.features.shape == (len(want), x.shape[-1])
+        torch.testing.assert_close(got.features.double(), torch.tensor(list(want.values()), dtype=torch.float64),
+                                   atol=1e-5, rtol=1e-5)
     return got
 
 
@@ -808,3 +809,99 @@ def test_non_finite_signals_are_refused_at_the_one_sync():
         for variant in VARIANTS:
             with pytest.raises(ValueError, match="contain NaN or Inf"):
                 fastvid_select(x, bad_salience, bad_glob, 0.25, FastVIDOptions(variant=variant))
+
+
+# ------------------------------------------------------------------------------------------------
+# The static-shape formulation (execution="static" / "compiled"): equal to the eager path and the reference
+# ------------------------------------------------------------------------------------------------
+
+from llava.model import compiled_select  # noqa: E402
+from llava.model.fastvid import budget_table, static_selection  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_density_at_k_1_above_25_tokens_matches_reference(variant):
+    """k = 1: the density is the self-distance alone, exactly 0 in both executions (torch.cdist's matmul form,
+    which it takes above 25 rows, leaves rounding there that ranked the densities)."""
+    x, salience, glob = random_video(frames=8, tokens=40, seed=3, spread=0.15)
+    check_against_reference(x, salience, glob, 0.3, variant, c=8, p=1, k=1)
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "authors"])
+@pytest.mark.parametrize("knobs", [{}, dict(dyseg_c=3, dyseg_tau=0.5, dtm_p=2), dict(dyseg_c=1, dyseg_tau=-1.0, dtm_p=3,
+                                   dtm_beta=0.2, stprune_d=0.7), dict(dyseg_c=20, dtm_p=1, density_k=9)])
+@pytest.mark.parametrize("retention", [0.05, 0.3, 0.9])
+def test_static_equals_eager_in_bf16_and_model_dtype(variant, knobs, retention):
+    x, salience, glob = random_video(frames=16, tokens=40, seed=3, spread=0.15)
+    base = dict(port="authors") if variant == "authors" else dict(variant=variant)
+    for merge_dtype in ("float32", "model"):
+        got = {execution: fastvid_select(x.to(torch.bfloat16), salience, glob, retention, FastVIDOptions(
+            **base, **knobs, merge_dtype=merge_dtype, execution=execution)) for execution in ("eager", "static")}
+        assert torch.equal(got["eager"].source, got["static"].source)
+        assert got["static"].features.dtype == (torch.float32 if merge_dtype == "float32" else torch.bfloat16)
+        tol = dict(atol=1e-5, rtol=1e-5) if merge_dtype == "float32" else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got["static"].features, got["eager"].features, **tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_budget_table_holds_each_segment_shape(variant):
+    """Table rows are frame_budgets of one segment; lengths DySeg cannot make (c = 8 of 12 frames: > 5) stay 0."""
+    knobs = resolve_knobs(FastVIDOptions(variant=variant))
+    table = budget_table(knobs, 12, 30, 7)
+    budgets = frame_budgets(knobs, [(0, 5)], [False, True, False, False], 30, 7)
+    if variant == "qwen":  # near at gap 1: sub-segments end at frames 1 and 4
+        assert table.salient[5, 2, :2].tolist() == [budgets.salient[1], budgets.salient[4]]
+        assert table.anchors[5, 2, :2].tolist() == [budgets.anchors[1], budgets.anchors[4]]
+    else:
+        assert table.salient[5, :5].tolist() == budgets.salient and table.anchors[5, :5].tolist() == budgets.anchors
+    assert table.salient[6:].abs().sum() == 0 and table.width == int(table.anchors.max()) > 0
+
+
+def test_static_execution_options():
+    with pytest.raises(ValueError, match="execution"):
+        FastVIDOptions(execution="graph")
+    for execution in ("compiled", "static"):
+        with pytest.raises(ValueError, match="seed .* needs execution=eager"):
+            FastVIDOptions(seed=1, execution=execution)
+    x, salience, glob = random_video(seed=9)
+    bad = salience.clone()
+    bad[3, 4] = float("inf")
+    with pytest.raises(ValueError, match="contain NaN or Inf"):  # the static path reads the check at its end
+        fastvid_select(x, bad, glob, 0.25, FastVIDOptions(variant="video", execution="static"))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled execution runs there)")
+
+
+@CUDA
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_on_cuda_matches_eager_and_the_cpu(variant, dtype, monkeypatch):
+    monkeypatch.setattr(compiled_select, "_CACHE", {})
+    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)  # a second video of the same shape must not recompile
+    for seed in (0, 1):
+        x, salience, glob = random_video(frames=16, tokens=196, dim=64, seed=seed, spread=0.15)
+        x = x.to(dtype)
+        cpu = fastvid_select(x, salience, glob, 0.25, FastVIDOptions(variant=variant, execution="static"))
+        cuda = [t.cuda() for t in (x, salience, glob)]
+        got = {e: fastvid_select(*cuda, 0.25, FastVIDOptions(variant=variant, execution=e))
+               for e in ("compiled", "eager", None)}
+        for selection in got.values():
+            assert torch.equal(selection.source.cpu(), cpu.source)
+            torch.testing.assert_close(selection.features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
+
+
+@CUDA
+def test_static_selection_does_not_synchronise():
+    x, salience, glob = (t.cuda() for t in random_video(frames=16, tokens=196, dim=64, seed=4))
+    knobs = resolve_knobs(FastVIDOptions(variant="qwen"))
+    table = budget_table(knobs, 16, 196, 49)
+    from llava.model.fastvid import StaticConfig
+
+    cfg = StaticConfig(knobs, 49, table.width, table.sal_max, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        static_selection(x.bfloat16(), salience, glob, *table.to(x.device), cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -16,9 +16,13 @@ import torch
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, N) float32 Euclidean distances / sqrt(D)."""
+    """(N, D) or batched (B, N, D) -> (N, N) / (B, N, N) float32 Euclidean distances / sqrt(D).
+
+    Each token's distance to itself is exactly 0: above 25 rows torch.cdist takes a matmul form whose
+    rounding leaves ~1e-4 there, which alone would rank the densities at k = 1."""
     x = x.float()
-    return torch.cdist(x[None], x[None])[0] / (x.shape[-1] ** 0.5)
+    dist = torch.cdist(x, x) if x.dim() == 3 else torch.cdist(x[None], x[None])[0]
+    return (dist / (x.shape[-1] ** 0.5)).masked_fill(torch.eye(x.shape[-2], dtype=torch.bool, device=x.device), 0.0)
 
 
 def stable_top(values: torch.Tensor, count: int) -> torch.Tensor:

@@ -83,13 +83,16 @@ with unseeded noise as upstream does.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from llava.model.compiled_select import compiled
 from llava.model.dpc_knn import pairwise_distances, stable_top
+from llava.model.float32_products import float32_matmul
 from llava.model.method_api import (
     FRAME_GLOBAL,
     FRAME_SALIENCE,
@@ -105,6 +108,7 @@ OWNER = "fastvid"
 VARIANTS = ("onevision", "video", "qwen")
 PORTS = ("original", "authors")
 MERGE_DTYPES = ("float32", "model")
+EXECUTIONS = ("compiled", "static", "eager")
 FAMILY_VARIANTS = {"llava_onevision": "onevision", "llava_video": "video"}  # and every "qwen*" -> qwen
 _EPS = 1e-12
 
@@ -145,6 +149,10 @@ class FastVIDOptions:
         noise from a CPU generator seeded with it.
     merge_dtype: "float32" (default) or "model": the cosine assignment and the weighted means in the
         features' dtype, as upstream does.
+    execution: None (default: "compiled" on CUDA, "eager" on the CPU or with ``seed``), "compiled" (the
+        static-shape formulation through torch.compile; on the CPU it runs uncompiled), "static" (the same
+        formulation, never compiled) or "eager" (the layout read on the host, then batched ops sized by
+        it). See the module docstring's Execution paragraphs.
     """
 
     variant: str = "auto"
@@ -158,9 +166,17 @@ class FastVIDOptions:
     density_k: int = 4
     seed: int | None = None
     merge_dtype: str = "float32"
+    execution: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(OWNER, "variant", self.variant, ("auto", *VARIANTS))
+        if self.execution is not None:
+            check_choice(OWNER, "execution", self.execution, EXECUTIONS)
+        if self.seed is not None and self.execution in ("compiled", "static"):
+            raise ValueError(
+                f"{OWNER} option seed draws upstream's noise per anchor frame, which only the host layout knows: "
+                f"it needs execution=eager (or None), not {self.execution!r}"
+            )
         check_choice(OWNER, "port", self.port, PORTS)
         check_choice(OWNER, "merge_dtype", self.merge_dtype, MERGE_DTYPES)
         if self.port == "authors" and self.variant not in ("auto", "qwen"):
@@ -391,15 +407,18 @@ def batched_dpc_ranks(
     Row b is :func:`llava.model.dpc_knn.dpc_scores` + ``stable_top`` on its first ``counts[b]`` tokens
     (``valid`` (B, M) bool marks them; None = all M): k clamped to the row's count, equal densities ranked
     by position, ``noise`` (B, M) of U(0, 1) draws added to the density times 1e-6 (upstream's tie-break).
-    Padding ranks after every real token.
+    Padding ranks after every real token. ``counts`` None with ``valid`` given: the counts are not known on
+    the host (the static formulation), so every k below ``k`` is provided for.
     """
     rows, m, _ = dist.shape
-    counts = [m] * rows if counts is None else counts
     k_all = max(1, min(int(k), m))
     padded = dist if valid is None else dist.masked_fill(~valid[:, None, :], math.inf)
     nearest = torch.topk(padded, k=k_all, dim=-1, largest=False).values  # ascending, padding last
     density = torch.exp(-(nearest**2).mean(dim=-1))
-    short = sorted({max(1, min(int(k), n)) for n in counts} - {k_all})
+    if counts is None:
+        short = list(range(1, k_all)) if valid is not None else []
+    else:
+        short = sorted({max(1, min(int(k), n)) for n in counts} - {k_all})
     if short:  # rows of fewer than k tokens: their own k (rare; at most k - 1 extra steps)
         k_row = valid.sum(dim=-1).clamp(max=int(k))[:, None]
         for few in short:
@@ -440,6 +459,7 @@ def padded_distances(x: torch.Tensor, counts: list[int], counts_on_device: torch
     scale = x.shape[-1] ** 0.5
     exact = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / scale
     matmul = torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist") / scale
+    matmul = matmul.masked_fill(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), 0.0)  # as pairwise_distances
     return torch.where((counts_on_device <= _CDIST_EXACT_MAX)[:, None, None], exact, matmul)
 
 
@@ -541,6 +561,211 @@ def merge_batched(
 
 
 # ---------------------------------------------------------------------------------------------
+# The static formulation: every shape fixed by (F, P, D, R, knobs), no host read before the end
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetTable:
+    """Every frame's budgets by the shape of its segment, from :func:`frame_budgets` (host, cached).
+
+    salient / anchors: onevision / video (F + 1, F): [L, j] for the j-th frame of an L-frame segment;
+    qwen (F + 1, F + 1, F): [L, V, i] for the i-th of the V sub-segment ends of an L-frame segment (other
+    frames get nothing). Only lengths DySeg can produce (L <= F - min(c - 1, F - 1)) are filled.
+    width / sal_max: the most anchors / salient tokens any frame gets (the padded sizes).
+    """
+
+    salient: torch.Tensor
+    anchors: torch.Tensor
+    width: int
+    sal_max: int
+    on_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two tables on ``device``, copied there once."""
+        if device not in self.on_device:
+            self.on_device[device] = (self.salient.to(device), self.anchors.to(device))
+        return self.on_device[device]
+
+
+@functools.lru_cache(maxsize=256)
+def budget_table(knobs: Knobs, n_frames: int, per_frame: int, r_f: int) -> BudgetTable:
+    """The budgets of every segment shape, each computed by :func:`frame_budgets` on that one segment.
+
+    A segment's budgets depend only on its length (and, for qwen, on its number of sub-segments: which
+    frames end them does not change the counts), so the table is exact for every layout."""
+    longest = n_frames - min(knobs.c - 1, n_frames - 1)
+    qwen = knobs.variant == "qwen"
+    shape = (n_frames + 1, n_frames + 1, n_frames) if qwen else (n_frames + 1, n_frames)
+    salient, anchors = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
+    for length in range(1, longest + 1):
+        if not qwen:
+            budgets = frame_budgets(knobs, [(0, length)], [False] * (length - 1), per_frame, r_f)
+            salient[length, :length] = torch.tensor(budgets.salient)
+            anchors[length, :length] = torch.tensor(budgets.anchors)
+            continue
+        for subs in range(1, length + 1):  # sub-segments end after the first subs - 1 frames and at the last
+            near = [t < subs - 1 for t in range(length - 1)]
+            budgets = frame_budgets(knobs, [(0, length)], near, per_frame, r_f)
+            ends = list(range(subs - 1)) + [length - 1]
+            salient[length, subs, :subs] = torch.tensor([budgets.salient[f] for f in ends])
+            anchors[length, subs, :subs] = torch.tensor([budgets.anchors[f] for f in ends])
+    return BudgetTable(salient, anchors, int(anchors.max()), int(salient.max()))
+
+
+def gram_distances(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) from |x_i|^2 + |x_j|^2 - 2 x_i . x_j.
+
+    torch.cdist's matmul form (the one it takes above 25 rows), with the product in float32 from the
+    input dtype (:func:`float32_matmul`), and each token's distance to itself exactly 0, as the pair-by-pair
+    form gives (the matmul form leaves rounding there, which alone would rank densities at k = 1)."""
+    square = x.float().square().sum(dim=-1)
+    gram = float32_matmul(x, x.mT)
+    dist = (square[:, :, None] + square[:, None, :] - 2 * gram).clamp_min(0).sqrt() / (x.shape[-1] ** 0.5)
+    self_pair = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return dist.masked_fill(self_pair, 0.0)
+
+
+def _cosines(rows: torch.Tensor, anchors: torch.Tensor, float32: bool) -> torch.Tensor:
+    """(N, D) rows, (A, D) anchors -> (N, A) cosines: float32 from the inputs' dtype, or in that dtype."""
+    if not float32:  # merge_dtype="model": unit vectors and their product in the features' dtype, as upstream
+        return F.normalize(rows, dim=-1, eps=_EPS) @ F.normalize(anchors, dim=-1, eps=_EPS).T
+    row_norm = rows.float().norm(dim=-1).clamp_min(_EPS)
+    anchor_norm = anchors.float().norm(dim=-1).clamp_min(_EPS)
+    return float32_matmul(rows, anchors.T) / row_norm[:, None] / anchor_norm[None, :]
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    """What the static formulation is specialised on (Python constants of the compiled function)."""
+
+    knobs: Knobs
+    r_f: int
+    width: int
+    sal_max: int
+    float32: bool
+
+
+def static_selection(
+    features: torch.Tensor,
+    salience: torch.Tensor | None,
+    frame_global: torch.Tensor,
+    salient_table: torch.Tensor,
+    anchor_table: torch.Tensor,
+    cfg: StaticConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FastVID on one video with every shape fixed by (F, P, D) and ``cfg``: what torch.compile traces.
+
+    Returns keys (F * sal_max + F * width,) ascending, padded with F * P; their values (same length, D);
+    the kept count K (0-d) and the finite flag (0-d): the selection is keys[:K], values[:K].
+
+    The segments come from DySeg's flags on the device (segment id = cumulative cuts), each frame's
+    budgets from the table by its segment's shape. Every frame is ranked and every frame's slots padded
+    to ``width`` anchors; the merge scores all rows against all anchor slots (A = F * width) and masks what
+    lies outside a row's segment, so the two products are (rows x D) by (D x A), dense.
+    """
+    knobs, dtype = cfg.knobs, torch.float32 if cfg.float32 else features.dtype
+    n_frames, per_frame, dim = features.shape
+    total, width, device = n_frames * per_frame, cfg.width, features.device
+    if knobs.authors:
+        salience = features.float().norm(dim=-1)
+    finite = torch.isfinite(features).all() & torch.isfinite(salience).all() & torch.isfinite(frame_global).all()
+    cut, near = gap_tensors(frame_global, knobs.c, knobs.tau, knobs.ignore)
+    frames = torch.arange(n_frames, device=device)
+    segment = torch.cat([frames[:1] * 0, cut.long().cumsum(0)])  # (F,) segment id
+    same = segment[:, None] == segment[None, :]  # (F, F) frames of one segment
+    length = same.sum(dim=1)
+    position = frames - torch.where(same, frames, n_frames).amin(dim=1)  # index within the segment
+    if knobs.variant == "qwen":  # only sub-segment ends get tokens: near-duplicate gaps inside the segment
+        inner = torch.cat([near, torch.zeros(1, dtype=torch.bool, device=device)]) & (position < length - 1)
+        is_end = inner | (position == length - 1)
+        later = frames[None, :] < frames[:, None]  # later[f, g]: g before f
+        subs = (same & is_end[None, :]).sum(dim=1)
+        before = (same & is_end[None, :] & later).sum(dim=1)
+        n_sal = torch.where(is_end, salient_table[length, subs, before], 0)
+        n_anchor = torch.where(is_end, anchor_table[length, subs, before], 0)
+    else:
+        n_sal, n_anchor = salient_table[length, position], anchor_table[length, position]
+
+    flat = features.reshape(total, dim)
+    frame_start = frames * per_frame
+    order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices  # ties: lower index
+    order_source = order + frame_start[:, None]
+    slots = torch.arange(max(cfg.sal_max, width, 1), device=device)
+    taken = slots[: cfg.sal_max] < n_sal[:, None]  # (F, sal_max)
+    keys = [torch.where(taken, order_source[:, : cfg.sal_max], total).reshape(-1)]
+    values = [flat[order_source[:, : cfg.sal_max].reshape(-1)].to(dtype)]
+    if width > 0:
+        real = slots[:width] < n_anchor[:, None]  # (F, width)
+        if knobs.variant == "onevision":  # rows: every frame's M non-salient tokens; anchors are candidates
+            n_rest = per_frame - cfg.sal_max
+            rest = order[:, cfg.sal_max :].sort(dim=1).values  # (F, M) ascending
+            rest_source = (rest + frame_start[:, None]).reshape(-1)
+            rows = flat.index_select(0, rest_source).view(n_frames, n_rest, dim)
+            ranks = batched_dpc_ranks(gram_distances(rows), knobs.k)  # (F, M) by decreasing score
+            anchor_rows = (ranks[:, :width] + (frames * n_rest)[:, None]).reshape(-1)  # into F * M
+            source = rest_source[anchor_rows].view(n_frames, width)
+            rows = rows.reshape(-1, dim)
+            candidate = None
+        else:  # rows: every token; a frame's anchors rank among its non-salient tokens, by index
+            positions = torch.arange(per_frame, device=device)
+            rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
+            salient = rank < n_sal[:, None]  # (F, P)
+            rest = torch.sort(salient.to(torch.uint8), dim=1, stable=True).indices  # non-salient first, ascending
+            inside = positions < (per_frame - n_sal)[:, None]  # (F, P) the real rows of each pool
+            pool = flat[(rest + frame_start[:, None]).reshape(-1)].view(n_frames, per_frame, dim)
+            ranks = batched_dpc_ranks(gram_distances(pool), knobs.k, valid=inside)
+            token = torch.where(real, rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
+            mine = torch.zeros(n_frames, per_frame + 1, dtype=torch.bool, device=device)
+            mine = mine.scatter_(1, token, True)[:, :per_frame]  # (F, P) each frame's own anchors
+            source = frame_start[:, None] + token.clamp(max=per_frame - 1)
+            anchor_rows = source.reshape(-1)
+            rows = flat
+            # candidate[(g, m), a]: token m of frame g may join anchor frame a's clusters
+            own = (mine.reshape(-1)[:, None] & (frames.repeat_interleave(per_frame)[:, None] == frames))
+            candidate = ~salient.reshape(-1)[:, None] & ~own
+        row_frame = frames.repeat_interleave(rows.shape[0] // n_frames)
+        joins = same[row_frame] & (n_anchor > 0)  # (N, F): the anchor frames of each row's segment
+        joins = joins if candidate is None else joins & candidate
+        anchors = rows[anchor_rows]  # (A, D) in the features' dtype
+        sims = _cosines(rows, anchors, cfg.float32).view(-1, n_frames, width)
+        sims = sims.masked_fill(~real, -math.inf)
+        member = (sims.argmax(dim=-1)[..., None] == slots[:width]) & joins[..., None]  # (N, F, width), ties: first
+        member = member.view(-1, n_frames * width)
+        sums = float32_matmul(member.T.to(rows.dtype), rows).to(dtype)  # (A, D), float32 accumulation
+        size = member.sum(dim=0, dtype=torch.float32).to(dtype)
+        mean = sums / size.clamp(min=1)[:, None]
+        weight = (size + 1).reciprocal().clamp(min=knobs.beta)[:, None]
+        keys.append(torch.where(real, source, total).reshape(-1))
+        values.append(weight * anchors.to(dtype) + (1 - weight) * mean)
+    keys, permutation = torch.sort(torch.cat(keys))  # padding (key F * P) sorts last
+    return keys, torch.cat(values)[permutation], n_sal.sum() + n_anchor.sum(), finite
+
+
+def _static_select(
+    features: torch.Tensor,
+    salience: torch.Tensor | None,
+    frame_global: torch.Tensor,
+    knobs: Knobs,
+    r_f: int,
+    options: FastVIDOptions,
+    execution: str,
+) -> VideoSelection:
+    """The static formulation, compiled on CUDA with execution='compiled'; one host read at the end."""
+    n_frames, per_frame, _ = features.shape
+    table = budget_table(knobs, n_frames, per_frame, r_f)
+    cfg = StaticConfig(knobs, r_f, table.width, table.sal_max, options.merge_dtype == "float32")
+    select = functools.partial(static_selection, cfg=cfg)
+    if execution == "compiled" and features.is_cuda:
+        select = compiled(select, OWNER, key=("fastvid", cfg), alternatives="execution=eager")
+    keys, values, count, finite = select(features, salience, frame_global, *table.to(features.device))
+    count, ok = torch.stack([count, finite.long()]).tolist()  # the one host read, with everything queued
+    if not ok:
+        raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
+    return VideoSelection(keys[:count], values[:count])
+
+
+# ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
 
@@ -586,6 +811,9 @@ def fastvid_select(
             f"{OWNER} needs R >= 1/P = {1 / per_frame:.4g} (P = {per_frame} tokens per frame), so that every "
             f"frame keeps int(P * R) >= 1 tokens; got R = {retention}"
         )
+    execution = options.execution or ("compiled" if features.is_cuda and options.seed is None else "eager")
+    if execution != "eager":
+        return _static_select(features, salience, frame_global, knobs, r_f, options, execution)
     device, total = features.device, n_frames * per_frame
     dtype = torch.float32 if options.merge_dtype == "float32" else features.dtype
     generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
