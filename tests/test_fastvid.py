@@ -857,6 +857,25 @@ def test_budget_table_holds_each_segment_shape(variant):
     assert table.salient[6:].abs().sum() == 0 and table.width == int(table.anchors.max()) > 0
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_video", "qwen3_vl"])
+def test_registry_takes_the_padded_static_selection(family):
+    """Through select_videos the static execution returns padded outputs (no read of its own): the same mask
+    and table as the eager one; a non-finite signal empties the mask for the adapter's count check."""
+    from llava.model.compression import CompressionSpec
+
+    x, salience, glob = random_video(seed=12)
+    out = {}
+    for execution in ("eager", "static"):
+        spec = CompressionSpec("fastvid", 0.25, {"fastvid.execution": execution})
+        [out[execution]] = spec.select_videos([tokens_of(x, salience, glob, family)])
+    assert out["eager"].mask.sum() > 0 and torch.equal(out["eager"].mask, out["static"].mask)
+    torch.testing.assert_close(out["static"].table, out["eager"].table, atol=1e-6, rtol=1e-6)
+    bad = salience.clone()
+    bad[0, 0] = float("nan")
+    [choice] = spec.select_videos([tokens_of(x, bad, glob, family)])
+    assert not choice.mask.any()
+
+
 def test_static_execution_options():
     with pytest.raises(ValueError, match="execution"):
         FastVIDOptions(execution="graph")
@@ -886,8 +905,10 @@ def test_compiled_on_cuda_matches_eager_and_the_cpu(variant, dtype, monkeypatch)
         cuda = [t.cuda() for t in (x, salience, glob)]
         got = {e: fastvid_select(*cuda, 0.25, FastVIDOptions(variant=variant, execution=e))
                for e in ("compiled", "eager", None)}
-        for selection in got.values():
-            assert torch.equal(selection.source.cpu(), cpu.source)
+        for execution, selection in got.items():
+            source = selection.source.cpu()
+            differ = len(set(source.tolist()) ^ set(cpu.source.tolist()))
+            assert torch.equal(source, cpu.source), f"{execution}: {differ} sources differ of {len(cpu.source)}"
             torch.testing.assert_close(selection.features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
 
 
@@ -898,7 +919,7 @@ def test_static_selection_does_not_synchronise():
     table = budget_table(knobs, 16, 196, 49)
     from llava.model.fastvid import StaticConfig
 
-    cfg = StaticConfig(knobs, 49, table.width, table.sal_max, True)
+    cfg = StaticConfig(knobs, 49, table.width, table.salient_cap, table.anchor_cap, True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -177,6 +177,45 @@ def test_select_videos_writes_merged_values_at_their_sources() -> None:
         spec.select_videos([VideoTokens(x, (3, 2, 2))])
 
 
+def _padded_method(source: torch.Tensor, count: int, valid: torch.Tensor | None = None) -> Method:
+    """A merging method returning ``source`` padded, with ``count`` on the device (features: row i = i + 1)."""
+    features = torch.arange(1, len(source) + 1, dtype=torch.float32)[:, None].expand(-1, 5)
+    method = Method(
+        f"_test_padded_{next(_BROKEN)}",
+        _Knobs,
+        select=lambda video, r, o: VideoSelection(source, features, valid, count=torch.tensor(count)),
+        merges=True,
+    )
+    register_method(method)
+    return method
+
+
+def test_padded_selection_is_cut_at_its_count() -> None:
+    """Padding past ``count`` (sources >= F * P, or anything) never reaches the mask or the table."""
+    x = torch.zeros(3, 4, 5)
+    method = _padded_method(torch.tensor([2, 7, 12, 12, 12]), 2)
+    [choice] = CompressionSpec(method.name, 0.5).select_videos([VideoTokens(x, (3, 2, 2))])
+    assert choice.mask.reshape(-1).nonzero().squeeze(1).tolist() == [2, 7]
+    expected = torch.zeros(12, 5)
+    expected[2], expected[7] = 1.0, 2.0
+    assert torch.equal(choice.table, expected)
+
+
+@pytest.mark.parametrize(
+    "source,count,valid",
+    [
+        (torch.tensor([3, 1, 12]), 2, None),  # real entries not ascending
+        (torch.tensor([0, 12, 12]), 2, None),  # a real entry out of range
+        (torch.tensor([0, 12, 12]), 0, None),  # nothing kept
+        (torch.tensor([0, 5, 12]), 2, torch.tensor(False)),  # refused input
+    ],
+)
+def test_invalid_padded_output_gives_an_empty_mask(source, count, valid) -> None:
+    method = _padded_method(source, count, valid)
+    [choice] = CompressionSpec(method.name, 0.5).select_videos([VideoTokens(torch.zeros(3, 4, 5), (3, 2, 2))])
+    assert not choice.mask.any()
+
+
 @pytest.mark.parametrize(
     "source,valid",
     [

@@ -295,15 +295,22 @@ class CompressionSpec:
             got = tuple(new.shape)
             raise ValueError(f"{which} returned features {got} for {count} sources; expected ({count}, {dim})")
         source = source.to(features.device)
-        ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
+        if selection.count is None:
+            ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
+            safe = source.clamp(0, total - 1)
+        else:  # padded outputs: the first ``count`` are real; padding goes to a spare row, dropped below
+            real = torch.arange(count, device=source.device) < selection.count.to(source.device)
+            ascending = (source[1:] > source[:-1]) | ~real[1:]
+            ok = real[0] & (source[0] >= 0) & ((source < total) | ~real).all() & ascending.all()
+            safe = torch.where(real, source.clamp(0, total - 1), total)
         if selection.valid is not None:
             ok = ok & selection.valid.to(features.device)
-        safe = source.clamp(0, total - 1)
-        mask = torch.zeros(total, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
-        mask = (mask & ok).view(n_frames, per_frame)
+        mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
+        mask = (mask[:total] & ok).view(n_frames, per_frame)
         if new is None:
             return SelectedVideo(mask)
-        table = features.reshape(total, dim).index_copy(0, safe, new.to(features.device, features.dtype))
+        table = torch.cat([features.reshape(total, dim), features.new_zeros(1, dim)])
+        table = table.index_copy_(0, safe, new.to(features.device, features.dtype))[:total]
         return SelectedVideo(mask, table)
 
     def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:

@@ -572,13 +572,15 @@ class BudgetTable:
     salient / anchors: onevision / video (F + 1, F): [L, j] for the j-th frame of an L-frame segment;
     qwen (F + 1, F + 1, F): [L, V, i] for the i-th of the V sub-segment ends of an L-frame segment (other
     frames get nothing). Only lengths DySeg can produce (L <= F - min(c - 1, F - 1)) are filled.
-    width / sal_max: the most anchors / salient tokens any frame gets (the padded sizes).
+    width: the most anchors of one frame. salient_cap / anchor_cap: the most salient / anchor tokens of a
+    whole video over every layout DySeg can produce (the padded output sizes).
     """
 
     salient: torch.Tensor
     anchors: torch.Tensor
     width: int
-    sal_max: int
+    salient_cap: int
+    anchor_cap: int
     on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -586,6 +588,20 @@ class BudgetTable:
         if device not in self.on_device:
             self.on_device[device] = (self.salient.to(device), self.anchors.to(device))
         return self.on_device[device]
+
+
+def _video_cap(per_segment: list[int], n_frames: int, fewest: int) -> int:
+    """Max over partitions of F frames into >= ``fewest`` segments of sum per_segment[L] (L = each length;
+    0 = impossible length): a DP over (frames covered, segments used), on the host."""
+    lengths = [length for length in range(1, len(per_segment)) if length <= n_frames]
+    best = [[-1] * (n_frames + 1) for _ in range(n_frames + 1)]  # best[n][s]: n frames in s segments
+    best[0][0] = 0
+    for n in range(1, n_frames + 1):
+        for s in range(1, n + 1):
+            options = [best[n - length][s - 1] + per_segment[length] for length in lengths
+                       if length <= n and best[n - length][s - 1] >= 0]
+            best[n][s] = max(options, default=-1)
+    return max(best[n_frames][s] for s in range(fewest, n_frames + 1) if best[n_frames][s] >= 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -610,7 +626,13 @@ def budget_table(knobs: Knobs, n_frames: int, per_frame: int, r_f: int) -> Budge
             ends = list(range(subs - 1)) + [length - 1]
             salient[length, subs, :subs] = torch.tensor([budgets.salient[f] for f in ends])
             anchors[length, subs, :subs] = torch.tensor([budgets.anchors[f] for f in ends])
-    return BudgetTable(salient, anchors, int(anchors.max()), int(salient.max()))
+    fewest = min(knobs.c, n_frames)
+
+    def cap(table: torch.Tensor) -> int:
+        per_segment = table.sum(dim=-1)  # (F + 1,) or, for qwen, (F + 1, F + 1): the most over sub-segments
+        return _video_cap((per_segment.amax(dim=1) if qwen else per_segment).tolist(), n_frames, fewest)
+
+    return BudgetTable(salient, anchors, int(anchors.max()), cap(salient), cap(anchors))
 
 
 def gram_distances(x: torch.Tensor) -> torch.Tensor:
@@ -635,6 +657,27 @@ def _cosines(rows: torch.Tensor, anchors: torch.Tensor, float32: bool) -> torch.
     return float32_matmul(rows, anchors.T) / row_norm[:, None] / anchor_norm[None, :]
 
 
+def _slots(counts: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F,) per-frame counts laid end to end in ``cap`` slots -> each slot's frame, rank within the frame
+    and real flag, (cap,) each (padding slots: the last frame, rank clamped at 0, not real)."""
+    end = counts.cumsum(0)
+    slot = torch.arange(cap, device=counts.device)
+    frame = (end[None, :] <= slot[:, None]).sum(dim=1).clamp(max=counts.shape[0] - 1)
+    return frame, (slot - (end - counts)[frame]).clamp(min=0), slot < end[-1]
+
+
+def _first_max_in_groups(sims: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, A) scores, (A,) group of each column -> (N, A) bool: the first column of largest score in each
+    row's group (argmax within contiguous groups; ties to the first). Scatter max / min: exact, deterministic."""
+    rows, width = sims.shape
+    index = group.expand(rows, width)
+    top = sims.new_full((rows, groups), -math.inf).scatter_reduce(1, index, sims, "amax")
+    column = torch.arange(width, device=sims.device).expand(rows, width)
+    best = torch.where(sims == top.gather(1, index), column, width)
+    first = torch.full((rows, groups), width, device=sims.device).scatter_reduce(1, index, best, "amin")
+    return first.gather(1, index) == column
+
+
 @dataclass(frozen=True)
 class StaticConfig:
     """What the static formulation is specialised on (Python constants of the compiled function)."""
@@ -642,7 +685,8 @@ class StaticConfig:
     knobs: Knobs
     r_f: int
     width: int
-    sal_max: int
+    salient_cap: int
+    anchor_cap: int
     float32: bool
 
 
@@ -656,17 +700,18 @@ def static_selection(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FastVID on one video with every shape fixed by (F, P, D) and ``cfg``: what torch.compile traces.
 
-    Returns keys (F * sal_max + F * width,) ascending, padded with F * P; their values (same length, D);
+    Returns keys (salient_cap + anchor_cap,) ascending, padded with F * P; their values (same length, D);
     the kept count K (0-d) and the finite flag (0-d): the selection is keys[:K], values[:K].
 
     The segments come from DySeg's flags on the device (segment id = cumulative cuts), each frame's
-    budgets from the table by its segment's shape. Every frame is ranked and every frame's slots padded
-    to ``width`` anchors; the merge scores all rows against all anchor slots (A = F * width) and masks what
-    lies outside a row's segment, so the two products are (rows x D) by (D x A), dense.
+    budgets from the table by its segment's shape. Every frame is ranked; the kept tokens fill compact
+    slots (frame by frame, the video's largest possible count), so the merge scores every row against
+    anchor_cap anchors in one product, takes the first maximum within each anchor frame's slots and
+    masks the anchor frames outside a row's segment.
     """
     knobs, dtype = cfg.knobs, torch.float32 if cfg.float32 else features.dtype
     n_frames, per_frame, dim = features.shape
-    total, width, device = n_frames * per_frame, cfg.width, features.device
+    total, device = n_frames * per_frame, features.device
     if knobs.authors:
         salience = features.float().norm(dim=-1)
     finite = torch.isfinite(features).all() & torch.isfinite(salience).all() & torch.isfinite(frame_global).all()
@@ -679,9 +724,9 @@ def static_selection(
     if knobs.variant == "qwen":  # only sub-segment ends get tokens: near-duplicate gaps inside the segment
         inner = torch.cat([near, torch.zeros(1, dtype=torch.bool, device=device)]) & (position < length - 1)
         is_end = inner | (position == length - 1)
-        later = frames[None, :] < frames[:, None]  # later[f, g]: g before f
+        earlier = frames[None, :] < frames[:, None]  # earlier[f, g]: g comes before f
         subs = (same & is_end[None, :]).sum(dim=1)
-        before = (same & is_end[None, :] & later).sum(dim=1)
+        before = (same & is_end[None, :] & earlier).sum(dim=1)
         n_sal = torch.where(is_end, salient_table[length, subs, before], 0)
         n_anchor = torch.where(is_end, anchor_table[length, subs, before], 0)
     else:
@@ -690,59 +735,59 @@ def static_selection(
     flat = features.reshape(total, dim)
     frame_start = frames * per_frame
     order = torch.sort(salience.float(), dim=1, descending=True, stable=True).indices  # ties: lower index
-    order_source = order + frame_start[:, None]
-    slots = torch.arange(max(cfg.sal_max, width, 1), device=device)
-    taken = slots[: cfg.sal_max] < n_sal[:, None]  # (F, sal_max)
-    keys = [torch.where(taken, order_source[:, : cfg.sal_max], total).reshape(-1)]
-    values = [flat[order_source[:, : cfg.sal_max].reshape(-1)].to(dtype)]
-    if width > 0:
-        real = slots[:width] < n_anchor[:, None]  # (F, width)
+    s_frame, s_rank, s_real = _slots(n_sal, cfg.salient_cap)
+    salient_source = order[s_frame, s_rank.clamp(max=per_frame - 1)] + frame_start[s_frame]
+    keys = [torch.where(s_real, salient_source, total)]
+    values = [flat[salient_source].to(dtype)]
+    if cfg.anchor_cap > 0:
+        a_frame, a_rank, a_real = _slots(n_anchor, cfg.anchor_cap)
         if knobs.variant == "onevision":  # rows: every frame's M non-salient tokens; anchors are candidates
-            n_rest = per_frame - cfg.sal_max
-            rest = order[:, cfg.sal_max :].sort(dim=1).values  # (F, M) ascending
+            n_rest = per_frame - cfg.r_f + int(cfg.r_f * knobs.d)
+            rest = order[:, per_frame - n_rest :].sort(dim=1).values  # (F, M) ascending
             rest_source = (rest + frame_start[:, None]).reshape(-1)
             rows = flat.index_select(0, rest_source).view(n_frames, n_rest, dim)
             ranks = batched_dpc_ranks(gram_distances(rows), knobs.k)  # (F, M) by decreasing score
-            anchor_rows = (ranks[:, :width] + (frames * n_rest)[:, None]).reshape(-1)  # into F * M
-            source = rest_source[anchor_rows].view(n_frames, width)
+            anchor_rows = ranks[a_frame, a_rank.clamp(max=n_rest - 1)] + a_frame * n_rest  # into F * M
+            source = rest_source[anchor_rows]
             rows = rows.reshape(-1, dim)
             candidate = None
-        else:  # rows: every token; a frame's anchors rank among its non-salient tokens, by index
+        else:  # rows: every token; a frame's anchors rank among its non-salient tokens, in index order
             positions = torch.arange(per_frame, device=device)
             rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
             salient = rank < n_sal[:, None]  # (F, P)
-            rest = torch.sort(salient.to(torch.uint8), dim=1, stable=True).indices  # non-salient first, ascending
+            # non-salient first, each part ascending (unique keys: no reliance on a stable sort)
+            rest = torch.sort(salient.long() * per_frame + positions, dim=1).values % per_frame
             inside = positions < (per_frame - n_sal)[:, None]  # (F, P) the real rows of each pool
             pool = flat[(rest + frame_start[:, None]).reshape(-1)].view(n_frames, per_frame, dim)
             ranks = batched_dpc_ranks(gram_distances(pool), knobs.k, valid=inside)
+            width = cfg.width
+            real = positions[:width] < n_anchor[:, None]  # (F, width)
             token = torch.where(real, rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
             mine = torch.zeros(n_frames, per_frame + 1, dtype=torch.bool, device=device)
             mine = mine.scatter_(1, token, True)[:, :per_frame]  # (F, P) each frame's own anchors
-            source = frame_start[:, None] + token.clamp(max=per_frame - 1)
-            anchor_rows = source.reshape(-1)
+            source = frame_start[a_frame] + token[a_frame, a_rank.clamp(max=width - 1)].clamp(max=per_frame - 1)
+            anchor_rows = source
             rows = flat
             # candidate[(g, m), a]: token m of frame g may join anchor frame a's clusters
-            own = (mine.reshape(-1)[:, None] & (frames.repeat_interleave(per_frame)[:, None] == frames))
+            own = mine.reshape(-1)[:, None] & (frames.repeat_interleave(per_frame)[:, None] == frames)
             candidate = ~salient.reshape(-1)[:, None] & ~own
         row_frame = frames.repeat_interleave(rows.shape[0] // n_frames)
         joins = same[row_frame] & (n_anchor > 0)  # (N, F): the anchor frames of each row's segment
         joins = joins if candidate is None else joins & candidate
         anchors = rows[anchor_rows]  # (A, D) in the features' dtype
-        sims = _cosines(rows, anchors, cfg.float32).view(-1, n_frames, width)
-        sims = sims.masked_fill(~real, -math.inf)
-        member = (sims.argmax(dim=-1)[..., None] == slots[:width]) & joins[..., None]  # (N, F, width), ties: first
-        member = member.view(-1, n_frames * width)
+        sims = _cosines(rows, anchors, cfg.float32).masked_fill(~a_real, -math.inf)
+        member = _first_max_in_groups(sims, a_frame, n_frames) & joins[:, a_frame] & a_real
         sums = float32_matmul(member.T.to(rows.dtype), rows).to(dtype)  # (A, D), float32 accumulation
         size = member.sum(dim=0, dtype=torch.float32).to(dtype)
         mean = sums / size.clamp(min=1)[:, None]
         weight = (size + 1).reciprocal().clamp(min=knobs.beta)[:, None]
-        keys.append(torch.where(real, source, total).reshape(-1))
+        keys.append(torch.where(a_real, source, total))
         values.append(weight * anchors.to(dtype) + (1 - weight) * mean)
     keys, permutation = torch.sort(torch.cat(keys))  # padding (key F * P) sorts last
     return keys, torch.cat(values)[permutation], n_sal.sum() + n_anchor.sum(), finite
 
 
-def _static_select(
+def _static_padded(
     features: torch.Tensor,
     salience: torch.Tensor | None,
     frame_global: torch.Tensor,
@@ -751,18 +796,24 @@ def _static_select(
     options: FastVIDOptions,
     execution: str,
 ) -> VideoSelection:
-    """The static formulation, compiled on CUDA with execution='compiled'; one host read at the end."""
+    """The static formulation (compiled on CUDA with execution='compiled') as a padded selection with its
+    count and finite flag on the device: no host read (the adapter's count read covers them)."""
     n_frames, per_frame, _ = features.shape
     table = budget_table(knobs, n_frames, per_frame, r_f)
-    cfg = StaticConfig(knobs, r_f, table.width, table.sal_max, options.merge_dtype == "float32")
+    cfg = StaticConfig(knobs, r_f, table.width, table.salient_cap, table.anchor_cap, options.merge_dtype == "float32")
     select = functools.partial(static_selection, cfg=cfg)
     if execution == "compiled" and features.is_cuda:
         select = compiled(select, OWNER, key=("fastvid", cfg), alternatives="execution=eager")
     keys, values, count, finite = select(features, salience, frame_global, *table.to(features.device))
-    count, ok = torch.stack([count, finite.long()]).tolist()  # the one host read, with everything queued
+    return VideoSelection(keys, values, valid=finite, count=count)
+
+
+def _exact(selection: VideoSelection) -> VideoSelection:
+    """A padded selection cut to its count: one host read (count and finite flag together)."""
+    count, ok = torch.stack([selection.count, selection.valid.long()]).tolist()
     if not ok:
         raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
-    return VideoSelection(keys[:count], values[:count])
+    return VideoSelection(selection.source[:count], selection.features[:count])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,15 +838,19 @@ def fastvid_select(
     options: FastVIDOptions | None = None,
     *,
     family: str = "",
+    padded: bool = False,
 ) -> VideoSelection:
     """FastVID on one video: (F, P, D) features, (F, P) salience, (F, G) frame globals -> K merged tokens.
 
     ``salience`` may be None with port="authors" (the L2 norms of the features are used). Returns
     sources (K,) ascending and features (K, D) (float32, or the features' dtype with merge_dtype="model").
+    ``padded``: the static executions return their padded outputs with ``count`` and ``valid`` instead
+    of reading them (the registry's path; the eager execution ignores it).
 
-    One host sync: the DySeg flags with the finite check. Before it, everything the segments do not
-    decide is queued (salience order; onevision: every frame's non-salient rows and their DPC-kNN ranks,
-    as each frame has the same salient count). After it, a fixed number of batched ops.
+    Eager: one host sync, the DySeg flags with the finite check. Before it, everything the segments do
+    not decide is queued (salience order; onevision: every frame's non-salient rows and their DPC-kNN
+    ranks, as each frame has the same salient count). After it, a fixed number of batched ops.
+    Static / compiled: no sync before the end (see :func:`static_selection`).
     """
     check_video_features(features, retention)
     options = options or FastVIDOptions()
@@ -813,7 +868,8 @@ def fastvid_select(
         )
     execution = options.execution or ("compiled" if features.is_cuda and options.seed is None else "eager")
     if execution != "eager":
-        return _static_select(features, salience, frame_global, knobs, r_f, options, execution)
+        selection = _static_padded(features, salience, frame_global, knobs, r_f, options, execution)
+        return selection if padded else _exact(selection)
     device, total = features.device, n_frames * per_frame
     dtype = torch.float32 if options.merge_dtype == "float32" else features.dtype
     generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
@@ -928,7 +984,8 @@ def fastvid_select(
 
 def _select(video: VideoTokens, retention: float, options: FastVIDOptions) -> VideoSelection:
     salience = None if options.port == "authors" else video.signal(FRAME_SALIENCE)
-    return fastvid_select(video.features, salience, video.signal(FRAME_GLOBAL), retention, options, family=video.family)
+    glob = video.signal(FRAME_GLOBAL)
+    return fastvid_select(video.features, salience, glob, retention, options, family=video.family, padded=True)
 
 
 def _needs(options: FastVIDOptions) -> frozenset[str]:

@@ -94,11 +94,15 @@ class VideoSelection:
     valid: optional 0-d bool tensor on the features' device, False when the method refuses the input
         (e.g. non-finite features). It lets a method skip a host synchronisation of its own: the adapter
         reads it with the kept counts, in its one sync, and raises then.
+    count: optional 0-d int64 tensor for a kept count the data decides: only the first ``count`` entries
+        of ``source`` / ``features`` are the selection, the rest padding (sources >= F * P). With it a
+        method returns padded outputs instead of reading the count itself; the adapter's read covers it.
     """
 
     source: torch.Tensor
     features: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    count: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
