@@ -60,7 +60,23 @@ Differences from the original code (all three variants):
   adapter's layout policy places newlines.
 - Output: one selection per video (upstream: batch size 1, one video per request).
 
-Implementation (GPU): one host sync per video, a small read of DySeg's cut flags with the finite check.
+Executions (``execution``; default: compiled on CUDA, eager on the CPU and with ``seed``):
+- ``compiled`` / ``static``: every shape fixed by (F, P, D, R, knobs), so torch.compile compiles once per
+  video shape and nothing is read on the host until the adapter's count read. DySeg's flags stay on the
+  device (segment id = cumulative cuts); each frame's budgets come from a host table of
+  :func:`frame_budgets` per segment shape (length, and qwen's sub-segment count), exact for every layout.
+  Every frame is ranked; the kept tokens fill compact slots sized by the most any layout can keep (a DP
+  over segmentations), and the merge scores all rows against those anchor slots in one product, masking
+  anchor frames outside a row's segment. Products of bf16 / fp16 features run in that dtype with float32
+  accumulation (:func:`llava.model.float32_products.float32_matmul`: the float32 products up to summation
+  order). Distances use the matmul form with self-distances 0. Against eager: the same sources on every
+  CPU test case, features within float32 rounding; the compiled kernels may round reductions (DySeg
+  cosines, densities) differently, which can flip exact near-ties. ``seed`` draws its noise per anchor
+  frame in the order the host layout gives, so it runs eager. float32 features compile too, but their
+  products are float32 GEMMs.
+- ``eager``: the layout read on the host, then batched ops sized by it (below).
+
+Implementation (eager): one host sync per video, a small read of DySeg's cut flags with the finite check.
 Before it, all that the segments do not decide is queued: the salience order and, for onevision (every
 frame has the same salient count), every frame's non-salient rows and their DPC-kNN ranks in one
 (F, M, M) batch. After it, a fixed number of batched ops however many anchor frames: video / qwen rank
@@ -401,6 +417,7 @@ def batched_dpc_ranks(
     counts: list[int] | None = None,
     valid: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    passes: bool = False,
 ) -> torch.Tensor:
     """(B, M, M) float32 distances -> (B, M) token positions by decreasing DPC score, all rows at once.
 
@@ -408,12 +425,14 @@ def batched_dpc_ranks(
     (``valid`` (B, M) bool marks them; None = all M): k clamped to the row's count, equal densities ranked
     by position, ``noise`` (B, M) of U(0, 1) draws added to the density times 1e-6 (upstream's tie-break).
     Padding ranks after every real token. ``counts`` None with ``valid`` given: the counts are not known on
-    the host (the static formulation), so every k below ``k`` is provided for.
+    the host (the static formulation), so every k below ``k`` is provided for. ``passes``: the k nearest
+    distances by k masked minimum passes instead of torch.topk (the same values; torch.compile fuses the
+    passes into small reductions, while topk stays a library kernel).
     """
     rows, m, _ = dist.shape
     k_all = max(1, min(int(k), m))
     padded = dist if valid is None else dist.masked_fill(~valid[:, None, :], math.inf)
-    nearest = torch.topk(padded, k=k_all, dim=-1, largest=False).values  # ascending, padding last
+    nearest = _k_smallest(padded, k_all) if passes else torch.topk(padded, k=k_all, dim=-1, largest=False).values
     density = torch.exp(-(nearest**2).mean(dim=-1))
     if counts is None:
         short = list(range(1, k_all)) if valid is not None else []
@@ -440,6 +459,18 @@ def batched_dpc_ranks(
     if valid is not None:
         score = score.masked_fill(~valid, -math.inf)
     return stable_top(score, m)
+
+
+def _k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., M) -> (..., k) the k smallest along the last axis, ascending, with multiplicity (= topk's)."""
+    steps = torch.arange(values.shape[-1], device=values.device)
+    taken = torch.zeros_like(values, dtype=torch.bool)
+    out = []
+    for _ in range(k):  # k is small (4 upstream): one masked minimum per neighbour
+        left = values.masked_fill(taken, math.inf)
+        out.append(left.amin(dim=-1))
+        taken = taken | (steps == left.argmin(dim=-1, keepdim=True))
+    return torch.stack(out, dim=-1)
 
 
 _CDIST_EXACT_MAX = 25  # torch.cdist's default mode takes exact differences up to 25 rows, a matmul above
@@ -666,16 +697,19 @@ def _slots(counts: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor, 
     return frame, (slot - (end - counts)[frame]).clamp(min=0), slot < end[-1]
 
 
-def _first_max_in_groups(sims: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, A) scores, (A,) group of each column -> (N, A) bool: the first column of largest score in each
-    row's group (argmax within contiguous groups; ties to the first). Scatter max / min: exact, deterministic."""
-    rows, width = sims.shape
-    index = group.expand(rows, width)
-    top = sims.new_full((rows, groups), -math.inf).scatter_reduce(1, index, sims, "amax")
-    column = torch.arange(width, device=sims.device).expand(rows, width)
-    best = torch.where(sims == top.gather(1, index), column, width)
-    first = torch.full((rows, groups), width, device=sims.device).scatter_reduce(1, index, best, "amin")
-    return first.gather(1, index) == column
+def _first_max_in_groups(sims: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, A) scores over slots laid out frame by frame ((F,) ``counts``, at most ``width`` each; (A,) each
+    slot's frame) -> (N, A) bool: per row, the first slot of largest score within each frame's slots.
+
+    The slots are read as an (N, F, width) view (gathered, padding -inf) and reduced by argmax: ties go to
+    the first slot, and no scatter is needed."""
+    n_slots = sims.shape[1]
+    steps = torch.arange(width, device=sims.device)
+    start = counts.cumsum(0) - counts
+    columns = start[:, None] + steps  # (F, width)
+    dense = sims[:, columns.clamp(max=n_slots - 1)].masked_fill(~(steps < counts[:, None]), -math.inf)
+    chosen = start + dense.argmax(dim=-1)  # (N, F) the slot each row picks in each frame
+    return chosen[:, group] == torch.arange(n_slots, device=sims.device)
 
 
 @dataclass(frozen=True)
@@ -746,7 +780,7 @@ def static_selection(
             rest = order[:, per_frame - n_rest :].sort(dim=1).values  # (F, M) ascending
             rest_source = (rest + frame_start[:, None]).reshape(-1)
             rows = flat.index_select(0, rest_source).view(n_frames, n_rest, dim)
-            ranks = batched_dpc_ranks(gram_distances(rows), knobs.k)  # (F, M) by decreasing score
+            ranks = batched_dpc_ranks(gram_distances(rows), knobs.k, passes=True)  # (F, M) by decreasing score
             anchor_rows = ranks[a_frame, a_rank.clamp(max=n_rest - 1)] + a_frame * n_rest  # into F * M
             source = rest_source[anchor_rows]
             rows = rows.reshape(-1, dim)
@@ -759,7 +793,7 @@ def static_selection(
             rest = torch.sort(salient.long() * per_frame + positions, dim=1).values % per_frame
             inside = positions < (per_frame - n_sal)[:, None]  # (F, P) the real rows of each pool
             pool = flat[(rest + frame_start[:, None]).reshape(-1)].view(n_frames, per_frame, dim)
-            ranks = batched_dpc_ranks(gram_distances(pool), knobs.k, valid=inside)
+            ranks = batched_dpc_ranks(gram_distances(pool), knobs.k, valid=inside, passes=True)
             width = cfg.width
             real = positions[:width] < n_anchor[:, None]  # (F, width)
             token = torch.where(real, rest.gather(1, ranks[:, :width]), per_frame).sort(dim=1).values
@@ -776,15 +810,35 @@ def static_selection(
         joins = joins if candidate is None else joins & candidate
         anchors = rows[anchor_rows]  # (A, D) in the features' dtype
         sims = _cosines(rows, anchors, cfg.float32).masked_fill(~a_real, -math.inf)
-        member = _first_max_in_groups(sims, a_frame, n_frames) & joins[:, a_frame] & a_real
+        member = _first_max_in_groups(sims, n_anchor, a_frame, cfg.width) & joins[:, a_frame] & a_real
         sums = float32_matmul(member.T.to(rows.dtype), rows).to(dtype)  # (A, D), float32 accumulation
         size = member.sum(dim=0, dtype=torch.float32).to(dtype)
         mean = sums / size.clamp(min=1)[:, None]
         weight = (size + 1).reciprocal().clamp(min=knobs.beta)[:, None]
         keys.append(torch.where(a_real, source, total))
         values.append(weight * anchors.to(dtype) + (1 - weight) * mean)
-    keys, permutation = torch.sort(torch.cat(keys))  # padding (key F * P) sorts last
-    return keys, torch.cat(values)[permutation], n_sal.sum() + n_anchor.sum(), finite
+    return (*_in_source_order(keys, values, total), n_sal.sum() + n_anchor.sum(), finite)
+
+
+def _in_source_order(
+    keys: list[torch.Tensor], values: list[torch.Tensor], total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts of (unique) keys, padded with ``total``, and their value rows -> all of them by ascending key,
+    padding last. Each key's place is the count of kept keys below it (a cumulative sum over the video's
+    tokens), so the rows are written once to their place instead of concatenated, sorted and gathered."""
+    flat = torch.cat(keys)
+    real = flat < total
+    kept = torch.zeros(total + 1, dtype=torch.int64, device=flat.device).index_fill_(0, flat, 1)[:total]
+    below = kept.cumsum(0) - kept
+    padding_rank = (~real).long().cumsum(0) - 1
+    place = torch.where(real, below[flat.clamp(max=total - 1)], real.sum() + padding_rank)
+    ordered = torch.empty_like(flat).index_copy_(0, place, flat)
+    rows = values[0].new_empty(flat.shape[0], values[0].shape[1])
+    offset = 0
+    for part in values:  # two parts: salient tokens, merged anchors
+        rows.index_copy_(0, place[offset : offset + part.shape[0]], part)
+        offset += part.shape[0]
+    return ordered, rows
 
 
 def _static_padded(
