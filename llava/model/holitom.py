@@ -65,6 +65,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llava.model import holitom_static
+from llava.model.compiled_select import compiled
 from llava.model.dpc_knn import pairwise_distances
 from llava.model.inllm_select import top_visual
 from llava.model.method_api import (
@@ -86,6 +88,7 @@ from llava.model.vidcom2 import check_video_features
 PORTS = ("original", "authors")
 INNER_ATTENTION = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
+EXECUTIONS = ("compiled", "eager")
 _OWNER = "holitom"
 
 
@@ -111,6 +114,9 @@ class HoliTomOptions:
     inner_ratio: r, the fraction of the current video tokens merged away at layer k [HOLITOM_r].
     inner_attention: rows (the last token's row from the layer's query and keys) or eager (the layer's
         whole map, as upstream's eager fallback; for memory comparisons).
+    execution: compiled (default: after the DP, one torch.compile'd function of static shapes on CUDA,
+        :mod:`llava.model.holitom_static`) or eager (the plan-shaped kernels); the CPU always runs eager.
+        Both support every option; they select the same tokens up to float32 rounding (module docstring).
     """
 
     tau: float = 0.8
@@ -125,6 +131,7 @@ class HoliTomOptions:
     inner_layer: int = 18
     inner_ratio: float = 0.5
     inner_attention: str = "rows"
+    execution: str = "compiled"
 
     def __post_init__(self) -> None:
         check_range(_OWNER, "tau", self.tau, -1.0, 1.0)
@@ -143,6 +150,7 @@ class HoliTomOptions:
         if not 0.0 <= self.inner_ratio < 1.0:
             raise ValueError(f"{_OWNER} option inner_ratio must be in [0, 1), got {self.inner_ratio}")
         check_choice(_OWNER, "inner_attention", self.inner_attention, INNER_ATTENTION)
+        check_choice(_OWNER, "execution", self.execution, EXECUTIONS)
 
 
 # ------------------------------------------------------------------------------ temporal windows
@@ -398,6 +406,13 @@ def holitom_select(
     (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
     """
     options = options or HoliTomOptions()
+    return _select_video(features, importance, retention, options, options.execution == "compiled" and features.is_cuda)
+
+
+def _select_video(
+    features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions, static: bool
+) -> VideoSelection:
+    """:func:`holitom_select` by the eager build or (``static``) by :func:`_static_build`, on any device."""
     check_video_features(features, retention)
     n_frames, per_frame, dim = features.shape
     if tuple(importance.shape) != (n_frames, per_frame):
@@ -423,7 +438,63 @@ def holitom_select(
             f"{_OWNER} kept no token at R={retention}: the video is static and round(n_static * r') is 0; "
             "raise R"
         )
+    if static:
+        return _static_build(features, importance, run, windows, plan, dtype, float(retention), options)
     return _build(features, importance, run, plan, dtype, options.beta)
+
+
+def _static_build(
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    run: torch.Tensor,
+    windows: list[tuple[int, int]],
+    plan: _Plan,
+    dtype: torch.dtype,
+    retention: float,
+    options: HoliTomOptions,
+) -> VideoSelection:
+    """The selection from the plan by :func:`llava.model.holitom_static.static_selection` (compiled on CUDA):
+    the plan packed into one float64 host-to-device copy, the output sliced to the plan's count."""
+    n_frames, per_frame, _ = features.shape
+    n_slots = holitom_static.static_slots(n_frames, options.max_window)
+    out_length = holitom_static.output_length(n_frames, per_frame, retention)
+    if plan.n_static_sets > n_slots or plan.kept > out_length:
+        raise RuntimeError(
+            f"{_OWNER}: the plan ({plan.n_static_sets} static sets, {plan.kept} tokens) exceeds the static bounds "
+            f"({n_slots} slots, {out_length} outputs); pass execution=eager"
+        )
+    seeded = options.seed is not None
+    host = torch.zeros(holitom_static.packed_length(n_frames, per_frame, n_slots, seeded), dtype=torch.float64)
+    frame = host[: 5 * n_frames].view(5, n_frames)  # start, need, dominant, contextual, slot
+    for u, v in windows:
+        frame[0, u : v + 1], frame[1, u : v + 1] = u, (v - u if v > u else n_frames)
+    frame[2] = torch.tensor(plan.frame_dominant, dtype=torch.float64)
+    n_static = plan.n_static_sets
+    counts = plan.sets.counts
+    if plan.contextual_frames:
+        frame[3, plan.contextual_frames] = torch.tensor(counts[n_static:], dtype=torch.float64)
+    frame[4] = n_slots
+    slot = host[5 * n_frames : 5 * n_frames + 3 * n_slots].view(3, n_slots)  # start, need, count
+    if n_static:
+        starts = plan.set_row[:n_static]
+        slot[0, :n_static] = torch.tensor(starts, dtype=torch.float64)
+        slot[1, :n_static] = torch.tensor(plan.set_need, dtype=torch.float64)
+        slot[2, :n_static] = torch.tensor(counts[:n_static], dtype=torch.float64)
+        frame[4, starts] = torch.arange(n_static, dtype=torch.float64)
+    if seeded and plan.sets.noise is not None:  # the eager build's draws, rows by slot and by frame
+        noise = host[5 * n_frames + 3 * n_slots :].view(n_slots + n_frames, per_frame)
+        width = plan.sets.noise.shape[1]
+        noise[:n_static, :width] = plan.sets.noise[:n_static].double()
+        noise[[n_slots + t for t in plan.contextual_frames], :width] = plan.sets.noise[n_static:].double()
+    packed = _to_device(host, features.device)
+    select = holitom_static.static_selection
+    if features.is_cuda:
+        select = compiled(select, _OWNER, execution="compiled", alternatives="execution=eager")
+    source, values = select(
+        features, importance, run, packed, n_slots, out_length, options.knn, options.beta,
+        options.contextual_ratio > 0, seeded, dtype,
+    )  # fmt: skip
+    return VideoSelection(source[: plan.kept], values[: plan.kept])
 
 
 class _Plan:
