@@ -28,16 +28,26 @@ centre at spatial position m of window [u, v] takes the source u * P + m (the wi
 a dynamic token or dynamic centre takes its own flat index. Sources are unique (a position static in a
 window is dynamic in none of its frames) and the output is in ascending source order.
 
-Execution (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
-per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack run
-in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one small
-host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all frames
-at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at most 25
-tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is compacted by a
-cumulative sum with the known count (no nonzero). The finite check reads the sum of the token norms and
-of the importance; only when that is not finite (NaN / Inf, or huge finite values overflowing) are the
-inputs checked element by element. On CUDA the merge sums are atomic adds (scatter_add_), so their
-float rounding order is not fixed there, as with the index_add_ of a loop.
+Execution: ONE host synchronisation per video, a copy of the (F-1) x (W-1) run-length counts and a
+finite flag; the DP and its backtrack run in plain Python on that copy (W = min(F, max_window)), and every
+size is then known on the host. The finite check reads the sum of the token norms and of the importance;
+only when that is not finite (NaN / Inf, or huge finite values overflowing) are the inputs checked element
+by element. What follows depends on option ``execution``:
+- ``eager`` (always on the CPU; the outputs of a window-by-window loop, bit for bit there): kernels shaped
+  by the plan. One small host-to-device copy carries the per-frame and per-set integers, the dominant
+  top-k runs over all frames at once, all static and contextual token sets go through ONE padded DPC-kNN
+  merge (a set of at most 25 tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and
+  the output is compacted by a cumulative sum with the known count (no nonzero). On CUDA the merge sums
+  are atomic adds (scatter_add_), so their float rounding order is not fixed there, as with the
+  index_add_ of a loop.
+- ``compiled`` (default, on CUDA): everything after the plan is one function of static shapes
+  (:mod:`llava.model.holitom_static`), compiled by torch.compile once per (F, P, D), dtype, knobs and R,
+  at the first call (:mod:`llava.model.compiled_select`): the plan goes to the device as data in one
+  copy, the token sets keep P slots with masks, the output has a static length and is sliced with the
+  plan's count (no second sync). Same tokens as ``eager`` up to float32 rounding, so a near tie may go
+  another way: its DPC distances take the matmul form for every set (a token's distance to itself 0
+  exactly), window means and merge sums are matmuls (float32 sums, deterministic). The kernels before
+  the sync are the same in both. Every option is supported.
 
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
@@ -403,7 +413,9 @@ def holitom_select(
     Output features are float32 (``score_dtype="float32"``) or the input dtype (``"model"``).
     One host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together; the DP
     runs on the host, then every size is known there and the device work is batched over the frames
-    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
+    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge), by
+    plan-shaped kernels (``execution="eager"``, or any CPU input) or one compiled function of static
+    shapes (``"compiled"`` on CUDA; see the module docstring).
     """
     options = options or HoliTomOptions()
     return _select_video(features, importance, retention, options, options.execution == "compiled" and features.is_cuda)
