@@ -208,6 +208,34 @@ def test_cluster_masked_equals_a_compacted_set() -> None:
     assert not centre[1].any()  # a set with no centre
 
 
+def test_split_bf16_is_exact_and_its_products_are_float32_accurate() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 30, 64, generator=g) * torch.logspace(-6, 6, 64)  # every magnitude
+    parts = holitom_static.split_bf16(x)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, 90, 64)
+    assert torch.equal(parts[:, :30].float() + parts[:, 30:60].float() + parts[:, 60:].float(), x)
+    y = torch.randn(2, 40, 3584, generator=g) + 3.0  # far from the origin: cancellation in |x|^2 + |y|^2 - 2 x.y
+    exact = y.double() @ y.double().transpose(1, 2)
+    split = holitom_static._gram(y, holitom_static.split_bf16(y))
+    direct = y @ y.transpose(1, 2)
+    assert (split.double() - exact).abs().max() <= 2 * (direct.double() - exact).abs().max()
+    dist = holitom_static._distances(y, holitom_static.split_bf16(y))
+    reference_dist = torch.cdist(y.double(), y.double()) / 3584**0.5
+    torch.testing.assert_close(dist.double(), reference_dist, atol=1e-4, rtol=1e-4)
+    assert torch.equal(dist.diagonal(dim1=1, dim2=2), torch.zeros(2, 40))
+
+
+def test_static_with_split_products_matches_eager(monkeypatch) -> None:
+    """The CUDA arithmetic of float32 sets (three bf16 parts), forced on the CPU."""
+    monkeypatch.setattr(holitom_static, "splits", lambda x: x.dtype == torch.float32)
+    x, attn = several_window_lengths()
+    for options in ({}, {"contextual_ratio": 0.3, "seed": 4}, {"max_window": 2}):
+        assert_same(x, attn, 0.3, **options)
+    x, attn = large_sets()
+    assert_same(x, attn, 0.1, contextual_ratio=0.5)
+    assert_same(x.bfloat16(), attn, 0.1, contextual_ratio=0.5)  # float32 means of bf16 tokens
+
+
 # ----------------------------------------------------------------------------------- CUDA: compiled
 
 

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.model import holitom_static
+import llava.model.holitom_static as holitom_static
 from llava.model.compiled_select import compiled
 from llava.model.dpc_knn import pairwise_distances
 from llava.model.inllm_select import top_visual

@@ -18,7 +18,9 @@ that are not dominant). The output is padded to a static length (R * N + F + S +
 with the kept sources ascending first; the caller knows the true count from the plan and slices.
 
 Arithmetic (against the eager build of :mod:`llava.model.holitom`): products of bf16 / fp16 tokens go
-through :func:`llava.model.float32_products.float32_matmul` (exact products, float32 sums); DPC distances
+through :func:`llava.model.float32_products.float32_matmul` (exact products, float32 sums), and so do those
+of float32 tokens on CUDA (the float32 window means, the default) after an exact split into three bf16
+parts (:func:`split_bf16`; float32 GEMMs would be most of the time otherwise); DPC distances
 are sqrt(max(|x|^2 + |y|^2 - 2 x.y, 0)) / sqrt(D) for every set, the form torch.cdist takes above 25 rows,
 so a set of at most 25 tokens, which the eager build measures pair by pair, rounds differently here; a
 token's distance to itself is 0 exactly (the matmul form leaves rounding noise there, which would decide
@@ -54,12 +56,46 @@ def packed_length(n_frames: int, per_frame: int, n_slots: int, seeded: bool) -> 
     return 5 * n_frames + 3 * n_slots + ((n_slots + n_frames) * per_frame if seeded else 0)
 
 
-def _distances(x: torch.Tensor) -> torch.Tensor:
+def splits(x: torch.Tensor) -> bool:
+    """Whether products of ``x`` go through its three-bf16 split: float32 on CUDA (see :func:`split_bf16`)."""
+    return x.dtype == torch.float32 and x.is_cuda
+
+
+def split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) float32 -> (B, 3N, D) bf16 [hi; mid; lo] per batch, hi + mid + lo == x exactly.
+
+    Why: a float32 value has 24 significant bits, bf16 8, and each remainder is exact in float32, so three
+    bf16 parts hold it exactly (for finite values away from float32's overflow). Products of the parts
+    through a bf16 GEMM with float32 output are exact, so a float32 product of such tensors costs a few
+    tensor-core GEMMs instead of one float32 GEMM (H200: ~15x slower per GEMM, and its small batched
+    shapes here occupy half the SMs).
+    """
+    hi = x.to(torch.bfloat16)
+    rest = x - hi.float()
+    mid = rest.to(torch.bfloat16)
+    return torch.cat([hi, mid, (rest - mid.float()).to(torch.bfloat16)], dim=1)
+
+
+def _gram(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, D) -> (B, N, N) float32 x_i . x_j: one GEMM, or from the split ``parts`` of a float32 x.
+
+    Split: hi.hi + (hi.mid + mid.hi) + (hi.lo + lo.hi + mid.mid), the terms down to 2^-16 of the product
+    (the dropped mid.lo, lo.mid, lo.lo are below 2^-24 of it, float32's own rounding), small ones first."""
+    if parts is None:
+        return float32_matmul(x, x.transpose(1, 2))  # exact products of half inputs
+    n = x.shape[1]
+    hi, mid, lo = parts[:, :n], parts[:, n : 2 * n], parts[:, 2 * n :]
+    cross = float32_matmul(hi, mid.transpose(1, 2))
+    low = float32_matmul(hi, lo.transpose(1, 2))
+    small = (low + low.transpose(1, 2)) + float32_matmul(mid, mid.transpose(1, 2))
+    return float32_matmul(hi, hi.transpose(1, 2)) + ((cross + cross.transpose(1, 2)) + small)
+
+
+def _distances(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
     """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) by the matmul form, 0 on the diagonal."""
     n, dim = x.shape[1], x.shape[2]
     square = x.float().square().sum(dim=-1)  # (B, N)
-    gram = float32_matmul(x, x.transpose(1, 2))  # (B, N, N): exact products of half inputs
-    dist = (square[:, :, None] + square[:, None, :] - 2.0 * gram).clamp_min(0.0).sqrt() / (dim**0.5)
+    dist = (square[:, :, None] + square[:, None, :] - 2.0 * _gram(x, parts)).clamp_min(0.0).sqrt() / (dim**0.5)
     return dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
 
 
@@ -85,7 +121,8 @@ def cluster_masked(
     batch, n, _ = x.shape
     positions = torch.arange(n, device=x.device)
     valid = valid & (count > 0)[:, None]
-    dist = _distances(x)
+    parts = split_bf16(x) if splits(x) else None
+    dist = _distances(x, parts)
     pairs = valid[:, :, None] & valid[:, None, :]
     widest = min(knn, n)
     nearest = torch.topk(torch.where(pairs, dist, torch.inf), k=widest, dim=-1, largest=False).values
@@ -112,7 +149,12 @@ def cluster_masked(
     target = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N), first minimum
     joins = valid & ~centre
     onehot = (target[:, :, None] == positions) & joins[:, :, None]
-    sums = float32_matmul(onehot.transpose(1, 2).to(x.dtype), x).to(dtype)  # (B, N, D)
+    pick = onehot.transpose(1, 2)  # (B, N centres, N members), 0 / 1: exact in any dtype
+    if parts is None:
+        sums = float32_matmul(pick.to(x.dtype), x)
+    else:  # the three parts summed in one float32 accumulator
+        sums = float32_matmul(pick.to(torch.bfloat16).repeat(1, 1, 3), parts)
+    sums = sums.to(dtype)  # (B, N, D)
     members = onehot.sum(dim=1)[:, :, None].to(dtype)
     values = x.to(dtype)
     merged = beta * values + (1.0 - beta) * (sums / members.clamp(min=1))
