@@ -236,6 +236,20 @@ def test_static_with_split_products_matches_eager(monkeypatch) -> None:
     assert_same(x.bfloat16(), attn, 0.1, contextual_ratio=0.5)  # float32 means of bf16 tokens
 
 
+def test_tau_is_rounded_as_torch_rounds_a_scalar() -> None:
+    """The compiled comparison sees tau as a float; the host rounds it first, as the eager comparison does."""
+    from llava.model.holitom import _rounded
+
+    g = torch.Generator().manual_seed(0)
+    values = [0.8, 0.65, 0.80078125, -0.3, 1 / 3, *(torch.rand(200, generator=g) * 2 - 1).double().tolist()]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        grid = (torch.rand(4000, generator=g) * 2 - 1).to(dtype)
+        for value in values:
+            assert _rounded(value, dtype) == torch.tensor(value, dtype=dtype).item()
+            assert torch.equal(grid > value, grid.float() > _rounded(value, dtype))  # compared in float32
+    assert _rounded(0.8, torch.bfloat16) == 0.80078125
+
+
 # ----------------------------------------------------------------------------------- CUDA: compiled
 
 
@@ -283,6 +297,19 @@ def replace_execution(options: HoliTomOptions, execution: str) -> HoliTomOptions
     from dataclasses import replace
 
     return replace(options, execution=execution)
+
+
+@needs_cuda
+def test_cuda_compiled_run_counts_match_eager() -> None:
+    x, attn = cuda_video(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        features, importance = x.to(dtype).cuda(), attn.cuda()
+        fn = compiled_select.compiled(holitom._run_counts, "holitom")
+        tau = holitom._rounded(0.8, torch.float32)
+        for width in (16, 3):
+            eager = holitom._run_counts(features, importance, tau, width, torch.float32)
+            fused = fn(features, importance, tau, width, torch.float32)
+            assert torch.equal(eager[0], fused[0]) and torch.equal(eager[1], fused[1])
 
 
 @needs_cuda

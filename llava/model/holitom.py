@@ -46,8 +46,10 @@ by element. What follows depends on option ``execution``:
   copy, the token sets keep P slots with masks, the output has a static length and is sliced with the
   plan's count (no second sync). Same tokens as ``eager`` up to float32 rounding, so a near tie may go
   another way: its DPC distances take the matmul form for every set (a token's distance to itself 0
-  exactly), window means and merge sums are matmuls (float32 sums, deterministic). The kernels before
-  the sync are the same in both. Every option is supported.
+  exactly), window means and merge sums are matmuls (float32 sums, deterministic). The float32
+  similarities and run lengths before the sync are compiled too (the same values up to summation order;
+  with ``score_dtype="model"`` they stay the eager kernels, which round every step to the model dtype
+  as upstream does, where fused code would keep float32 intermediates). Every option is supported.
 
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
@@ -70,6 +72,7 @@ Differences from the authors' Qwen port (VidCom2 ``token_compressor/holitom``), 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -405,6 +408,33 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """A Python float rounded to ``dtype`` as torch rounds a scalar for a tensor of that dtype (to float32,
+    then to nearest even for half types), on the host without any tensor."""
+    if dtype == torch.float64:
+        return value
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", single))[0]
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", single))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return single
+
+
+def _run_counts(
+    features: torch.Tensor, importance: torch.Tensor, tau: float, width: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the one sync reads and the (F-1, P) run lengths: ((F-1) * (W-1) + 1,) int64, the flattened
+    :func:`shorter_runs` counts then a finite flag (0 when the norms' and importance's sum is not finite)."""
+    similarity, norm_total = _similarity(features, dtype)
+    run = static_run_lengths(similarity, tau)
+    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
+    finite = (total * 0 == 0).long()
+    return torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]), run
+
+
 def holitom_select(
     features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions | None = None
 ) -> VideoSelection:
@@ -434,12 +464,15 @@ def _select_video(
     dtype = torch.float32 if options.score_dtype == "float32" else features.dtype
 
     # Queued behind the vision tower: no host wait until the one copy below.
-    similarity, norm_total = _similarity(features, dtype)
-    run = static_run_lengths(similarity, options.tau)
     width = min(n_frames, options.max_window)
-    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
-    finite = (total * 0 == 0).long()
-    host = torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]).tolist()  # the one sync
+    counts = _run_counts
+    if static and features.is_cuda and dtype == torch.float32:
+        # fused: the same float32 values up to summation order (fused half arithmetic would keep float32
+        # intermediates where the eager kernels round every step, so score_dtype="model" stays eager here)
+        counts = compiled(_run_counts, _OWNER, execution="compiled", alternatives="execution=eager")
+    tau = _rounded(options.tau, dtype)  # as the eager comparison rounds it
+    shorter, run = counts(features, importance, tau, width, dtype)
+    host = shorter.tolist()  # the one sync
     if not host.pop() and not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(importance).all())):
         raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
     windows, total_reduced = partition(host, n_frames, per_frame, width)
