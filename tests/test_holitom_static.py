@@ -214,6 +214,7 @@ def test_split_bf16_is_exact_and_its_products_are_float32_accurate() -> None:
     parts = holitom_static.split_bf16(x)
     assert parts.dtype == torch.bfloat16 and parts.shape == (3, 90, 64)
     assert torch.equal(parts[:, :30].float() + parts[:, 30:60].float() + parts[:, 60:].float(), x)
+    assert torch.equal(holitom_static._bf16_part(x), x.to(torch.bfloat16).float())  # torch's rounding
     y = torch.randn(2, 40, 3584, generator=g) + 3.0  # far from the origin: cancellation in |x|^2 + |y|^2 - 2 x.y
     exact = y.double() @ y.double().transpose(1, 2)
     split = holitom_static._gram(y, holitom_static.split_bf16(y))
@@ -297,6 +298,15 @@ def replace_execution(options: HoliTomOptions, execution: str) -> HoliTomOptions
     from dataclasses import replace
 
     return replace(options, execution=execution)
+
+
+@needs_cuda
+def test_cuda_compiled_split_is_exact() -> None:
+    """Fused code elides float32 -> bf16 -> float32 casts; the split's bit arithmetic must survive that."""
+    x = (torch.randn(4, 50, 256) * torch.logspace(-5, 5, 256)).cuda()
+    parts = compiled_select.compiled(holitom_static.split_bf16, "holitom")(x)
+    assert torch.equal(parts, holitom_static.split_bf16(x))
+    assert torch.equal(parts[:, :50].float() + parts[:, 50:100].float() + parts[:, 100:].float(), x)
 
 
 @needs_cuda

@@ -509,28 +509,32 @@ def _static_build(
             f"({n_slots} slots, {out_length} outputs); pass execution=eager"
         )
     seeded = options.seed is not None
-    host = torch.zeros(holitom_static.packed_length(n_frames, per_frame, n_slots, seeded), dtype=torch.float64)
-    frame = host[: 5 * n_frames].view(5, n_frames)  # start, need, dominant, contextual, slot
+    n_static, counts = plan.n_static_sets, plan.sets.counts
+    # host lists, one tensor: per frame start, need, dominant, contextual, slot; per slot start, need, count
+    start, need = [0] * n_frames, [n_frames] * n_frames
     for u, v in windows:
-        frame[0, u : v + 1], frame[1, u : v + 1] = u, (v - u if v > u else n_frames)
-    frame[2] = torch.tensor(plan.frame_dominant, dtype=torch.float64)
-    n_static = plan.n_static_sets
-    counts = plan.sets.counts
-    if plan.contextual_frames:
-        frame[3, plan.contextual_frames] = torch.tensor(counts[n_static:], dtype=torch.float64)
-    frame[4] = n_slots
-    slot = host[5 * n_frames : 5 * n_frames + 3 * n_slots].view(3, n_slots)  # start, need, count
-    if n_static:
-        starts = plan.set_row[:n_static]
-        slot[0, :n_static] = torch.tensor(starts, dtype=torch.float64)
-        slot[1, :n_static] = torch.tensor(plan.set_need, dtype=torch.float64)
-        slot[2, :n_static] = torch.tensor(counts[:n_static], dtype=torch.float64)
-        frame[4, starts] = torch.arange(n_static, dtype=torch.float64)
-    if seeded and plan.sets.noise is not None:  # the eager build's draws, rows by slot and by frame
-        noise = host[5 * n_frames + 3 * n_slots :].view(n_slots + n_frames, per_frame)
-        width = plan.sets.noise.shape[1]
-        noise[:n_static, :width] = plan.sets.noise[:n_static].double()
-        noise[[n_slots + t for t in plan.contextual_frames], :width] = plan.sets.noise[n_static:].double()
+        start[u : v + 1] = [u] * (v - u + 1)
+        if v > u:
+            need[u : v + 1] = [v - u] * (v - u + 1)
+    contextual, slot_of = [0] * n_frames, [n_slots] * n_frames
+    for t, count in zip(plan.contextual_frames, counts[n_static:], strict=True):
+        contextual[t] = count
+    starts = plan.set_row[:n_static]
+    for j, u in enumerate(starts):
+        slot_of[u] = j
+    pad = [0] * (n_slots - n_static)
+    host = torch.tensor(
+        start + need + plan.frame_dominant + contextual + slot_of
+        + starts + pad + plan.set_need + pad + counts[:n_static] + pad,
+        dtype=torch.float64,
+    )  # fmt: skip
+    if seeded:  # the eager build's draws, rows by slot and by frame
+        noise = torch.zeros(n_slots + n_frames, per_frame, dtype=torch.float64)
+        if plan.sets.noise is not None:
+            width = plan.sets.noise.shape[1]
+            noise[:n_static, :width] = plan.sets.noise[:n_static].double()
+            noise[[n_slots + t for t in plan.contextual_frames], :width] = plan.sets.noise[n_static:].double()
+        host = torch.cat([host, noise.reshape(-1)])
     packed = _to_device(host, features.device)
     select = holitom_static.static_selection
     if features.is_cuda:

@@ -61,6 +61,14 @@ def splits(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.is_cuda
 
 
+def _bf16_part(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> float32 values rounded to bf16 (nearest even), by bit arithmetic: torch.compile elides a
+    float32 -> bf16 -> float32 cast pair inside a fused kernel, which would leave the value unrounded."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536: the int32 mask 0xFFFF0000
+    return bits.view(torch.float32)
+
+
 def split_bf16(x: torch.Tensor) -> torch.Tensor:
     """(B, N, D) float32 -> (B, 3N, D) bf16 [hi; mid; lo] per batch, hi + mid + lo == x exactly.
 
@@ -68,12 +76,13 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     bf16 parts hold it exactly (for finite values away from float32's overflow). Products of the parts
     through a bf16 GEMM with float32 output are exact, so a float32 product of such tensors costs a few
     tensor-core GEMMs instead of one float32 GEMM (H200: ~15x slower per GEMM, and its small batched
-    shapes here occupy half the SMs).
+    shapes here occupy half the SMs). The parts are rounded by :func:`_bf16_part`, so the final casts
+    are exact.
     """
-    hi = x.to(torch.bfloat16)
-    rest = x - hi.float()
-    mid = rest.to(torch.bfloat16)
-    return torch.cat([hi, mid, (rest - mid.float()).to(torch.bfloat16)], dim=1)
+    hi = _bf16_part(x)
+    rest = x - hi
+    mid = _bf16_part(rest)
+    return torch.cat([hi, mid, rest - mid], dim=1).to(torch.bfloat16)
 
 
 def _gram(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
