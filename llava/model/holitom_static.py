@@ -18,16 +18,18 @@ that are not dominant). The output is padded to a static length (R * N + F + S +
 with the kept sources ascending first; the caller knows the true count from the plan and slices.
 
 Arithmetic (against the eager build of :mod:`llava.model.holitom`): products of bf16 / fp16 tokens go
-through :func:`llava.model.float32_products.float32_matmul` (exact products, float32 sums), and so do those
-of float32 tokens on CUDA (the float32 window means, the default) after an exact split into three bf16
-parts (:func:`split_bf16`; float32 GEMMs would be most of the time otherwise); DPC distances
-are sqrt(max(|x|^2 + |y|^2 - 2 x.y, 0)) / sqrt(D) for every set, the form torch.cdist takes above 25 rows,
-so a set of at most 25 tokens, which the eager build measures pair by pair, rounds differently here; a
-token's distance to itself is 0 exactly (the matmul form leaves rounding noise there, which would decide
-the densities when k = 1). Window means are one matmul with the 0/1 window masks (float32 sums of the
-exact values, then / L). Merge sums are one-hot matmuls (deterministic, in float32; the eager build adds
-in the merge dtype with scatter_add_, atomic on CUDA). All of these equal the eager values up to the order
-of float32 sums (and one bf16 rounding with ``score_dtype="model"``), so a near tie may go another way.
+through :func:`llava.model.float32_products.float32_matmul` (exact products, float32 sums), and so do
+those of float32 tokens on CUDA (the float32 window means, the default) after an exact split into three
+bf16 parts (:func:`split_bf16`; float32 GEMMs would take most of the time otherwise). DPC distances are
+sqrt(max(|x|^2 + |y|^2 - 2 x.y, 0)) / sqrt(D) for every set (the squares from the Gram's diagonal), the
+form torch.cdist takes above 25 rows, so a set of at most 25 tokens, which the eager build measures pair
+by pair, rounds differently here; a token's distance to itself is 0 exactly (the matmul form leaves
+rounding noise there, which would decide the densities when k = 1). Window means are one matmul with the
+0/1 window masks (float32 sums of the exact values, then / L). Merge sums are one-hot matmuls
+(deterministic, in float32; the eager build adds in the merge dtype with scatter_add_, atomic on CUDA).
+All of these equal the eager values up to the order of float32 sums (and, with ``score_dtype="model"``,
+the merge rounds to the model dtype once where the eager build rounds every step), so a near tie may go
+another way.
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ def _gram(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
 
 
 def _distances(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) by the matmul form, 0 on the diagonal."""
+    """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) by the matmul form, 0 on the diagonal.
+
+    The squared norms are the Gram's diagonal, so both terms come from the same stored operands (fused
+    code could otherwise square values that were never rounded to the half dtype the GEMM reads)."""
     n, dim = x.shape[1], x.shape[2]
-    square = x.float().square().sum(dim=-1)  # (B, N)
-    dist = (square[:, :, None] + square[:, None, :] - 2.0 * _gram(x, parts)).clamp_min(0.0).sqrt() / (dim**0.5)
+    gram = _gram(x, parts)
+    square = gram.diagonal(dim1=1, dim2=2)  # (B, N)
+    dist = (square[:, :, None] + square[:, None, :] - 2.0 * gram).clamp_min(0.0).sqrt() / (dim**0.5)
     return dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
 
 
