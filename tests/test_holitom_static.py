@@ -270,7 +270,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("options", [{}, {"contextual_ratio": 0.3, "seed": 1}, {"max_window": 2}])
+@pytest.mark.parametrize("options", [{}, {"contextual_ratio": 0.3, "seed": 1, "max_window": 3}])
 def test_cuda_compiled_matches_eager_and_the_cpu(dtype, options) -> None:
     x, attn = cuda_video(0)
     x = x.to(dtype)
@@ -282,6 +282,8 @@ def test_cuda_compiled_matches_eager_and_the_cpu(dtype, options) -> None:
         assert torch.equal(out[execution].source.cpu(), cpu.source)
         torch.testing.assert_close(out[execution].features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
     assert torch.equal(out["compiled"].source, out["eager"].source)
+    if options:
+        return  # the model dtype once (each variant compiles anew)
     model = HoliTomOptions(**options, score_dtype="model")
     compiled_model = holitom_select(x.cuda(), attn.cuda(), 0.3, model)
     eager_model = holitom_select(x.cuda(), attn.cuda(), 0.3, replace_execution(model, "eager"))
