@@ -192,6 +192,17 @@ def test_no_host_sync_op_on_the_static_path() -> None:
     assert seen == []
 
 
+def test_top_and_ahead_are_a_stable_descending_sort() -> None:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 5, (6, 30), generator=g).float()  # many ties
+    values[values == 0] = -torch.inf
+    counts = torch.randint(0, 31, (6,), generator=g)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(30).expand(6, 30))
+    assert torch.equal(holitom_static.ahead(values), rank[:, None, :] < rank[:, :, None])
+    assert torch.equal(holitom_static.top(values, counts), rank < counts[:, None])
+
+
 def test_cluster_masked_equals_a_compacted_set() -> None:
     """Members scattered among non-members give the centres and merges of the compacted set."""
     from llava.model.holitom import cluster_merge

@@ -114,6 +114,21 @@ def _distances(x: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
     return dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
 
 
+def ahead(values: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (..., N, N) bool: [..., i, j] = value j comes before value i in a stable descending sort
+    (larger, or equal at a lower index). Why: ranks as comparisons, one fused reduction instead of a sort
+    and a scatter, and "denser than" directly."""
+    index = torch.arange(values.shape[-1], device=values.device)
+    before, after = values[..., None, :], values[..., :, None]
+    return (before > after) | ((before == after) & (index[None, :] < index[:, None]))
+
+
+def top(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(..., N) values, (...) counts -> (..., N) bool: the count first of a stable descending sort (ties: the
+    lower index), as torch.sort(values, descending=True, stable=True).indices[..., :count] would list."""
+    return ahead(values).sum(dim=-1) < count[..., None]
+
+
 def cluster_masked(
     x: torch.Tensor,
     valid: torch.Tensor,
@@ -150,16 +165,11 @@ def cluster_masked(
         member = (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # the i-th member of its set
         density = density + torch.gather(noise, 1, member) * 1e-6
     density = torch.where(valid, density, -1.0)
-    # rank 0 = densest; equal densities rank by index, so "denser" is a strict total order
-    order = torch.sort(density, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, n))
-    denser = rank[:, None, :] < rank[:, :, None]  # denser[b, i, j]: j is denser than i
+    # equal densities rank by index, so "denser" is a strict total order
+    denser = ahead(density)  # denser[b, i, j]: j is denser than i
     far = torch.where(pairs, dist, 0.0).amax(dim=(1, 2))
     delta = torch.where(denser, dist, far[:, None, None]).min(dim=-1).values
-    score = torch.where(valid, density * delta, -torch.inf)
-    best = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    place = torch.empty_like(best).scatter_(1, best, positions.expand(batch, n))
-    centre = place < count[:, None]
+    centre = top(torch.where(valid, density * delta, -torch.inf), count)
     # every other member joins the nearest centre: one-hot (B, N members, N centres), sums by matmul
     target = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N), first minimum
     joins = valid & ~centre
@@ -201,7 +211,6 @@ def static_selection(
     device = features.device
     total = n_frames * per_frame
     positions = torch.arange(total, device=device)
-    local = positions[:per_frame]
     ints = packed[: 5 * n_frames + 3 * n_slots].long()
     frame_start, frame_need, frame_dominant, frame_contextual, frame_slot = ints[: 5 * n_frames].view(5, n_frames)
     slot_start, slot_need, slot_count = ints[5 * n_frames :].view(3, n_slots)
@@ -210,10 +219,7 @@ def static_selection(
 
     # each frame's static positions (its window's) and dominant tokens (top importance among the dynamic ones)
     static = run.index_select(0, frame_start) >= frame_need[:, None]  # (F, P)
-    score = torch.where(static, -torch.inf, importance.float())
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: the lower index
-    rank = torch.empty_like(order).scatter_(1, order, local.expand(n_frames, per_frame))
-    dominant = rank < frame_dominant[:, None]
+    dominant = top(torch.where(static, -torch.inf, importance.float()), frame_dominant)  # ties: the lower index
     keep = dominant
     flat = features.reshape(total, dim)
     static_centre = contextual_centre = static_merged = contextual_merged = None
