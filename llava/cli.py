@@ -234,7 +234,7 @@ def _add_train_tiny_arguments(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--arch", default=defaults.arch, help="llava_ov or llava_vid")
-    for name in ("steps", "batch_size", "train_videos", "eval_videos", "frames", "image_size", "seed"):
+    for name in ("steps", "batch_size", "train_videos", "eval_videos", "frames", "image_size", "lm_layers", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     p.add_argument("--lr", type=float, default=defaults.lr)
 
@@ -250,6 +250,7 @@ def _run_train_tiny(args: argparse.Namespace) -> int:
         eval_videos=args.eval_videos,
         frames=args.frames,
         image_size=args.image_size,
+        lm_layers=args.lm_layers,
         seed=args.seed,
         lr=args.lr,
     )

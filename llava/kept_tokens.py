@@ -139,6 +139,13 @@ def check_spec(model: Any, spec: CompressionSpec) -> str:
     return ""
 
 
+def acts_in_llm(model: Any, spec: CompressionSpec) -> bool:
+    """True when ``spec`` runs a plan inside ``model``'s language model (FastV, PDrop, SparseVLM; HoliTom with
+    its in-LLM stage on): what it keeps is then the layer-averaged retention, not the tokens at the LM input.
+    ``spec`` must pass :func:`check_spec` (else its plan raises the reason it cannot run)."""
+    return spec.llm_plan(_lm_layers(model)) is not None
+
+
 def _lm_layers(model: Any) -> int:
     """Decoder layers of a loaded adapter's language model (LLaVA: ``model.language_model``; Qwen: the
     checkpoint's text config)."""

@@ -93,6 +93,7 @@ class TrainConfig:
 
     arch: str = "llava_ov"
     image_size: int = 112  # 8x8 SigLIP patches -> 4x4 tokens per frame after OV's bilinear pooling
+    lm_layers: int = 17  # Qwen2 depth: SparseVLM's default layers (2, 6, 15) need at least 17
     frames: int = 8
     train_videos: int = 768
     eval_videos: int = 48
@@ -106,7 +107,7 @@ class TrainConfig:
     advance_below: float = 0.3  # move to the next clip length once the answer loss (mean of 10 steps) is below
 
     def __post_init__(self) -> None:
-        for name in ("frames", "train_videos", "eval_videos", "steps", "batch_size"):
+        for name in ("frames", "train_videos", "eval_videos", "steps", "batch_size", "lm_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train-tiny: {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -261,7 +262,7 @@ def train_tiny(out_dir: str | Path, config: TrainConfig = TrainConfig(), *, log:
     """
     started = time.time()
     torch.manual_seed(config.seed)
-    lmms_config = tiny_lmms_lab_config(config.arch, image_size=config.image_size)
+    lmms_config = tiny_lmms_lab_config(config.arch, image_size=config.image_size, lm_layers=config.lm_layers)
     model = build_random(parse_spec(lmms_config), seed=config.seed).train()
     tokenizer = tiny_tokenizer()
     with tempfile.TemporaryDirectory(prefix="vidcom2_train_") as tmp:

@@ -34,7 +34,7 @@ TINY_VISION: dict[str, Any] = {
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 16,  # deep enough for the in-LLM methods' default layers (FastV 2, PDrop / SparseVLM 2-6-15)
+    "num_hidden_layers": 16,  # FastV 2 and PDrop 2-6-15 fit; SparseVLM's 2-6-15 need 17 (lm_layers, train-tiny)
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "vocab_size": 128,
@@ -55,12 +55,18 @@ ARCHS = {
 }
 
 
-def tiny_lmms_lab_config(arch: str, image_size: int = TINY_VISION["image_size"]) -> dict[str, Any]:
+def tiny_lmms_lab_config(
+    arch: str, image_size: int = TINY_VISION["image_size"], lm_layers: int = TINY_TEXT["num_hidden_layers"]
+) -> dict[str, Any]:
     """config.json of a tiny lmms-lab checkpoint. The tower is named by its real hub id but described
     by ``mm_vision_tower_config``, so loading never looks it up. ``image_size``: the tower's input side
-    (a multiple of the 14-pixel patch; 98 -> a 7x7 patch grid, 196 -> 14x14)."""
+    (a multiple of the 14-pixel patch; 98 -> a 7x7 patch grid, 196 -> 14x14). ``lm_layers``: the Qwen2
+    depth (the trained event checkpoint uses one more than the random ones, so SparseVLM's default
+    layers 2, 6, 15 fit)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown LLaVA arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if lm_layers < 1:
+        raise ValueError(f"lm_layers must be >= 1, got {lm_layers}")
     patch = TINY_VISION["patch_size"]
     if image_size < patch or image_size % patch:
         raise ValueError(f"image_size must be a positive multiple of the patch size {patch}, got {image_size}")
@@ -68,6 +74,7 @@ def tiny_lmms_lab_config(arch: str, image_size: int = TINY_VISION["image_size"])
         "model_type": "llava",
         "architectures": ["LlavaQwenForCausalLM"],
         **TINY_TEXT,
+        "num_hidden_layers": lm_layers,
         "mm_vision_tower": "google/siglip-so400m-patch14-384",
         "mm_vision_tower_config": {**TINY_VISION, "image_size": image_size},
         "mm_hidden_size": TINY_VISION["hidden_size"],

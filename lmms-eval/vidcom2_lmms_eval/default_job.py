@@ -36,6 +36,7 @@ ARCH_TO_MODEL_ID = {
     "qwen3_vl": "qwen3_vl",
 }
 DEFAULT_RETENTIONS = (0.25, 0.10)
+RETENTION_MEASURES = {False: "LM input", True: "layer average"}  # what a row's achieved retention counts
 HEAD_SEED = 3  # the random SigLIP pooling head FastVID reads on LLaVA (LLaVA checkpoints hold none)
 
 
@@ -101,6 +102,7 @@ class Case:
     note: str = ""
     unavailable: str = ""  # runs, but the replay cannot show what it keeps (inside the LLM)
     event_kept: float | None = None
+    in_llm: bool = False  # prunes inside the LM: its achieved retention is the layer average (see table_rows)
 
     @property
     def name(self) -> str:
@@ -133,7 +135,7 @@ def replay(model_dir: Path, videos: Path, cases: list[Case], frames: int, work: 
 
     from llava.event_task import event_token_mask, read_manifest
     from llava.families_index import load_video_llm
-    from llava.kept_tokens import KeptTokens, check_spec, encode_video, kept_tokens, tower_signals
+    from llava.kept_tokens import KeptTokens, acts_in_llm, check_spec, encode_video, kept_tokens, tower_signals
     from llava.model.compression import CompressionSpec
     from llava.runtime import FrameSampling
     from llava.visualize import render_rows
@@ -145,6 +147,7 @@ def replay(model_dir: Path, videos: Path, cases: list[Case], frames: int, work: 
     specs = [CompressionSpec(c.method, c.retention) for c in cases]
     for case, spec in zip(cases, specs, strict=True):
         case.error = check_spec(model, spec)
+        case.in_llm = not case.error and acts_in_llm(model, spec)
         if not case.error and spec.signals - own:
             case.note = "SigLIP pooling head: random (LLaVA checkpoints hold none)"
     signals = set().union(*(tower_signals(s) for s, c in zip(specs, cases, strict=True) if not c.error))
@@ -248,20 +251,35 @@ def run_default(
 
 
 def table_rows(cases: list[Case], summary_csv: Path) -> list[dict[str, Any]]:
-    """One row per case: method, R, achieved retention and accuracy (lmms-eval), event tokens kept (replay)."""
+    """One row per case: method, R, achieved retention and accuracy (lmms-eval), event tokens kept (replay).
+
+    Achieved retention: video tokens at the LM input over those before for a pre-LLM method; for one that
+    prunes inside the LM (``Case.in_llm``) the meter's layer-averaged retention instead, the share it really
+    keeps (its LM input is the whole video). ``retention_measure`` says which of the two a row shows.
+    """
     summary = {(r["method"], round(float(r["retention"]), 4)): r for r in csv.DictReader(summary_csv.open())}
     rows = []
     for case in cases:
         found = summary.get((case.method, round(case.retention, 4)))
         row = {"method": case.method, "retention": case.retention}
         if case.error:
-            row.update(achieved_retention="", accuracy="", event_tokens_kept="", note=f"cannot run: {case.error}")
+            row.update(
+                achieved_retention="", retention_measure="", accuracy="", event_tokens_kept="",
+                note=f"cannot run: {case.error}",
+            )  # fmt: skip
         elif found is None:
             raise CollectError(f"no collected run for {case.name} in {summary_csv}")
         else:
             kept = "" if case.event_kept is None else 100.0 * case.event_kept
+            column = "layer_average_retention" if case.in_llm else "achieved_retention"
+            if not found.get(column):
+                raise CollectError(
+                    f"{summary_csv}: no {column} for {case.name} (an in-LLM run whose meter predates the field, "
+                    "e.g. answered from an older resume cache: delete its run and resume folders and rerun)"
+                )
             row.update(
-                achieved_retention=float(found["achieved_retention"]),
+                achieved_retention=float(found[column]),
+                retention_measure=RETENTION_MEASURES[case.in_llm],
                 accuracy=float(found[EVENT_TASK]),
                 event_tokens_kept=kept,
                 note="; ".join(n for n in (case.note, case.unavailable) if n),
@@ -281,14 +299,14 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The table as text: accuracy and event tokens kept in percent (4 options: chance is 25%)."""
-    lines = [f"{'method':10} {'R':>5} {'achieved':>9} {'accuracy %':>11} {'event kept %':>13}  note"]
+    lines = [f"{'method':10} {'R':>5} {'achieved':>9} {'measured at':13} {'accuracy %':>11} {'event kept %':>13}  note"]
     for r in rows:
         if r["accuracy"] == "":
-            lines.append(f"{r['method']:10} {r['retention']:5.2f} {'-':>9} {'-':>11} {'-':>13}  {r['note']}")
+            lines.append(f"{r['method']:10} {r['retention']:5.2f} {'-':>9} {'-':13} {'-':>11} {'-':>13}  {r['note']}")
             continue
         kept = "-" if r["event_tokens_kept"] == "" else f"{r['event_tokens_kept']:.1f}"
         lines.append(
-            f"{r['method']:10} {r['retention']:5.2f} {r['achieved_retention']:9.3f} {r['accuracy']:11.1f} "
-            f"{kept:>13}  {r['note']}"
+            f"{r['method']:10} {r['retention']:5.2f} {r['achieved_retention']:9.3f} {r['retention_measure']:13} "
+            f"{r['accuracy']:11.1f} {kept:>13}  {r['note']}"
         )
     return "\n".join(lines)

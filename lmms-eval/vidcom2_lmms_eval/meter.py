@@ -42,6 +42,7 @@ class SampleRecord:
     batch_size: int = 1
     error: str | None = None
     video: str | None = None
+    layer_average_retention: float | None = None  # video tokens entering each LM layer, averaged, over those before
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -85,6 +86,8 @@ def summarize(records: list[SampleRecord]) -> dict[str, Any]:
     measured = [r for r in records if r.status == "ok"]
     before = sum(r.tokens_before for r in records if r.status != "failed")
     after = sum(r.tokens_after for r in records if r.status != "failed")
+    layered = [r for r in records if r.status != "failed" and r.layer_average_retention is not None]
+    layered_before = sum(r.tokens_before for r in layered)
     ranks: dict[str, int] = {}
     for r in records:
         ranks[str(r.rank)] = ranks.get(str(r.rank), 0) + 1
@@ -103,6 +106,12 @@ def summarize(records: list[SampleRecord]) -> dict[str, Any]:
         "visual_tokens_before_sum": before,
         "visual_tokens_after_sum": after,
         "achieved_retention": after / before if before else None,
+        # token-weighted like achieved_retention; None unless every measured record reports it (older caches do not)
+        "layer_average_retention": (
+            sum(r.layer_average_retention * r.tokens_before for r in layered) / layered_before
+            if layered_before and len(layered) == sum(r.status != "failed" for r in records)
+            else None
+        ),
         "output_tokens_sum": sum(r.output_tokens for r in records),
         "peak_allocated_bytes_max": _max_or_none([r.peak_allocated_bytes for r in records]),
         "peak_reserved_bytes_max": _max_or_none([r.peak_reserved_bytes for r in records]),

@@ -378,6 +378,7 @@ class VidCom2Wrapper(lmms):
             peak_reserved_bytes=peaks[1],
             batch_size=batch,
             video=video,
+            layer_average_retention=float(res.layer_average_retention),
         )
         if not padding:
             self.meter.add(record)
