@@ -35,7 +35,7 @@ _BROKEN = itertools.count()
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_IMPORTS_ALLOWED = {
     "llava.model.method_api", "llava.model.dpc_knn", "llava.model.vidcom2", "llava.model.inllm_select",
-    "llava.model.compiled_select", "llava.model.float32_products", "llava.model.holitom_static",
+    "llava.model.compiled_select", "llava.model.float32_products",
 }  # fmt: skip
 
 

@@ -28,28 +28,16 @@ centre at spatial position m of window [u, v] takes the source u * P + m (the wi
 a dynamic token or dynamic centre takes its own flat index. Sources are unique (a position static in a
 window is dynamic in none of its frames) and the output is in ascending source order.
 
-Execution: ONE host synchronisation per video, a copy of the (F-1) x (W-1) run-length counts and a
-finite flag; the DP and its backtrack run in plain Python on that copy (W = min(F, max_window)), and every
-size is then known on the host. The finite check reads the sum of the token norms and of the importance;
-only when that is not finite (NaN / Inf, or huge finite values overflowing) are the inputs checked element
-by element. What follows depends on option ``execution``:
-- ``eager`` (always on the CPU; the outputs of a window-by-window loop, bit for bit there): kernels shaped
-  by the plan. One small host-to-device copy carries the per-frame and per-set integers, the dominant
-  top-k runs over all frames at once, all static and contextual token sets go through ONE padded DPC-kNN
-  merge (a set of at most 25 tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and
-  the output is compacted by a cumulative sum with the known count (no nonzero). On CUDA the merge sums
-  are atomic adds (scatter_add_), so their float rounding order is not fixed there, as with the
-  index_add_ of a loop.
-- ``compiled`` (default, on CUDA): everything after the plan is one function of static shapes
-  (:mod:`llava.model.holitom_static`), compiled by torch.compile once per (F, P, D), dtype, knobs and R,
-  at the first call (:mod:`llava.model.compiled_select`): the plan goes to the device as data in one
-  copy, the token sets keep P slots with masks, the output has a static length and is sliced with the
-  plan's count (no second sync). Same tokens as ``eager`` up to float32 rounding, so a near tie may go
-  another way: its DPC distances take the matmul form for every set (a token's distance to itself 0
-  exactly), window means and merge sums are matmuls (float32 sums, deterministic). The float32
-  similarities and run lengths before the sync are compiled too (the same values up to summation order;
-  with ``score_dtype="model"`` they stay the eager kernels, which round every step to the model dtype
-  as upstream does, where fused code would keep float32 intermediates). Every option is supported.
+Execution (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
+per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack run
+in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one small
+host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all frames
+at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at most 25
+tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is compacted by a
+cumulative sum with the known count (no nonzero). The finite check reads the sum of the token norms and
+of the importance; only when that is not finite (NaN / Inf, or huge finite values overflowing) are the
+inputs checked element by element. On CUDA the merge sums are atomic adds (scatter_add_), so their
+float rounding order is not fixed there, as with the index_add_ of a loop.
 
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
@@ -72,14 +60,11 @@ Differences from the authors' Qwen port (VidCom2 ``token_compressor/holitom``), 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-import llava.model.holitom_static as holitom_static
-from llava.model.compiled_select import compiled
 from llava.model.dpc_knn import pairwise_distances
 from llava.model.inllm_select import top_visual
 from llava.model.method_api import (
@@ -101,7 +86,6 @@ from llava.model.vidcom2 import check_video_features
 PORTS = ("original", "authors")
 INNER_ATTENTION = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
-EXECUTIONS = ("compiled", "eager")
 _OWNER = "holitom"
 
 
@@ -127,9 +111,6 @@ class HoliTomOptions:
     inner_ratio: r, the fraction of the current video tokens merged away at layer k [HOLITOM_r].
     inner_attention: rows (the last token's row from the layer's query and keys) or eager (the layer's
         whole map, as upstream's eager fallback; for memory comparisons).
-    execution: compiled (default: after the DP, one torch.compile'd function of static shapes on CUDA,
-        :mod:`llava.model.holitom_static`) or eager (the plan-shaped kernels); the CPU always runs eager.
-        Both support every option; they select the same tokens up to float32 rounding (module docstring).
     """
 
     tau: float = 0.8
@@ -144,7 +125,6 @@ class HoliTomOptions:
     inner_layer: int = 18
     inner_ratio: float = 0.5
     inner_attention: str = "rows"
-    execution: str = "compiled"
 
     def __post_init__(self) -> None:
         check_range(_OWNER, "tau", self.tau, -1.0, 1.0)
@@ -163,7 +143,6 @@ class HoliTomOptions:
         if not 0.0 <= self.inner_ratio < 1.0:
             raise ValueError(f"{_OWNER} option inner_ratio must be in [0, 1), got {self.inner_ratio}")
         check_choice(_OWNER, "inner_attention", self.inner_attention, INNER_ATTENTION)
-        check_choice(_OWNER, "execution", self.execution, EXECUTIONS)
 
 
 # ------------------------------------------------------------------------------ temporal windows
@@ -408,33 +387,6 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
-def _rounded(value: float, dtype: torch.dtype) -> float:
-    """A Python float rounded to ``dtype`` as torch rounds a scalar for a tensor of that dtype (to float32,
-    then to nearest even for half types), on the host without any tensor."""
-    if dtype == torch.float64:
-        return value
-    single = struct.unpack("<f", struct.pack("<f", value))[0]
-    if dtype == torch.float16:
-        return struct.unpack("<e", struct.pack("<e", single))[0]
-    if dtype == torch.bfloat16:
-        bits = struct.unpack("<I", struct.pack("<f", single))[0]
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return struct.unpack("<f", struct.pack("<I", bits))[0]
-    return single
-
-
-def _run_counts(
-    features: torch.Tensor, importance: torch.Tensor, tau: float, width: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the one sync reads and the (F-1, P) run lengths: ((F-1) * (W-1) + 1,) int64, the flattened
-    :func:`shorter_runs` counts then a finite flag (0 when the norms' and importance's sum is not finite)."""
-    similarity, norm_total = _similarity(features, dtype)
-    run = static_run_lengths(similarity, tau)
-    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
-    finite = (total * 0 == 0).long()
-    return torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]), run
-
-
 def holitom_select(
     features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions | None = None
 ) -> VideoSelection:
@@ -443,18 +395,9 @@ def holitom_select(
     Output features are float32 (``score_dtype="float32"``) or the input dtype (``"model"``).
     One host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together; the DP
     runs on the host, then every size is known there and the device work is batched over the frames
-    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge), by
-    plan-shaped kernels (``execution="eager"``, or any CPU input) or one compiled function of static
-    shapes (``"compiled"`` on CUDA; see the module docstring).
+    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
     """
     options = options or HoliTomOptions()
-    return _select_video(features, importance, retention, options, options.execution == "compiled" and features.is_cuda)
-
-
-def _select_video(
-    features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions, static: bool
-) -> VideoSelection:
-    """:func:`holitom_select` by the eager build or (``static``) by :func:`_static_build`, on any device."""
     check_video_features(features, retention)
     n_frames, per_frame, dim = features.shape
     if tuple(importance.shape) != (n_frames, per_frame):
@@ -464,15 +407,12 @@ def _select_video(
     dtype = torch.float32 if options.score_dtype == "float32" else features.dtype
 
     # Queued behind the vision tower: no host wait until the one copy below.
+    similarity, norm_total = _similarity(features, dtype)
+    run = static_run_lengths(similarity, options.tau)
     width = min(n_frames, options.max_window)
-    counts = _run_counts
-    if static and features.is_cuda and dtype == torch.float32:
-        # fused: the same float32 values up to summation order (fused half arithmetic would keep float32
-        # intermediates where the eager kernels round every step, so score_dtype="model" stays eager here)
-        counts = compiled(_run_counts, _OWNER, execution="compiled", alternatives="execution=eager")
-    tau = _rounded(options.tau, dtype)  # as the eager comparison rounds it
-    shorter, run = counts(features, importance, tau, width, dtype)
-    host = shorter.tolist()  # the one sync
+    total = norm_total + importance.sum()  # NaN or Inf anywhere -> non-finite (or a finite overflow)
+    finite = (total * 0 == 0).long()
+    host = torch.cat([shorter_runs(run, width).reshape(-1), finite[None]]).tolist()  # the one sync
     if not host.pop() and not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(importance).all())):
         raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
     windows, total_reduced = partition(host, n_frames, per_frame, width)
@@ -483,67 +423,7 @@ def _select_video(
             f"{_OWNER} kept no token at R={retention}: the video is static and round(n_static * r') is 0; "
             "raise R"
         )
-    if static:
-        return _static_build(features, importance, run, windows, plan, dtype, float(retention), options)
     return _build(features, importance, run, plan, dtype, options.beta)
-
-
-def _static_build(
-    features: torch.Tensor,
-    importance: torch.Tensor,
-    run: torch.Tensor,
-    windows: list[tuple[int, int]],
-    plan: _Plan,
-    dtype: torch.dtype,
-    retention: float,
-    options: HoliTomOptions,
-) -> VideoSelection:
-    """The selection from the plan by :func:`llava.model.holitom_static.static_selection` (compiled on CUDA):
-    the plan packed into one float64 host-to-device copy, the output sliced to the plan's count."""
-    n_frames, per_frame, _ = features.shape
-    n_slots = holitom_static.static_slots(n_frames, options.max_window)
-    out_length = holitom_static.output_length(n_frames, per_frame, retention)
-    if plan.n_static_sets > n_slots or plan.kept > out_length:
-        raise RuntimeError(
-            f"{_OWNER}: the plan ({plan.n_static_sets} static sets, {plan.kept} tokens) exceeds the static bounds "
-            f"({n_slots} slots, {out_length} outputs); pass execution=eager"
-        )
-    seeded = options.seed is not None
-    n_static, counts = plan.n_static_sets, plan.sets.counts
-    # host lists, one tensor: per frame start, need, dominant, contextual, slot; per slot start, need, count
-    start, need = [0] * n_frames, [n_frames] * n_frames
-    for u, v in windows:
-        start[u : v + 1] = [u] * (v - u + 1)
-        if v > u:
-            need[u : v + 1] = [v - u] * (v - u + 1)
-    contextual, slot_of = [0] * n_frames, [n_slots] * n_frames
-    for t, count in zip(plan.contextual_frames, counts[n_static:], strict=True):
-        contextual[t] = count
-    starts = plan.set_row[:n_static]
-    for j, u in enumerate(starts):
-        slot_of[u] = j
-    pad = [0] * (n_slots - n_static)
-    host = torch.tensor(
-        start + need + plan.frame_dominant + contextual + slot_of
-        + starts + pad + plan.set_need + pad + counts[:n_static] + pad,
-        dtype=torch.float64,
-    )  # fmt: skip
-    if seeded:  # the eager build's draws, rows by slot and by frame
-        noise = torch.zeros(n_slots + n_frames, per_frame, dtype=torch.float64)
-        if plan.sets.noise is not None:
-            width = plan.sets.noise.shape[1]
-            noise[:n_static, :width] = plan.sets.noise[:n_static].double()
-            noise[[n_slots + t for t in plan.contextual_frames], :width] = plan.sets.noise[n_static:].double()
-        host = torch.cat([host, noise.reshape(-1)])
-    packed = _to_device(host, features.device)
-    select = holitom_static.static_selection
-    if features.is_cuda:
-        select = compiled(select, _OWNER, execution="compiled", alternatives="execution=eager")
-    source, values = select(
-        features, importance, run, packed, n_slots, out_length, options.knn, options.beta,
-        options.contextual_ratio > 0, seeded, dtype,
-    )  # fmt: skip
-    return VideoSelection(source[: plan.kept], values[: plan.kept])
 
 
 class _Plan:
