@@ -26,7 +26,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_methods_gpu import busy, random_video  # noqa: E402
+from profile_methods_gpu import add_selection_arguments, busy, random_video  # noqa: E402
 
 from llava.model.compression import CompressionSpec  # noqa: E402
 
@@ -94,10 +94,7 @@ def profile_stage(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="vidcom2,visionzip,dycoke,fastvid,holitom")
-    p.add_argument("--shape", default="32,196,3584", help="F,P,D")
-    p.add_argument("--retention", type=float, default=0.35, help="0.35: above DyCoke's floor at 32 frames")
-    p.add_argument("--family", default="llava_onevision")
+    add_selection_arguments(p)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--stage", default=None, help="a bench model (e.g. llava_ov_7b): profile its compress stage")
     p.add_argument("--frames", type=int, default=32, help="with --stage")

@@ -59,12 +59,17 @@ def time_selection(spec: CompressionSpec, video: VideoTokens, behind_ms: float) 
     return start.elapsed_time(end)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_selection_arguments(p: argparse.ArgumentParser) -> None:
+    """What both method profilers take: the methods, the random video's shape and family, R."""
     p.add_argument("--methods", default="vidcom2,visionzip,dycoke,fastvid,holitom")
     p.add_argument("--shape", default="32,196,3584", help="F,P,D")
     p.add_argument("--retention", type=float, default=0.35, help="0.35: above DyCoke's floor at 32 frames")
     p.add_argument("--family", default="llava_onevision")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_selection_arguments(p)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

@@ -816,7 +816,7 @@ def test_non_finite_signals_are_refused_at_the_one_sync():
 # ------------------------------------------------------------------------------------------------
 
 from llava.model import compiled_select  # noqa: E402
-from llava.model.fastvid import budget_table, static_selection  # noqa: E402
+from llava.model.fastvid import StaticConfig, budget_table, static_selection  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -918,8 +918,6 @@ def test_static_selection_does_not_synchronise():
     x, salience, glob = (t.cuda() for t in random_video(frames=16, tokens=196, dim=64, seed=4))
     knobs = resolve_knobs(FastVIDOptions(variant="qwen"))
     table = budget_table(knobs, 16, 196, 49)
-    from llava.model.fastvid import StaticConfig
-
     cfg = StaticConfig(knobs, 49, table.width, table.salient_cap, table.anchor_cap, True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
