@@ -8,6 +8,7 @@ is a loop over a cluster's members.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -186,17 +187,24 @@ def moving_object(seed: int = 0, frames=5, side=5, dim=16) -> tuple[torch.Tensor
 
 
 def run(x, attn, retention, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Through the registry's select; a padded selection (the static executions) is cut to its count."""
     video = VideoTokens(x, (x.shape[0], 1, x.shape[1]), {VIT_RECEIVED_ATTENTION: attn})
     selection = METHOD.select(video, retention, parse_options("holitom", HoliTomOptions, options))
+    if selection.count is not None:
+        assert bool(selection.valid)
+        count = int(selection.count)
+        return selection.source[:count], selection.features[:count]
     return selection.source, selection.features
 
 
 def assert_matches_reference(x, attn, retention, **options) -> list[tuple[int, int]]:
-    source, features = run(x, attn, retention, **options)
+    """Both executions (eager, and the static formulation uncompiled) against the loop reference."""
     names = {"tau": "tau", "beta": "beta", "contextual_ratio": "contextual", "knn": "knn", "max_window": "max_window"}
     ref_source, ref_features, windows = reference(x, attn, retention, **{names[k]: v for k, v in options.items()})
-    assert torch.equal(source, ref_source)
-    torch.testing.assert_close(features.double(), ref_features, atol=2e-5, rtol=1e-5)
+    for execution in ("eager", "static"):
+        source, features = run(x, attn, retention, **options, execution=execution)
+        assert torch.equal(source, ref_source), execution
+        torch.testing.assert_close(features.double(), ref_features, atol=2e-5, rtol=1e-5)
     return windows
 
 
@@ -604,3 +612,209 @@ def test_huge_finite_features_are_not_refused() -> None:
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         holitom_select(x, bad, 0.25)
+
+
+# ----------------------------------------------------------------------------------- the static execution
+
+from llava.model import compiled_select  # noqa: E402
+from llava.model.holitom import EMPTY_REASON, device_windows, static_plan, static_selection  # noqa: E402
+
+
+def _host_windows_per_frame(windows: list[tuple[int, int]], frames: int) -> tuple[list[int], list[int]]:
+    first, last = [0] * frames, [0] * frames
+    for u, v in windows:
+        for t in range(u, v + 1):
+            first[t], last[t] = u, v
+    return first, last
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_device_windows_match_the_host_dp_on_tie_heavy_patterns(seed: int) -> None:
+    """The max-plus DP, its tie rules and the doubled backtrack give the host DP's windows and gain."""
+    g = torch.Generator().manual_seed(seed)
+    frames = int(torch.randint(1, 14, (1,), generator=g))
+    pattern = (torch.rand(frames - 1, 3, generator=g) < 0.7).int()
+    s = _similarity_from(pattern.tolist()) if frames > 1 else torch.zeros(0, 3)
+    max_window = int(torch.randint(1, 6, (1,), generator=g))
+    windows, reduced, run_lengths = static_windows(s, 0.8, max_window)
+    first, last, static, total = device_windows(s, 0.8, min(frames, max_window))
+    assert (first.tolist(), last.tolist()) == _host_windows_per_frame(windows, frames)
+    assert int(total) == reduced
+    for u, v in windows:
+        expected = run_lengths[u] >= v - u if v > u else torch.zeros(3, dtype=torch.bool)
+        assert torch.equal(static[u : v + 1], expected.expand(v - u + 1, 3))
+
+
+def test_device_windows_on_hand_made_patterns() -> None:
+    s = _similarity_from([[1, 1, 1, 0, 0], [1, 1, 0, 1, 1]])  # equal windows: the smaller one, [1, 2]
+    first, last, _, total = device_windows(s, 0.8, 3)
+    assert (first.tolist(), last.tolist(), int(total)) == ([0, 1, 1], [0, 2, 2], 4)
+    s = _similarity_from([[1, 1]] * 4)
+    assert device_windows(s, 0.8, 2)[0].tolist() == [0, 0, 2, 2, 4]  # max_window caps the length
+
+
+STATIC_CASES = [
+    dict(),
+    dict(contextual_ratio=0.5),
+    dict(contextual_ratio=1.0, knn=2),
+    dict(tau=0.65, beta=0.3, knn=1, max_window=3),
+    dict(contextual_ratio=0.3, score_dtype="model"),
+    dict(port="authors", contextual_ratio=0.5),
+]
+
+
+@pytest.mark.parametrize("options", STATIC_CASES)
+@pytest.mark.parametrize("retention", [0.05, 0.25, 1.0])
+def test_static_equals_eager_in_bf16_and_model_dtype(options, retention) -> None:
+    """More than 25 tokens per set (the eager distances switch to the matmul form too) and bf16 features."""
+    x, attn = several_window_lengths(seed=3, positions=40, dim=16)
+    x = x.to(torch.bfloat16)
+    got = {execution: run(x, attn, retention, **options, execution=execution) for execution in ("eager", "static")}
+    assert torch.equal(got["eager"][0], got["static"][0])
+    float32 = options.get("score_dtype", "float32") == "float32"
+    assert got["static"][1].dtype == (torch.float32 if float32 else torch.bfloat16)
+    tol = dict(atol=1e-5, rtol=1e-5) if float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got["static"][1], got["eager"][1], **tol)
+
+
+def _random_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """A video of random shape with a random share of static positions, scene cuts and importance ties."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(values):
+        return values[int(torch.randint(len(values), (1,), generator=g))]
+
+    frames, positions, dim = pick([1, 2, 3, 5, 8, 12]), pick([4, 9, 26, 40]), pick([4, 16])
+    base = torch.randn(positions, dim, generator=g)
+    still = torch.rand(frames, positions, generator=g) < float(torch.rand(1, generator=g))
+    x = base[None] + torch.where(still, 0.02, 3.0)[..., None] * torch.randn(frames, positions, dim, generator=g)
+    for t in range(1, frames):
+        if float(torch.rand(1, generator=g)) < 0.15:
+            scene = torch.randn(positions, dim, generator=g)
+            x[t:] = scene + 0.02 * torch.randn(frames - t, positions, dim, generator=g)
+    attn = torch.rand(frames, positions, generator=g)
+    if seed % 3 == 0:
+        attn = (attn * 4).round()  # many ties
+    retention = pick([0.05, 0.15, 0.25, 0.5, 1.0])
+    options = dict(contextual_ratio=pick([0.0, 0.3, 1.0]), knn=pick([1, 3, 7]), max_window=pick([1024, 2, 3]),
+                   tau=pick([0.8, 0.65, 0.95]))  # fmt: skip
+    return x, attn, retention, options
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_static_equals_eager_on_random_shapes_and_its_count_fits_the_cap(seed: int) -> None:
+    x, attn, retention, options = _random_case(seed)
+    try:
+        eager = holitom_select(x, attn, retention, HoliTomOptions(**options, execution="eager"))
+    except ValueError as error:  # a static clip at a tiny R: both executions refuse it alike
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            holitom_select(x, attn, retention, HoliTomOptions(**options, execution="static"))
+        return
+    padded = holitom_select(x, attn, retention, HoliTomOptions(**options, execution="static"), padded=True)
+    count = int(padded.count)
+    cap = static_plan(x.shape[0], x.shape[1], retention, HoliTomOptions(**options), x.dtype).cap
+    assert padded.source.shape == (cap,) and bool(padded.valid) and count <= cap
+    assert torch.equal(padded.source[:count], eager.source)
+    assert bool((padded.source[count:] == x.shape[0] * x.shape[1]).all())  # padding: F * P
+    torch.testing.assert_close(padded.features[:count], eager.features, atol=1e-5, rtol=1e-5)
+
+
+def test_registry_takes_the_padded_static_selection() -> None:
+    """Through select_videos the static execution returns padded outputs (no read of its own): the same mask and
+    table as the eager one; a non-finite signal, or a static clip at a tiny R, empties the mask, and the count
+    check names both reasons."""
+    from llava.model.compression import CompressionSpec
+
+    x, attn = several_window_lengths(seed=5)
+    grid = (x.shape[0], 5, 6)
+    out = {}
+    for execution in ("eager", "static"):
+        spec = CompressionSpec("holitom", 0.25, {"holitom.execution": execution, "holitom.contextual_ratio": 0.5})
+        [out[execution]] = spec.select_videos([VideoTokens(x, grid, {VIT_RECEIVED_ATTENTION: attn})])
+    assert out["eager"].mask.sum() > 0 and torch.equal(out["eager"].mask, out["static"].mask)
+    torch.testing.assert_close(out["static"].table, out["eager"].table, atol=1e-6, rtol=1e-6)
+    bad = attn.clone()
+    bad[0, 0] = float("nan")
+    [choice] = spec.select_videos([VideoTokens(x, grid, {VIT_RECEIVED_ATTENTION: bad})])
+    assert not choice.mask.any()
+    still = torch.randn(1, 30, 8).repeat(4, 1, 1)
+    tiny = CompressionSpec("holitom", 0.001, {"holitom.execution": "static"})
+    [choice] = tiny.select_videos([VideoTokens(still, (4, 5, 6), {VIT_RECEIVED_ATTENTION: torch.rand(4, 30)})])
+    assert not choice.mask.any()
+    with pytest.raises(ValueError, match=re.escape(EMPTY_REASON)):
+        tiny.check_kept([0])
+
+
+def test_static_execution_options_and_errors() -> None:
+    with pytest.raises(ValueError, match="execution='graph' is not one of compiled, static, eager"):
+        HoliTomOptions(execution="graph")
+    for execution in ("compiled", "static"):
+        with pytest.raises(ValueError, match="seed .* needs execution=eager"):
+            HoliTomOptions(seed=1, execution=execution)
+    x, attn = structured_random(0)
+    bad = attn.clone()
+    bad[3, 4] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the static path reads its validity at the end
+        holitom_select(x, bad, 0.25, HoliTomOptions(execution="static"))
+    still = torch.randn(1, 4, 8).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="kept no token at R=0.01"):
+        holitom_select(still, torch.rand(2, 4), 0.01, HoliTomOptions(execution="static"))
+    assert HoliTomOptions(seed=1).execution is None  # the default runs eager on every device with a seed
+
+
+def test_static_selection_dispatches_no_syncing_op() -> None:
+    """The static formulation reads nothing on the host: no op that synchronises on CUDA is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount", "equal", "item"}
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in syncing:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    x, attn = several_window_lengths()
+    for options in ({}, {"contextual_ratio": 0.5}):
+        plan = static_plan(x.shape[0], x.shape[1], 0.25, HoliTomOptions(**options), x.dtype)
+        with Watch():
+            static_selection(x, attn, plan)
+    assert seen == []
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled execution runs there)")
+
+
+@CUDA
+@pytest.mark.parametrize("options", [{}, {"contextual_ratio": 0.5, "knn": 3}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_on_cuda_matches_eager_and_the_cpu(options, dtype, monkeypatch) -> None:
+    torch._dynamo.reset()  # dynamo counts compilations per code object, across configurations
+    monkeypatch.setattr(compiled_select, "_CACHE", {})
+    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)  # a second video of the same shape must not recompile
+    for seed in (0, 1):
+        x, attn = several_window_lengths(seed=seed, positions=196, dim=64)
+        x = x.to(dtype)
+        cpu = holitom_select(x, attn, 0.25, HoliTomOptions(**options, execution="static"))
+        cuda = (x.cuda(), attn.cuda())
+        got = {e: holitom_select(*cuda, 0.25, HoliTomOptions(**options, execution=e))
+               for e in ("compiled", "eager", None)}
+        for execution, selection in got.items():
+            source = selection.source.cpu()
+            differ = len(set(source.tolist()) ^ set(cpu.source.tolist()))
+            assert torch.equal(source, cpu.source), f"{execution}: {differ} sources differ of {len(cpu.source)}"
+            torch.testing.assert_close(selection.features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
+
+
+@CUDA
+def test_static_selection_does_not_synchronise() -> None:
+    x, attn = (t.cuda() for t in several_window_lengths(seed=4, positions=196, dim=64))
+    plan = static_plan(x.shape[0], x.shape[1], 0.25, HoliTomOptions(contextual_ratio=0.5), torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        static_selection(x.bfloat16(), attn, plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -330,9 +330,10 @@ class CompressionSpec:
 
     def check_kept(self, kept: Sequence[int]) -> None:
         """Raise for the first video of a request that kept nothing (``kept``: counts per video, read in
-        the caller's one sync). Every method keeps at least one token of valid input, so an empty
-        selection means the method refused the input (non-finite features or signals) or returned
-        invalid sources (see :meth:`select_videos`)."""
+        the caller's one sync). A method keeps at least one token of valid input unless it declares
+        otherwise (``Method.empty_reason``), so an empty selection means the method refused the input
+        (non-finite features or signals), returned invalid sources (see :meth:`select_videos`) or met
+        the case it declares."""
         for i, count in enumerate(kept):
             if count == 0:
                 which = f"video {i} of {len(kept)}: " if len(kept) > 1 else ""
@@ -342,6 +343,8 @@ class CompressionSpec:
                         "features or signals contain NaN or Inf, or the method returned sources that are not "
                         "unique, ascending and within the video"
                     )
+                if self.method.empty_reason:
+                    reason += f"; or {self.method.empty_reason}"
                 raise ValueError(f"{which}{self.describe()} kept no video token: {reason}")
 
     def describe(self) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from llava.model.float32_products import float32_matmul
+
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """(N, D) or batched (B, N, D) -> (N, N) / (B, N, N) float32 Euclidean distances / sqrt(D).
@@ -23,6 +25,31 @@ def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     dist = torch.cdist(x, x) if x.dim() == 3 else torch.cdist(x[None], x[None])[0]
     return (dist / (x.shape[-1] ** 0.5)).masked_fill(torch.eye(x.shape[-2], dtype=torch.bool, device=x.device), 0.0)
+
+
+def gram_distances(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) from |x_i|^2 + |x_j|^2 - 2 x_i . x_j.
+
+    torch.cdist's matmul form (the one it takes above 25 rows), with the product in float32 from the
+    input dtype (:func:`float32_matmul`), and each token's distance to itself exactly 0, as the pair-by-pair
+    form gives (the matmul form leaves rounding there, which alone would rank densities at k = 1)."""
+    square = x.float().square().sum(dim=-1)
+    gram = float32_matmul(x, x.mT)
+    dist = (square[:, :, None] + square[:, None, :] - 2 * gram).clamp_min(0).sqrt() / (x.shape[-1] ** 0.5)
+    self_pair = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return dist.masked_fill(self_pair, 0.0)
+
+
+def k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., M) -> (..., k) the k smallest along the last axis, ascending, with multiplicity (= topk's)."""
+    steps = torch.arange(values.shape[-1], device=values.device)
+    taken = torch.zeros_like(values, dtype=torch.bool)
+    out = []
+    for _ in range(k):  # k is small (4 upstream): one masked minimum per neighbour
+        left = values.masked_fill(taken, torch.inf)
+        out.append(left.amin(dim=-1))
+        taken = taken | (steps == left.argmin(dim=-1, keepdim=True))
+    return torch.stack(out, dim=-1)
 
 
 def stable_top(values: torch.Tensor, count: int) -> torch.Tensor:

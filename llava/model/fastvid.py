@@ -107,7 +107,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.model.compiled_select import compiled
-from llava.model.dpc_knn import pairwise_distances, stable_top
+from llava.model.dpc_knn import gram_distances, k_smallest, pairwise_distances, stable_top
 from llava.model.float32_products import float32_matmul
 from llava.model.method_api import (
     FRAME_GLOBAL,
@@ -432,7 +432,7 @@ def batched_dpc_ranks(
     rows, m, _ = dist.shape
     k_all = max(1, min(int(k), m))
     padded = dist if valid is None else dist.masked_fill(~valid[:, None, :], math.inf)
-    nearest = _k_smallest(padded, k_all) if passes else torch.topk(padded, k=k_all, dim=-1, largest=False).values
+    nearest = k_smallest(padded, k_all) if passes else torch.topk(padded, k=k_all, dim=-1, largest=False).values
     density = torch.exp(-(nearest**2).mean(dim=-1))
     if counts is None:
         short = list(range(1, k_all)) if valid is not None else []
@@ -459,18 +459,6 @@ def batched_dpc_ranks(
     if valid is not None:
         score = score.masked_fill(~valid, -math.inf)
     return stable_top(score, m)
-
-
-def _k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., M) -> (..., k) the k smallest along the last axis, ascending, with multiplicity (= topk's)."""
-    steps = torch.arange(values.shape[-1], device=values.device)
-    taken = torch.zeros_like(values, dtype=torch.bool)
-    out = []
-    for _ in range(k):  # k is small (4 upstream): one masked minimum per neighbour
-        left = values.masked_fill(taken, math.inf)
-        out.append(left.amin(dim=-1))
-        taken = taken | (steps == left.argmin(dim=-1, keepdim=True))
-    return torch.stack(out, dim=-1)
 
 
 _CDIST_EXACT_MAX = 25  # torch.cdist's default mode takes exact differences up to 25 rows, a matmul above
@@ -664,19 +652,6 @@ def budget_table(knobs: Knobs, n_frames: int, per_frame: int, r_f: int) -> Budge
         return _video_cap((per_segment.amax(dim=1) if qwen else per_segment).tolist(), n_frames, fewest)
 
     return BudgetTable(salient, anchors, int(anchors.max()), cap(salient), cap(anchors))
-
-
-def gram_distances(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) from |x_i|^2 + |x_j|^2 - 2 x_i . x_j.
-
-    torch.cdist's matmul form (the one it takes above 25 rows), with the product in float32 from the
-    input dtype (:func:`float32_matmul`), and each token's distance to itself exactly 0, as the pair-by-pair
-    form gives (the matmul form leaves rounding there, which alone would rank densities at k = 1)."""
-    square = x.float().square().sum(dim=-1)
-    gram = float32_matmul(x, x.mT)
-    dist = (square[:, :, None] + square[:, None, :] - 2 * gram).clamp_min(0).sqrt() / (x.shape[-1] ** 0.5)
-    self_pair = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    return dist.masked_fill(self_pair, 0.0)
 
 
 def _cosines(rows: torch.Tensor, anchors: torch.Tensor, float32: bool) -> torch.Tensor:

@@ -59,13 +59,16 @@ Differences from the authors' Qwen port (VidCom2 ``token_compressor/holitom``), 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from llava.model.dpc_knn import pairwise_distances
+from llava.model.compiled_select import compiled
+from llava.model.dpc_knn import gram_distances, k_smallest, pairwise_distances
+from llava.model.float32_products import float32_matmul
 from llava.model.inllm_select import top_visual
 from llava.model.method_api import (
     LLM_ATTENTION_ROWS,
@@ -84,9 +87,11 @@ from llava.model.method_api import (
 from llava.model.vidcom2 import check_video_features
 
 PORTS = ("original", "authors")
+EXECUTIONS = ("compiled", "static", "eager")
 INNER_ATTENTION = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
 _OWNER = "holitom"
+EMPTY_REASON = "the video is static and round(n_static * r') is 0; raise R"
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,10 @@ class HoliTomOptions:
     inner_ratio: r, the fraction of the current video tokens merged away at layer k [HOLITOM_r].
     inner_attention: rows (the last token's row from the layer's query and keys) or eager (the layer's
         whole map, as upstream's eager fallback; for memory comparisons).
+    execution: None (default: "compiled" on CUDA, "eager" on the CPU or with ``seed``), "compiled" (the
+        static-shape formulation through torch.compile; on the CPU it runs uncompiled), "static" (the same
+        formulation, never compiled) or "eager" (the window layout read on the host, then batched ops
+        sized by it). See the module docstring's Execution paragraphs.
     """
 
     tau: float = 0.8
@@ -125,8 +134,16 @@ class HoliTomOptions:
     inner_layer: int = 18
     inner_ratio: float = 0.5
     inner_attention: str = "rows"
+    execution: str | None = None
 
     def __post_init__(self) -> None:
+        if self.execution is not None:
+            check_choice(_OWNER, "execution", self.execution, EXECUTIONS)
+        if self.seed is not None and self.execution in ("compiled", "static"):
+            raise ValueError(
+                f"{_OWNER} option seed draws upstream's noise set by set in the order of the host's window layout: "
+                f"it needs execution=eager (or None), not {self.execution!r}"
+            )
         check_range(_OWNER, "tau", self.tau, -1.0, 1.0)
         check_range(_OWNER, "beta", self.beta, 0.0, 1.0)
         check_range(_OWNER, "contextual_ratio", self.contextual_ratio, 0.0, 1.0)
@@ -379,6 +396,241 @@ def cluster_merge(
     return centres, merged[0, centres]
 
 
+# ------------------------------------------------------------------------------ static execution
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """What the static formulation is specialised on: Python constants of the function torch.compile traces.
+
+    tau: the threshold as the score dtype rounds it (the eager comparison's operand: a bf16 similarity is
+    compared with bf16(tau)). width: W = min(F, max_window). slots: S, the most windows of >= 2 frames
+    (F // 2; 0 when W = 1). cap: the padded output length, a bound of the kept count (:func:`static_plan`).
+    keep_share: 1 - contextual_ratio, the dominant share of each frame's kept dynamic tokens.
+    """
+
+    retention: float
+    tau: float
+    beta: float
+    keep_share: float
+    contextual: bool
+    knn: int
+    width: int
+    slots: int
+    cap: int
+    float32: bool
+
+
+def static_plan(
+    n_frames: int, per_frame: int, retention: float, options: HoliTomOptions, dtype: torch.dtype
+) -> StaticPlan:
+    """The constants of one video shape. The cap bounds K = sum over frames of ceil(n_d r') + sum over windows
+    of round(n_s r'): r' * (N - total_reduced) <= R * N, so K < R * N + F (the ceils) + S / 2 (the rounds);
+    the rest of S and 2 more absorb the float rounding of r'."""
+    width = min(n_frames, options.max_window)
+    slots = n_frames // 2 if width >= 2 else 0
+    total = n_frames * per_frame
+    score_dtype = torch.float32 if options.score_dtype == "float32" else dtype
+    return StaticPlan(
+        retention=float(retention),
+        tau=float(torch.tensor(options.tau, dtype=score_dtype)),
+        beta=options.beta,
+        keep_share=1.0 - options.contextual_ratio,
+        contextual=options.contextual_ratio > 0,
+        knn=options.knn,
+        width=width,
+        slots=slots,
+        cap=min(total, math.floor(retention * total) + n_frames + slots + 2),
+        float32=options.score_dtype == "float32",
+    )
+
+
+def _ahead(values: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (..., N, N) bool: [..., i, j] = value j comes before value i in a stable descending sort
+    (larger, or equal at a lower index). Ranks as comparisons: one fused reduction, no sort or scatter."""
+    n = values.shape[-1]
+    index = torch.arange(n, device=values.device)
+    before, after = values[..., None, :], values[..., :, None]
+    return (before > after) | ((before == after) & (index[None, :] < index[:, None]))
+
+
+def device_windows(
+    similarity: torch.Tensor, tau: float, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`partition` on the device: (F-1, P) similarities -> each frame's window (first, last), (F,) each,
+    the (F, P) static masks and total_reduced (0-d int64). No host read; shapes depend on (F, P) alone.
+
+    The DP is a longest path over the nodes 0..F (node i: frames 0..i-1 covered; a window [u, i] is an
+    edge u -> i + 1 of weight G(u, i), a single frame one of weight 0): its values come from max-plus
+    squarings of the edge matrix, exactly (integers). Each frame's choice then follows the host rule
+    (beat the single frame strictly; among equal windows the smallest), and the backtrack is a pointer
+    chase from the last frame, by doubling.
+    """
+    steps, per_frame = similarity.shape
+    n_frames, device = steps + 1, similarity.device
+    frames = torch.arange(n_frames, device=device)
+    if width < 2:  # every window is a single frame
+        return frames, frames, torch.zeros(n_frames, per_frame, dtype=torch.bool, device=device), frames.sum() * 0
+    run = torch.cat([static_run_lengths(similarity, tau), similarity.new_zeros(1, per_frame, dtype=torch.int64)])
+    span = frames[None, :] - frames[:, None]  # (F, F) [u, i] = i - u
+    allowed = (span >= 1) & (span <= width - 1)
+    n_static = (run[:, None, :] >= span.clamp(min=1)[:, :, None]).sum(dim=-1)  # (F, F) static positions of [u, i]
+    never = -(1 << 40)  # below any sum of gains, also after the squarings add it up
+    gain = torch.where(allowed, span * n_static, never)
+    nodes = torch.arange(n_frames + 1, device=device)
+    edge = torch.nn.functional.pad(gain, (1, 0, 0, 1), value=never)  # [u, i + 1] = G(u, i)
+    edge = torch.where((nodes[None, :] == nodes[:, None]) | (nodes[None, :] == nodes[:, None] + 1), 0, edge)
+    hops = max(1, math.ceil(math.log2(n_frames)))
+    for _ in range(hops):  # paths of up to 2^hops >= F edges; the diagonal 0 keeps the shorter ones
+        edge = (edge[:, :, None] + edge[None, :, :]).amax(dim=1).clamp_min(never)
+    best = edge[0]  # (F + 1,) best[i]: the optimum over frames 0..i-1
+    candidate = best[:n_frames, None] + gain  # (F, F) [u, i] = best[u] + G(u, i)
+    top = candidate.amax(dim=0)
+    smallest = torch.where(candidate == top[None, :], frames[:, None], -1).amax(dim=0)  # the largest u
+    start = torch.where(top > best[:n_frames], smallest, frames)
+    sink = n_frames  # node F stands for "before frame 0"
+    jump = torch.cat([torch.where(start > 0, start - 1, sink), nodes[-1:]])  # (F + 1,) the previous window's end
+    on = nodes == n_frames - 1
+    for _ in range(hops + 1):  # after s rounds: every end within 2^s - 1 windows of the last frame
+        on = on | (on[:, None] & (jump[:, None] == nodes[None, :])).any(dim=0)
+        jump = jump[jump]
+    is_end = on[:n_frames]
+    last = torch.where(is_end[None, :] & (span >= 0), frames[None, :], n_frames).amin(dim=1)  # (F,)
+    first = start[last]
+    need = last - first
+    static = (need > 0)[:, None] & (run[first] >= need[:, None])
+    return first, last, static, best[n_frames]
+
+
+def _static_clusters(
+    x: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, knn: int, beta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) sets (members ``valid`` (B, N), in position order), (B,) centre counts -> (B, N) centre masks
+    and (B, N, D) values in ``dtype`` (merged at the centres): :func:`_dpc_centres` + :func:`_merge` with the
+    members left in place. k = min(knn, count) per set; distances by the matmul form with self-distance 0
+    (:func:`llava.model.dpc_knn.gram_distances`); the merge sums are a one-hot product (float32)."""
+    batch, n, _ = x.shape
+    dist = gram_distances(x)
+    pair = valid[:, :, None] & valid[:, None, :]
+    widest = min(knn, n)
+    nearest = k_smallest(dist.masked_fill(~pair, torch.inf), widest)  # (B, N, widest) ascending
+    k = counts.clamp(min=1, max=widest)
+    taken = torch.arange(widest, device=x.device) < k[:, None, None]
+    rho = torch.exp(-(nearest.square().masked_fill(~taken, 0.0).sum(dim=-1) / k[:, None]))
+    density = torch.where(valid, rho, -1.0)
+    far = dist.masked_fill(~pair, 0.0).amax(dim=(1, 2))
+    delta = torch.where(_ahead(density), dist, far[:, None, None]).amin(dim=-1)
+    score = torch.where(valid, density * delta, -torch.inf)
+    centre = valid & (_ahead(score).sum(dim=-1) < counts[:, None])
+    nearest_centre = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N) first minimum
+    member = (valid & ~centre)[:, :, None] & (nearest_centre[:, :, None] == torch.arange(n, device=x.device))
+    sums = float32_matmul(member.mT.to(x.dtype), x).to(dtype)  # (B, N, D): each centre's members summed
+    size = member.sum(dim=1, dtype=torch.float32).to(dtype)[..., None]
+    values = x.to(dtype)
+    merged = beta * values + (1.0 - beta) * (sums / size.clamp(min=1))
+    return centre, torch.where(size > 0, merged, values)
+
+
+def static_selection(
+    features: torch.Tensor, importance: torch.Tensor, plan: StaticPlan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HoliTom on one video with every shape fixed by (F, P, D) and ``plan``: what torch.compile traces.
+
+    Returns sources (cap,) ascending, padded with F * P; their values (cap, D); the kept count K (0-d) and
+    a validity flag (0-d: finite inputs, K within the cap): the selection is sources[:K], values[:K].
+
+    Windows, budgets and ranks stay on the device (:func:`device_windows`). The static sets sit in S slots
+    (the j-th window of >= 2 frames in slot j), each with all P positions and its static ones as members;
+    their means are one product with the 0/1 window masks. With contextual_ratio > 0, each frame's
+    dynamic tokens that are not dominant form F more sets. All sets go through one DPC-kNN merge.
+    """
+    n_frames, per_frame, dim = features.shape
+    total, device = n_frames * per_frame, features.device
+    dtype = torch.float32 if plan.float32 else features.dtype
+    frames = torch.arange(n_frames, device=device)
+    finite = torch.isfinite(features).all() & torch.isfinite(importance).all()
+    similarity, _ = _similarity(features, dtype)
+    first, last, static, reduced = device_windows(similarity, plan.tau, plan.width)
+
+    n_static = static.sum(dim=1)  # (F,) the static positions of each frame's window
+    ratio = (plan.retention / ((total - reduced.double()) / total)).clamp(max=1.0)  # r', float64 as on the host
+    keep = torch.ceil((per_frame - n_static).double() * ratio).long()
+    n_dominant = torch.round(keep.double() * plan.keep_share).long()  # half-even, as Python's round
+    score = torch.where(static, -torch.inf, importance.float())
+    dominant = _ahead(score).sum(dim=-1) < n_dominant[:, None]  # (F, P) top by importance, ties: lower index
+
+    sets, members, counts = [], [], []
+    opens = (last > first) & (frames == first)  # (F,) frames that open a window of >= 2 frames
+    slot = opens.long().cumsum(0) - 1
+    if plan.slots:
+        slots = torch.arange(plan.slots, device=device)
+        match = opens[None, :] & (slot[None, :] == slots[:, None])  # (S, F)
+        real = match.any(dim=1)
+        slot_first = torch.where(match, frames[None, :], 0).amax(dim=1)
+        slot_last = last[slot_first]
+        inside = real[:, None] & (frames[None, :] >= slot_first[:, None]) & (frames[None, :] <= slot_last[:, None])
+        sums = float32_matmul(inside.to(features.dtype), features.reshape(n_frames, per_frame * dim))
+        length = (slot_last - slot_first + 1).float()[:, None]
+        sets.append((sums / length).view(plan.slots, per_frame, dim).to(dtype))  # the windows' means
+        members.append(static[slot_first] & real[:, None])
+        counts.append(torch.where(real, torch.round(n_static[slot_first].double() * ratio).long(), 0))
+    if plan.contextual:
+        sets.append(features.to(dtype))
+        members.append(~static & ~dominant)
+        counts.append(keep - n_dominant)
+    kept = dominant
+    if sets:
+        x = sets[0] if len(sets) == 1 else torch.cat(sets)
+        centre, merged = _static_clusters(x, torch.cat(members), torch.cat(counts), plan.knn, plan.beta, dtype)
+    if plan.slots:  # a window's static centres sit at its first frame
+        at_slot = torch.where(opens, slot, plan.slots)
+        static_centre = torch.cat([centre[: plan.slots], centre.new_zeros(1, per_frame)])[at_slot]  # (F, P)
+        kept = kept | static_centre
+    if plan.contextual:
+        kept = kept | centre[plan.slots :]
+    flat = kept.reshape(-1)
+    count = flat.sum()
+    place = torch.where(flat, flat.cumsum(0) - 1, plan.cap).clamp(max=plan.cap)  # padding and overflow: a sink
+    index = torch.arange(total, device=device)
+    source = torch.full((plan.cap + 1,), total, dtype=torch.int64, device=device).scatter_(0, place, index)
+    source = source[: plan.cap]
+    safe = source.clamp(max=total - 1)
+    values = features.reshape(total, dim)[safe].to(dtype)
+    if plan.contextual:
+        contextual = centre[plan.slots :].reshape(-1)[safe]
+        values = torch.where(contextual[:, None], merged[plan.slots :].reshape(total, dim)[safe], values)
+    if plan.slots:
+        frame, position = safe // per_frame, safe % per_frame
+        row = at_slot.clamp(max=plan.slots - 1)[frame] * per_frame + position
+        from_static = static_centre.reshape(-1)[safe]
+        values = torch.where(from_static[:, None], merged[: plan.slots].reshape(-1, dim)[row], values)
+    return source, values, count, finite & (count <= plan.cap)
+
+
+def _static_padded(
+    features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions, execution: str
+) -> VideoSelection:
+    """The static formulation (compiled on CUDA with execution='compiled') as a padded selection with its
+    count and validity on the device: no host read (the adapter's count read covers them)."""
+    n_frames, per_frame, _ = features.shape
+    plan = static_plan(n_frames, per_frame, retention, options, features.dtype)
+    select = functools.partial(static_selection, plan=plan)
+    if execution == "compiled" and features.is_cuda:
+        select = compiled(select, _OWNER, key=(_OWNER, plan), alternatives="execution=eager")
+    source, values, count, valid = select(features, importance)
+    return VideoSelection(source, values, valid=valid, count=count)
+
+
+def _exact(selection: VideoSelection, retention: float) -> VideoSelection:
+    """A padded selection cut to its count: one host read (count and validity together)."""
+    count, ok = torch.stack([selection.count, selection.valid.long()]).tolist()
+    if not ok:
+        raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
+    if count == 0:
+        raise ValueError(f"{_OWNER} kept no token at R={retention}: {EMPTY_REASON}")
+    return VideoSelection(selection.source[:count], selection.features[:count])
+
+
 # ------------------------------------------------------------------------------ the method
 
 
@@ -388,14 +640,22 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def holitom_select(
-    features: torch.Tensor, importance: torch.Tensor, retention: float, options: HoliTomOptions | None = None
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    retention: float,
+    options: HoliTomOptions | None = None,
+    *,
+    padded: bool = False,
 ) -> VideoSelection:
     """One video's (F, P, D) features and (F, P) importance -> sources (K,) ascending and features (K, D).
 
     Output features are float32 (``score_dtype="float32"``) or the input dtype (``"model"``).
-    One host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together; the DP
-    runs on the host, then every size is known there and the device work is batched over the frames
-    (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
+    Eager: one host synchronisation, reading (F-1) x (W-1) run-length counts and a finite flag together;
+    the DP runs on the host, then every size is known there and the device work is batched over the
+    frames (dominant top-k) and over the windows' and frames' token sets (one padded DPC-kNN merge).
+    Static / compiled: no host read before the end (:func:`static_selection`); ``padded`` returns its
+    padded outputs with ``count`` and ``valid`` instead of reading them (the registry's path; the eager
+    execution ignores it).
     """
     options = options or HoliTomOptions()
     check_video_features(features, retention)
@@ -404,6 +664,10 @@ def holitom_select(
         raise ValueError(
             f"{_OWNER}: importance must be (F, P) = {(n_frames, per_frame)}, got {tuple(importance.shape)}"
         )
+    execution = options.execution or ("compiled" if features.is_cuda and options.seed is None else "eager")
+    if execution != "eager":
+        selection = _static_padded(features, importance, retention, options, execution)
+        return selection if padded else _exact(selection, retention)
     dtype = torch.float32 if options.score_dtype == "float32" else features.dtype
 
     # Queued behind the vision tower: no host wait until the one copy below.
@@ -419,10 +683,7 @@ def holitom_select(
     ratio = adjusted_ratio(float(retention), n_frames * per_frame, total_reduced)
     plan = _Plan(windows, host, n_frames, per_frame, width, ratio, options)
     if plan.kept == 0:
-        raise ValueError(
-            f"{_OWNER} kept no token at R={retention}: the video is static and round(n_static * r') is 0; "
-            "raise R"
-        )
+        raise ValueError(f"{_OWNER} kept no token at R={retention}: {EMPTY_REASON}")
     return _build(features, importance, run, plan, dtype, options.beta)
 
 
@@ -627,7 +888,7 @@ def _select(video: VideoTokens, retention: float, options: HoliTomOptions) -> Vi
         importance = importance.norm(dim=-1).float()
     else:
         importance = video.signal(VIT_RECEIVED_ATTENTION)
-    return holitom_select(video.features, importance, retention, options)
+    return holitom_select(video.features, importance, retention, options, padded=True)
 
 
 # ------------------------------------------------------------------------------ inner merge M (in the LLM)
@@ -739,4 +1000,5 @@ METHOD = Method(
     "(inner_merge: HoliTom M at layer 18)",
     needs=_needs,
     plan=inner_plan,
+    empty_reason=EMPTY_REASON,
 )

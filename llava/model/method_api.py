@@ -250,6 +250,8 @@ class Method:
     label: the name messages use (e.g. "VidCom2"); the registry name when empty.
     needs: optional ``options -> signals``, for methods whose switches change what they read (e.g. a
         port that scores by feature norm needs no attention); ``signals`` is then the most it may need.
+    empty_reason: how a valid input can keep no token, for a method whose padded selection reports that
+        only through its count (the adapter's message names it beside the non-finite case).
     """
 
     name: str
@@ -263,6 +265,7 @@ class Method:
     needs: Callable[[Any], frozenset[str]] | None = None
     label: str = ""  # how messages name the method (default: its name)
     plan: InLLMPlanner | None = None  # the in-LLM planner (methods acting inside the LM)
+    empty_reason: str = ""
 
     def __post_init__(self) -> None:
         if not is_dataclass(self.options):
