@@ -818,3 +818,23 @@ def test_static_selection_does_not_synchronise() -> None:
         static_selection(x.bfloat16(), attn, plan)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bf16_split_is_exact_and_its_products_are_float32_accurate() -> None:
+    """The three-part split that float32 sets take on CUDA: parts sum back exactly, and the Gram and one-hot
+    sums from bf16 products are as close to float64 as float32 products are."""
+    from llava.model.float32_products import float32_matmul
+    from llava.model.holitom import _split_gram, split_bf16
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 21, 40, generator=g) * torch.logspace(-3, 3, 40)  # magnitudes over six decades
+    parts = split_bf16(x)
+    m = parts.shape[1] // 3
+    assert m % 8 == 0 and parts.dtype == torch.bfloat16
+    assert torch.equal(parts[:, :21].float() + parts[:, m : m + 21].float() + parts[:, 2 * m : 2 * m + 21].float(), x)
+    exact = x.double() @ x.double().mT
+    plain = (x @ x.mT).double()
+    assert (_split_gram(parts, 21).double() - exact).abs().max() <= 4 * (plain - exact).abs().max() + 1e-6
+    pick = (torch.rand(3, 21, 21, generator=g) < 0.2).float()
+    sums = float32_matmul(torch.nn.functional.pad(pick.bfloat16(), (0, m - 21)).repeat(1, 1, 3), parts)
+    torch.testing.assert_close(sums.double(), pick.double() @ x.double(), atol=1e-4, rtol=1e-6)

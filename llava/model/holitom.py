@@ -484,10 +484,12 @@ def device_windows(
     for _ in range(hops):  # paths of up to 2^hops >= F edges; the diagonal 0 keeps the shorter ones
         edge = (edge[:, :, None] + edge[None, :, :]).amax(dim=1).clamp_min(never)
     best = edge[0]  # (F + 1,) best[i]: the optimum over frames 0..i-1
-    candidate = best[:n_frames, None] + gain  # (F, F) [u, i] = best[u] + G(u, i)
-    top = candidate.amax(dim=0)
-    smallest = torch.where(candidate == top[None, :], frames[:, None], -1).amax(dim=0)  # the largest u
-    start = torch.where(top > best[:n_frames], smallest, frames)
+    # per frame i, the best window [u, i] and, among equal ones, the largest u (the smallest window): one
+    # maximum of the key value * (F + 1) + u (no equality test between separately reduced values)
+    key = (best[:n_frames, None] + gain) * (n_frames + 1) + frames[:, None]  # (F, F) [u, i]
+    top = key.amax(dim=0)
+    value, smallest = torch.div(top, n_frames + 1, rounding_mode="floor"), top % (n_frames + 1)
+    start = torch.where(value > best[:n_frames], smallest, frames).clamp(0, steps)
     sink = n_frames  # node F stands for "before frame 0"
     jump = torch.cat([torch.where(start > 0, start - 1, sink), nodes[-1:]])  # (F + 1,) the previous window's end
     on = nodes == n_frames - 1
@@ -495,11 +497,51 @@ def device_windows(
         on = on | (on[:, None] & (jump[:, None] == nodes[None, :])).any(dim=0)
         jump = jump[jump]
     is_end = on[:n_frames]
-    last = torch.where(is_end[None, :] & (span >= 0), frames[None, :], n_frames).amin(dim=1)  # (F,)
-    first = start[last]
+    # indices that come out of a reduction are clamped to their (already true) range: in a fused kernel,
+    # torch.compile's bounds assert also sees the padded lanes of the reduction, which hold its identity
+    last = torch.where(is_end[None, :] & (span >= 0), frames[None, :], n_frames).amin(dim=1).clamp(0, steps)  # (F,)
+    first = start[last].clamp(0, steps)
     need = last - first
     static = (need > 0)[:, None] & (run[first] >= need[:, None])
     return first, last, static, best[n_frames]
+
+
+def _bf16_part(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> float32 values rounded to bf16 (nearest even) by bit arithmetic: torch.compile elides a
+    float32 -> bf16 -> float32 cast pair inside a fused kernel, which would leave the value unrounded."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536: the int32 mask 0xFFFF0000
+    return bits.view(torch.float32)
+
+
+_ALIGN = 8  # rows per part padded to a multiple of 8: 16-byte aligned GEMM operands (H200: 229 -> 68 us)
+
+
+def split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) float32 -> (B, 3M, D) bf16 [hi; mid; lo] per batch (M = N rounded up to a multiple of 8,
+    the padding rows 0), hi + mid + lo == x exactly.
+
+    Why: a float32 value has 24 significant bits and bf16 8, and each remainder is exact in float32, so
+    three bf16 parts hold it (finite values away from float32's range ends). Products of the parts by a
+    bf16 GEMM with float32 output are exact, so a float32 product costs tensor-core GEMMs instead of a
+    float32 GEMM (H200: ~15x slower per GEMM). The parts are rounded by :func:`_bf16_part`, so the final
+    cast is exact."""
+    n = x.shape[1]
+    x = torch.nn.functional.pad(x, (0, 0, 0, -n % _ALIGN))
+    hi = _bf16_part(x)
+    rest = x - hi
+    mid = _bf16_part(rest)
+    return torch.cat([hi, mid, rest - mid], dim=1).to(torch.bfloat16)
+
+
+def _split_gram(parts: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 3M, D) parts of :func:`split_bf16` -> (B, n, n) float32 x_i . x_j: one GEMM of the parts, then
+    hi.hi + (hi.mid + mid.hi) + (hi.lo + lo.hi + mid.mid), small terms first (the dropped mid.lo, lo.mid
+    and lo.lo are below float32's own rounding of the product)."""
+    m = parts.shape[1] // 3
+    full = float32_matmul(parts, parts.mT)
+    cross, low, middle = full[:, :n, m : m + n], full[:, :n, 2 * m : 2 * m + n], full[:, m : m + n, m : m + n]
+    return full[:, :n, :n] + ((cross + cross.mT) + ((low + low.mT) + middle))
 
 
 def _static_clusters(
@@ -508,9 +550,11 @@ def _static_clusters(
     """(B, N, D) sets (members ``valid`` (B, N), in position order), (B,) centre counts -> (B, N) centre masks
     and (B, N, D) values in ``dtype`` (merged at the centres): :func:`_dpc_centres` + :func:`_merge` with the
     members left in place. k = min(knn, count) per set; distances by the matmul form with self-distance 0
-    (:func:`llava.model.dpc_knn.gram_distances`); the merge sums are a one-hot product (float32)."""
+    (:func:`llava.model.dpc_knn.gram_distances`); the merge sums are a one-hot product (float32). float32
+    sets on CUDA take both products from their three-bf16 split (:func:`split_bf16`)."""
     batch, n, _ = x.shape
-    dist = gram_distances(x)
+    parts = split_bf16(x) if x.dtype == torch.float32 and x.is_cuda else None
+    dist = gram_distances(x, None if parts is None else _split_gram(parts, n))
     pair = valid[:, :, None] & valid[:, None, :]
     widest = min(knn, n)
     nearest = k_smallest(dist.masked_fill(~pair, torch.inf), widest)  # (B, N, widest) ascending
@@ -524,7 +568,13 @@ def _static_clusters(
     centre = valid & (_ahead(score).sum(dim=-1) < counts[:, None])
     nearest_centre = torch.where(centre[:, None, :], dist, torch.inf).argmin(dim=-1)  # (B, N) first minimum
     member = (valid & ~centre)[:, :, None] & (nearest_centre[:, :, None] == torch.arange(n, device=x.device))
-    sums = float32_matmul(member.mT.to(x.dtype), x).to(dtype)  # (B, N, D): each centre's members summed
+    pick = member.mT  # (B, N centres, N members), 0 / 1: exact in any dtype
+    if parts is None:
+        sums = float32_matmul(pick.to(x.dtype), x)
+    else:  # the three parts summed in one float32 accumulator
+        pick = torch.nn.functional.pad(pick.to(torch.bfloat16), (0, parts.shape[1] // 3 - n))
+        sums = float32_matmul(pick.repeat(1, 1, 3), parts)
+    sums = sums.to(dtype)  # (B, N, D): each centre's members summed
     size = member.sum(dim=1, dtype=torch.float32).to(dtype)[..., None]
     values = x.to(dtype)
     merged = beta * values + (1.0 - beta) * (sums / size.clamp(min=1))
@@ -566,7 +616,7 @@ def static_selection(
         slots = torch.arange(plan.slots, device=device)
         match = opens[None, :] & (slot[None, :] == slots[:, None])  # (S, F)
         real = match.any(dim=1)
-        slot_first = torch.where(match, frames[None, :], 0).amax(dim=1)
+        slot_first = torch.where(match, frames[None, :], 0).amax(dim=1).clamp(0, n_frames - 1)  # see device_windows
         slot_last = last[slot_first]
         inside = real[:, None] & (frames[None, :] >= slot_first[:, None]) & (frames[None, :] <= slot_last[:, None])
         sums = float32_matmul(inside.to(features.dtype), features.reshape(n_frames, per_frame * dim))
