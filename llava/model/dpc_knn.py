@@ -31,11 +31,13 @@ def gram_distances(x: torch.Tensor, gram: torch.Tensor | None = None) -> torch.T
     """(B, N, D) -> (B, N, N) float32 |x_i - x_j| / sqrt(D) from |x_i|^2 + |x_j|^2 - 2 x_i . x_j.
 
     torch.cdist's matmul form (the one it takes above 25 rows), with the product in float32 from the
-    input dtype (:func:`float32_matmul`; or ``gram``, the (B, N, N) products computed by the caller), and
-    each token's distance to itself exactly 0, as the pair-by-pair form gives (the matmul form leaves
-    rounding there, which alone would rank densities at k = 1)."""
-    square = x.float().square().sum(dim=-1)
-    gram = float32_matmul(x, x.mT) if gram is None else gram
+    input dtype (:func:`float32_matmul`), and each token's distance to itself exactly 0, as the pair-by-pair
+    form gives (the matmul form leaves rounding there, which alone would rank densities at k = 1).
+    ``gram``: the (B, N, N) products computed by the caller; the squared norms are then its diagonal."""
+    if gram is None:
+        square, gram = x.float().square().sum(dim=-1), float32_matmul(x, x.mT)
+    else:
+        square = gram.diagonal(dim1=1, dim2=2)
     dist = (square[:, :, None] + square[:, None, :] - 2 * gram).clamp_min(0).sqrt() / (x.shape[-1] ** 0.5)
     self_pair = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return dist.masked_fill(self_pair, 0.0)

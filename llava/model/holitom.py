@@ -531,7 +531,7 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     hi = _bf16_part(x)
     rest = x - hi
     mid = _bf16_part(rest)
-    return torch.cat([hi, mid, rest - mid], dim=1).to(torch.bfloat16)
+    return torch.stack([hi, mid, rest - mid], dim=1).to(torch.bfloat16).flatten(1, 2)
 
 
 def _split_gram(parts: torch.Tensor, n: int) -> torch.Tensor:
@@ -581,6 +581,23 @@ def _static_clusters(
     return centre, torch.where(size > 0, merged, values)
 
 
+def _static_similarity(features: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, P, D) -> the (F-1, P) cosines of :func:`frame_similarity` and whether every feature is finite (0-d).
+
+    float32: dot / (|a| |b|) (norms clamped at 1e-12 as there) with the finite check as row reductions over
+    the same pairs, so that torch.compile reads the features in one fused pass; equal to the unit-vector
+    form up to float32 rounding. Other score dtypes keep the unit-vector form, whose roundings in that
+    dtype the threshold comparison would otherwise see."""
+    if dtype != torch.float32 or features.shape[0] < 2:
+        return _similarity(features, dtype)[0], torch.isfinite(features).all()
+    x = features.float()
+    before, after = x[:-1], x[1:]
+    dot = (before * after).sum(dim=-1)
+    norms = before.square().sum(dim=-1).sqrt().clamp_min(1e-12) * after.square().sum(dim=-1).sqrt().clamp_min(1e-12)
+    finite = (torch.isfinite(before).all(dim=-1) & torch.isfinite(after).all(dim=-1)).all()
+    return dot / norms, finite
+
+
 def static_selection(
     features: torch.Tensor, importance: torch.Tensor, plan: StaticPlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -598,8 +615,8 @@ def static_selection(
     total, device = n_frames * per_frame, features.device
     dtype = torch.float32 if plan.float32 else features.dtype
     frames = torch.arange(n_frames, device=device)
-    finite = torch.isfinite(features).all() & torch.isfinite(importance).all()
-    similarity, _ = _similarity(features, dtype)
+    similarity, finite = _static_similarity(features, dtype)
+    finite = finite & torch.isfinite(importance).all()
     first, last, static, reduced = device_windows(similarity, plan.tau, plan.width)
 
     n_static = static.sum(dim=1)  # (F,) the static positions of each frame's window
