@@ -155,6 +155,42 @@ class SelectedVideo:
     table: torch.Tensor | None = None
 
 
+def splice_padded(
+    features: torch.Tensor, source: torch.Tensor, new: torch.Tensor | None, count: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A padded selection (the first ``count`` of ``source`` (K,) are real) -> the (F, P) source mask and,
+    with ``new`` (K, D), the (F*P, D) table; checked on the device like every selection: sources that
+    are not unique, ascending and in range, none at all, or ``valid`` False give an empty mask. Padding
+    goes to a spare row, dropped. Integer and copy work only, so compiling it changes no value."""
+    n_frames, per_frame, dim = features.shape
+    total = n_frames * per_frame
+    real = torch.arange(source.shape[0], device=source.device) < count
+    ascending = (source[1:] > source[:-1]) | ~real[1:]
+    ok = real[0] & (source[0] >= 0) & ((source < total) | ~real).all() & ascending.all() & valid
+    safe = torch.where(real, source.clamp(0, total - 1), total)
+    mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
+    mask = (mask[:total] & ok).view(n_frames, per_frame)
+    if new is None:
+        return mask, None
+    table = torch.cat([features.reshape(total, dim), features.new_zeros(1, dim)])
+    return mask, table.index_copy_(0, safe, new.to(features.device, features.dtype))[:total]
+
+
+def _padded_splicer(cuda: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`splice_padded`, compiled for CUDA inputs when Triton is there (its ~20 small kernels become a
+    few); exact either way, so without Triton it runs as it is."""
+    from torch.utils._triton import has_triton
+
+    if not cuda or not has_triton():
+        return splice_padded
+    from llava.model.compiled_select import compiled
+
+    return compiled(
+        splice_padded, "the registry's splice of padded selections", key=splice_padded,
+        alternatives="the method's execution=eager",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CompressionSpec:
     """What to do to each video of a request: method name, retention R and its options.
@@ -295,14 +331,13 @@ class CompressionSpec:
             got = tuple(new.shape)
             raise ValueError(f"{which} returned features {got} for {count} sources; expected ({count}, {dim})")
         source = source.to(features.device)
-        if selection.count is None:
-            ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
-            safe = source.clamp(0, total - 1)
-        else:  # padded outputs: the first ``count`` are real; padding goes to a spare row, dropped below
-            real = torch.arange(count, device=source.device) < selection.count.to(source.device)
-            ascending = (source[1:] > source[:-1]) | ~real[1:]
-            ok = real[0] & (source[0] >= 0) & ((source < total) | ~real).all() & ascending.all()
-            safe = torch.where(real, source.clamp(0, total - 1), total)
+        if selection.count is not None:  # padded outputs: one fused function (compiled on CUDA)
+            valid = selection.valid if selection.valid is not None else source.new_ones((), dtype=torch.bool)
+            args = (features, source, new, selection.count.to(source.device), valid.to(source.device))
+            mask, table = _padded_splicer(features.is_cuda)(*args)
+            return SelectedVideo(mask, table)
+        ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
+        safe = source.clamp(0, total - 1)
         if selection.valid is not None:
             ok = ok & selection.valid.to(features.device)
         mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)

@@ -28,16 +28,31 @@ centre at spatial position m of window [u, v] takes the source u * P + m (the wi
 a dynamic token or dynamic centre takes its own flat index. Sources are unique (a position static in a
 window is dynamic in none of its frames) and the output is in ascending source order.
 
-Execution (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
-per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack run
-in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one small
-host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all frames
-at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at most 25
-tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is compacted by a
-cumulative sum with the known count (no nonzero). The finite check reads the sum of the token norms and
-of the importance; only when that is not finite (NaN / Inf, or huge finite values overflowing) are the
-inputs checked element by element. On CUDA the merge sums are atomic adds (scatter_add_), so their
-float rounding order is not fixed there, as with the index_add_ of a loop.
+Executions (``execution``; default: compiled on CUDA, eager on the CPU and with ``seed``):
+- ``compiled`` / ``static`` (:func:`static_selection`): every shape fixed by (F, P, D), R and the knobs, so
+  torch.compile compiles once per video shape, and nothing is read on the host until the adapter's count
+  read (the registry gets a padded selection with its count). The DP runs on the device as a longest
+  path (max-plus squarings of the window-gain matrix, exact integers), then each frame's choice by the
+  host's tie rules and the backtrack by pointer doubling (:func:`device_windows`). Budgets follow in
+  float64 as on the host. The static sets sit in F // 2 slots of all P positions (members: the window's
+  static positions), their means one product with the 0/1 window masks; with contextual_ratio > 0 each
+  frame's other dynamic tokens form F more sets; one DPC-kNN merge takes them all, ranks as comparisons.
+  Distances use the matmul form with self-distances 0 for every set (eager: pair by pair up to 25
+  tokens); float32 sets on CUDA take their Gram and merge sums from an exact three-bf16 split (bf16
+  GEMMs with float32 accumulation), and the merge sums are a one-hot product (deterministic). Against
+  eager: the same sources on every CPU test case, features within float32 rounding; compiled kernels
+  may round reductions (the cosines, the densities) differently, which can flip exact near-ties.
+  ``seed`` draws its noise set by set in the host layout's order, so it runs eager.
+- ``eager`` (the outputs of a window-by-window loop, bit for bit on the CPU): ONE host synchronisation
+  per video, a copy of the (F-1) x (W-1) run-length counts and a finite flag; the DP and its backtrack
+  run in plain Python on that copy (W = min(F, max_window)). Every size is then known on the host: one
+  small host-to-device copy carries the per-frame and per-set integers, the dominant top-k runs over all
+  frames at once, all static and contextual token sets go through ONE padded DPC-kNN merge (a set of at
+  most 25 tokens keeps torch.cdist's pair-by-pair distances, as it would alone), and the output is
+  compacted by a cumulative sum with the known count (no nonzero). The finite check reads the sum of
+  the token norms and of the importance; only when that is not finite (NaN / Inf, or huge finite values
+  overflowing) are the inputs checked element by element. On CUDA the merge sums are atomic adds
+  (scatter_add_), so their float rounding order is not fixed there, as with the index_add_ of a loop.
 
 Differences from the original (cokeshao/HoliTom, LLaVA-OV):
 - Output order: upstream emits, per window, [static centres, then each frame's dominant then
