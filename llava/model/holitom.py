@@ -508,7 +508,7 @@ def device_windows(
     sink = n_frames  # node F stands for "before frame 0"
     jump = torch.cat([torch.where(start > 0, start - 1, sink), nodes[-1:]])  # (F + 1,) the previous window's end
     on = nodes == n_frames - 1
-    for _ in range(hops + 1):  # after s rounds: every end within 2^s - 1 windows of the last frame
+    for _ in range(hops):  # after s rounds: every end within 2^s - 1 windows of the last frame (F windows at most)
         on = on | (on[:, None] & (jump[:, None] == nodes[None, :])).any(dim=0)
         jump = jump[jump]
     is_end = on[:n_frames]
