@@ -665,7 +665,7 @@ def static_selection(
         x = sets[0] if len(sets) == 1 else torch.cat(sets)
         centre, merged = _static_clusters(x, torch.cat(members), torch.cat(counts), plan.knn, plan.beta, dtype)
     if plan.slots:  # a window's static centres sit at its first frame
-        at_slot = torch.where(opens, slot, plan.slots)
+        at_slot = torch.where(opens, slot, plan.slots).clamp(0, plan.slots)  # clamped: see device_windows
         static_centre = torch.cat([centre[: plan.slots], centre.new_zeros(1, per_frame)])[at_slot]  # (F, P)
         kept = kept | static_centre
     if plan.contextual:
