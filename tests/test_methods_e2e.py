@@ -20,8 +20,10 @@ from transformers_patched.qwen_adapter import video_question_messages
 from transformers_patched.qwen_vit_signals import per_video, vision_signals
 
 FAMILIES = ["llava_ov", "llava_vid", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-METHODS = ["visionzip", "dycoke", "fastvid", "holitom"]
-MERGING = ["visionzip", "fastvid", "holitom"]
+# "name:static": the method's static-shape execution (a padded selection, spliced by the registry), which
+# CUDA runs compiled by default; on the CPU the default is eager
+METHODS = ["visionzip", "dycoke", "fastvid", "holitom", "fastvid:static", "holitom:static"]
+MERGING = ["visionzip", "fastvid", "holitom", "fastvid:static", "holitom:static"]
 FRAMES = FrameSampling(num_frames=8)
 GEN = GenerationOptions(max_new_tokens=4)
 # DyCoke keeps whole anchor frames: with 8 frames (Qwen: 4 temporal patches) its floor is 0.5
@@ -29,7 +31,9 @@ RETENTION = {"dycoke": 0.6}
 
 
 def spec_of(method: str) -> CompressionSpec:
-    return CompressionSpec(method, RETENTION.get(method, 0.25))
+    name, _, execution = method.partition(":")
+    options = {f"{name}.execution": execution} if execution else {}
+    return CompressionSpec(name, RETENTION.get(name, 0.25), options)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -46,7 +50,7 @@ def test_every_method_runs_on_every_family(llm, videos: Path, method: str) -> No
     result = llm.answer(videos / "mixed.mp4", "What happens?", compression=spec_of(method), generation=GEN,
                         sampling=FRAMES)
     assert 0 < result.visual_tokens_after < result.visual_tokens_before
-    assert result.extra["compression"].startswith(method)
+    assert result.extra["compression"].startswith(method.partition(":")[0])
     assert 0 < result.achieved_retention < 1
 
 
@@ -155,15 +159,16 @@ def test_cli_infer_every_method(tmp_path: Path, videos: Path, siglip_head: Path,
 
     path = tiny_builders()[arch](tmp_path / arch, seed=0)
     argv = ["infer", "--model", str(path), "--video", str(videos / "mixed.mp4"), "--question", "What?", "--json"]
-    argv += ["--compressor", method, "--retention", str(RETENTION.get(method, 0.25)), "--frames", "8"]
-    argv += ["--max-new-tokens", "2", "--option", f"{method}.seed=1" if method in ("fastvid", "holitom") else
-             "port=original"]
+    name, _, execution = method.partition(":")
+    argv += ["--compressor", name, "--retention", str(RETENTION.get(name, 0.25)), "--frames", "8"]
+    option = f"{name}.execution={execution}" if execution else "port=original"
+    argv += ["--max-new-tokens", "2", "--option", f"{name}.seed=1" if method in ("fastvid", "holitom") else option]
     if arch.startswith("llava"):
         argv += ["--vision-head", str(siglip_head)]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < data["visual_tokens_after"] < data["visual_tokens_before"]
-    assert data["extra"]["compression"].startswith(method)
+    assert data["extra"]["compression"].startswith(name)
 
 
 def test_lmms_model_args_reach_the_method_under_its_name() -> None:
