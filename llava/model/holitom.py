@@ -529,7 +529,7 @@ def _bf16_part(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-_ALIGN = 8  # rows per part padded to a multiple of 8: 16-byte aligned GEMM operands (H200: 229 -> 68 us)
+_ALIGN = 8  # rows per part padded to a multiple of 8: 16-byte aligned GEMM operands (tensor-core kernels)
 
 
 def split_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -539,8 +539,8 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     Why: a float32 value has 24 significant bits and bf16 8, and each remainder is exact in float32, so
     three bf16 parts hold it (finite values away from float32's range ends). Products of the parts by a
     bf16 GEMM with float32 output are exact, so a float32 product costs tensor-core GEMMs instead of a
-    float32 GEMM (H200: ~15x slower per GEMM). The parts are rounded by :func:`_bf16_part`, so the final
-    cast is exact."""
+    float32 GEMM (see :mod:`llava.model.float32_products`). The parts are rounded by :func:`_bf16_part`, so
+    the final cast is exact."""
     n = x.shape[1]
     x = torch.nn.functional.pad(x, (0, 0, 0, -n % _ALIGN))
     hi = _bf16_part(x)
