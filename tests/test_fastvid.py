@@ -815,7 +815,8 @@ def test_non_finite_signals_are_refused_at_the_one_sync():
 # The static-shape formulation (execution="static" / "compiled"): equal to the eager path and the reference
 # ------------------------------------------------------------------------------------------------
 
-from llava.model import compiled_select  # noqa: E402
+from selection_checks import assert_matches_cpu, compile_once  # noqa: E402
+
 from llava.model.fastvid import StaticConfig, budget_table, static_selection  # noqa: E402
 
 
@@ -896,9 +897,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_on_cuda_matches_eager_and_the_cpu(variant, dtype, monkeypatch):
-    torch._dynamo.reset()  # dynamo counts compilations per code object, across configurations
-    monkeypatch.setattr(compiled_select, "_CACHE", {})
-    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)  # a second video of the same shape must not recompile
+    compile_once(monkeypatch)
     for seed in (0, 1):
         x, salience, glob = random_video(frames=16, tokens=196, dim=64, seed=seed, spread=0.15)
         x = x.to(dtype)
@@ -906,11 +905,7 @@ def test_compiled_on_cuda_matches_eager_and_the_cpu(variant, dtype, monkeypatch)
         cuda = [t.cuda() for t in (x, salience, glob)]
         got = {e: fastvid_select(*cuda, 0.25, FastVIDOptions(variant=variant, execution=e))
                for e in ("compiled", "eager", None)}
-        for execution, selection in got.items():
-            source = selection.source.cpu()
-            differ = len(set(source.tolist()) ^ set(cpu.source.tolist()))
-            assert torch.equal(source, cpu.source), f"{execution}: {differ} sources differ of {len(cpu.source)}"
-            torch.testing.assert_close(selection.features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
+        assert_matches_cpu(got, cpu)
 
 
 @CUDA

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava.model.dpc_knn import pairwise_distances
 from llava.model.holitom import (
@@ -300,13 +301,19 @@ def test_dp_partition_on_hand_made_patterns() -> None:
     assert static_windows(torch.zeros(0, 3), 0.8)[:2] == ([(0, 0)], 0)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_dp_matches_enumeration_on_tie_heavy_patterns(seed: int) -> None:
+def tie_heavy_pattern(seed: int, most_frames: int) -> tuple[int, torch.Tensor, int]:
+    """A random number of frames (1..most_frames), (F-1, 3) similarities of a 0/1 pattern that makes many equal
+    windows, and a random max_window in 1..5."""
     g = torch.Generator().manual_seed(seed)
-    frames = int(torch.randint(1, 13, (1,), generator=g))
+    frames = int(torch.randint(1, most_frames + 1, (1,), generator=g))
     pattern = (torch.rand(frames - 1, 3, generator=g) < 0.7).int()
     s = _similarity_from(pattern.tolist()) if frames > 1 else torch.zeros(0, 3)
-    max_window = int(torch.randint(1, 6, (1,), generator=g))
+    return frames, s, int(torch.randint(1, 6, (1,), generator=g))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_matches_enumeration_on_tie_heavy_patterns(seed: int) -> None:
+    frames, s, max_window = tie_heavy_pattern(seed, 12)
     expected = ref_dp(s.tolist(), frames, 0.8, max_window)
     assert static_windows(s, 0.8, max_window)[:2] == expected
 
@@ -565,29 +572,34 @@ def test_seeded_noise_follows_upstreams_draw_order(seed: int) -> None:
     assert source.tolist() == loop_seeded(x, attn, 0.3, seed, 0.5)
 
 
+class SyncingOps(TorchDispatchMode):
+    """Records the dispatched ops that synchronise with the host on CUDA (``seen``), boolean indexing included."""
+
+    SYNCING = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount", "equal",
+                         "item"})  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCING:
+            self.seen.append(name)
+        if name in ("index", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+        ):
+            self.seen.append(name + "[bool]")
+        return func(*args, **(kwargs or {}))
+
+
 def test_no_host_sync_op_on_the_device_path() -> None:
     """The one sync is the .tolist() of the run-length counts; no op that syncs on CUDA is dispatched."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    syncing = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount", "equal"}
-    seen: list[str] = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name in syncing:
-                seen.append(name)
-            if name in ("index", "index_put_", "_index_put_impl_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
-            ):
-                seen.append(name + "[bool]")
-            return func(*args, **(kwargs or {}))
-
     for x, attn in (several_window_lengths(), structured_random(1)):
         for options in ({}, {"contextual_ratio": 0.5, "seed": 2}):
-            with Watch():
+            with SyncingOps() as watch:
                 holitom_select(x, attn, 0.25, HoliTomOptions(**options))
-    assert seen == []
+            assert watch.seen == []
 
 
 def test_single_frame_and_window_cap_one() -> None:
@@ -616,7 +628,8 @@ def test_huge_finite_features_are_not_refused() -> None:
 
 # ----------------------------------------------------------------------------------- the static execution
 
-from llava.model import compiled_select  # noqa: E402
+from selection_checks import assert_matches_cpu, compile_once  # noqa: E402
+
 from llava.model.holitom import EMPTY_REASON, device_windows, static_plan, static_selection  # noqa: E402
 
 
@@ -631,11 +644,7 @@ def _host_windows_per_frame(windows: list[tuple[int, int]], frames: int) -> tupl
 @pytest.mark.parametrize("seed", range(40))
 def test_device_windows_match_the_host_dp_on_tie_heavy_patterns(seed: int) -> None:
     """The max-plus DP, its tie rules and the doubled backtrack give the host DP's windows and gain."""
-    g = torch.Generator().manual_seed(seed)
-    frames = int(torch.randint(1, 14, (1,), generator=g))
-    pattern = (torch.rand(frames - 1, 3, generator=g) < 0.7).int()
-    s = _similarity_from(pattern.tolist()) if frames > 1 else torch.zeros(0, 3)
-    max_window = int(torch.randint(1, 6, (1,), generator=g))
+    frames, s, max_window = tie_heavy_pattern(seed, 13)
     windows, reduced, run_lengths = static_windows(s, 0.8, max_window)
     first, last, static, total = device_windows(s, 0.8, min(frames, max_window))
     assert (first.tolist(), last.tolist()) == _host_windows_per_frame(windows, frames)
@@ -764,24 +773,12 @@ def test_static_execution_options_and_errors() -> None:
 
 def test_static_selection_dispatches_no_syncing_op() -> None:
     """The static formulation reads nothing on the host: no op that synchronises on CUDA is dispatched."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    syncing = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount", "equal", "item"}
-    seen: list[str] = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name in syncing:
-                seen.append(name)
-            return func(*args, **(kwargs or {}))
-
     x, attn = several_window_lengths()
     for options in ({}, {"contextual_ratio": 0.5}):
         plan = static_plan(x.shape[0], x.shape[1], 0.25, HoliTomOptions(**options), x.dtype)
-        with Watch():
+        with SyncingOps() as watch:
             static_selection(x, attn, plan)
-    assert seen == []
+        assert watch.seen == []
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled execution runs there)")
@@ -791,9 +788,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the
 @pytest.mark.parametrize("options", [{}, {"contextual_ratio": 0.5, "knn": 3}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_on_cuda_matches_eager_and_the_cpu(options, dtype, monkeypatch) -> None:
-    torch._dynamo.reset()  # dynamo counts compilations per code object, across configurations
-    monkeypatch.setattr(compiled_select, "_CACHE", {})
-    monkeypatch.setattr(compiled_select, "MAX_SHAPES", 1)  # a second video of the same shape must not recompile
+    compile_once(monkeypatch)
     for seed in (0, 1):
         x, attn = several_window_lengths(seed=seed, positions=196, dim=64)
         x = x.to(dtype)
@@ -801,11 +796,7 @@ def test_compiled_on_cuda_matches_eager_and_the_cpu(options, dtype, monkeypatch)
         cuda = (x.cuda(), attn.cuda())
         got = {e: holitom_select(*cuda, 0.25, HoliTomOptions(**options, execution=e))
                for e in ("compiled", "eager", None)}
-        for execution, selection in got.items():
-            source = selection.source.cpu()
-            differ = len(set(source.tolist()) ^ set(cpu.source.tolist()))
-            assert torch.equal(source, cpu.source), f"{execution}: {differ} sources differ of {len(cpu.source)}"
-            torch.testing.assert_close(selection.features.cpu(), cpu.features, atol=1e-4, rtol=1e-4)
+        assert_matches_cpu(got, cpu)
 
 
 @CUDA
