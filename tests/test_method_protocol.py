@@ -219,7 +219,7 @@ def test_invalid_padded_output_gives_an_empty_mask(source, count, valid) -> None
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the splice compiles there)")
 @pytest.mark.parametrize("merged", [True, False])
 def test_compiled_splice_of_padded_selections_equals_the_plain_one(merged) -> None:
-    from llava.model.compression import _padded_splicer, splice_padded
+    from llava.model.compression import _padded_splicer, splice
 
     g = torch.Generator().manual_seed(0)
     features = torch.randn(4, 6, 8, generator=g).to(torch.bfloat16).cuda()
@@ -228,7 +228,7 @@ def test_compiled_splice_of_padded_selections_equals_the_plain_one(merged) -> No
     for source, count, valid in cases:
         new = torch.randn(6, 8, generator=g).cuda() if merged else None
         args = (features, source.cuda(), new, torch.tensor(count).cuda(), torch.tensor(valid).cuda())
-        plain, fused = splice_padded(*args), _padded_splicer(True)(*args)
+        plain, fused = splice(*args), _padded_splicer(True)(*args)
         assert torch.equal(plain[0], fused[0])
         assert (plain[1] is None) == (fused[1] is None) and (plain[1] is None or torch.equal(plain[1], fused[1]))
 

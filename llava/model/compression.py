@@ -155,19 +155,30 @@ class SelectedVideo:
     table: torch.Tensor | None = None
 
 
-def splice_padded(
-    features: torch.Tensor, source: torch.Tensor, new: torch.Tensor | None, count: torch.Tensor, valid: torch.Tensor
+def splice(
+    features: torch.Tensor,
+    source: torch.Tensor,
+    new: torch.Tensor | None,
+    count: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A padded selection (the first ``count`` of ``source`` (K,) are real) -> the (F, P) source mask and,
-    with ``new`` (K, D), the (F*P, D) table; checked on the device like every selection: sources that
-    are not unique, ascending and in range, none at all, or ``valid`` False give an empty mask. Padding
-    goes to a spare row, dropped. Integer and copy work only, so compiling it changes no value."""
+    """A selection's (K,) sources (and ``new`` (K, D) values) -> the (F, P) source mask and, with ``new``, the
+    (F*P, D) table with each value at its source row; checked on the device: sources that are not unique,
+    ascending and in range, or ``valid`` False, give an empty mask. ``count``: a padded selection (0-d;
+    only the first ``count`` entries are real, none at all is refused too), whose padding goes to a spare
+    row, dropped. Integer and copy work only, so compiling it changes no value."""
     n_frames, per_frame, dim = features.shape
     total = n_frames * per_frame
-    real = torch.arange(source.shape[0], device=source.device) < count
-    ascending = (source[1:] > source[:-1]) | ~real[1:]
-    ok = real[0] & (source[0] >= 0) & ((source < total) | ~real).all() & ascending.all() & valid
-    safe = torch.where(real, source.clamp(0, total - 1), total)
+    if count is None:
+        ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
+        safe = source.clamp(0, total - 1)
+    else:
+        real = torch.arange(source.shape[0], device=source.device) < count
+        ascending = (source[1:] > source[:-1]) | ~real[1:]
+        ok = real[0] & (source[0] >= 0) & ((source < total) | ~real).all() & ascending.all()
+        safe = torch.where(real, source.clamp(0, total - 1), total)
+    if valid is not None:
+        ok = ok & valid
     mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
     mask = (mask[:total] & ok).view(n_frames, per_frame)
     if new is None:
@@ -177,16 +188,18 @@ def splice_padded(
 
 
 def _padded_splicer(cuda: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    """:func:`splice_padded`, compiled for CUDA inputs when Triton is there (its ~20 small kernels become a
-    few); exact either way, so without Triton it runs as it is."""
+    """:func:`splice` for padded selections, compiled for CUDA inputs when Triton is there (its ~20 small
+    kernels become a few; a padded selection's shapes are fixed per video shape, while an exact one's
+    follow its count, so only padded ones are compiled); exact either way, so without Triton it runs as
+    it is."""
     from torch.utils._triton import has_triton
 
     if not cuda or not has_triton():
-        return splice_padded
+        return splice
     from llava.model.compiled_select import compiled
 
     return compiled(
-        splice_padded, "the registry's splice of padded selections", key=splice_padded,
+        splice, "the registry's splice of padded selections", key=splice,
         alternatives="the method's execution=eager",
     )  # fmt: skip
 
@@ -316,8 +329,7 @@ class CompressionSpec:
         that are not unique, ascending and in range, or a refused input (``valid`` False), give an empty
         mask, which the adapter's one count read reports (:meth:`check_kept`). No host sync here."""
         features = video.features
-        n_frames, per_frame, dim = features.shape
-        total = n_frames * per_frame
+        dim = features.shape[-1]
         source = selection.source
         which = f"video {i}: compressor {self.compressor!r}"
         if not isinstance(source, torch.Tensor) or source.dim() != 1 or source.dtype != torch.int64:
@@ -331,22 +343,12 @@ class CompressionSpec:
             got = tuple(new.shape)
             raise ValueError(f"{which} returned features {got} for {count} sources; expected ({count}, {dim})")
         source = source.to(features.device)
-        if selection.count is not None:  # padded outputs: one fused function (compiled on CUDA)
-            valid = selection.valid if selection.valid is not None else source.new_ones((), dtype=torch.bool)
-            args = (features, source, new, selection.count.to(source.device), valid.to(source.device))
-            mask, table = _padded_splicer(features.is_cuda)(*args)
-            return SelectedVideo(mask, table)
-        ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
-        safe = source.clamp(0, total - 1)
-        if selection.valid is not None:
-            ok = ok & selection.valid.to(features.device)
-        mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
-        mask = (mask[:total] & ok).view(n_frames, per_frame)
-        if new is None:
-            return SelectedVideo(mask)
-        table = torch.cat([features.reshape(total, dim), features.new_zeros(1, dim)])
-        table = table.index_copy_(0, safe, new.to(features.device, features.dtype))[:total]
-        return SelectedVideo(mask, table)
+        valid = None if selection.valid is None else selection.valid.to(features.device)
+        if selection.count is None:
+            return SelectedVideo(*splice(features, source, new, None, valid))
+        # padded outputs: one fused function (compiled on CUDA)
+        padded = _padded_splicer(features.is_cuda)
+        return SelectedVideo(*padded(features, source, new, selection.count.to(source.device), valid))
 
     def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:
         """The index-only methods' mask, built on the device from their indices (checked: a broken

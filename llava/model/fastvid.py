@@ -117,6 +117,8 @@ from llava.model.method_api import (
     VideoTokens,
     check_choice,
     check_range,
+    check_static_execution,
+    read_padded,
 )
 from llava.model.vidcom2 import check_video_features
 
@@ -124,7 +126,6 @@ OWNER = "fastvid"
 VARIANTS = ("onevision", "video", "qwen")
 PORTS = ("original", "authors")
 MERGE_DTYPES = ("float32", "model")
-EXECUTIONS = ("compiled", "static", "eager")
 FAMILY_VARIANTS = {"llava_onevision": "onevision", "llava_video": "video"}  # and every "qwen*" -> qwen
 _EPS = 1e-12
 
@@ -168,7 +169,7 @@ class FastVIDOptions:
     execution: None (default: "compiled" on CUDA, "eager" on the CPU or with ``seed``), "compiled" (the
         static-shape formulation through torch.compile; on the CPU it runs uncompiled), "static" (the same
         formulation, never compiled) or "eager" (the layout read on the host, then batched ops sized by
-        it). See the module docstring's Execution paragraphs.
+        it). See the module docstring's Executions paragraphs.
     """
 
     variant: str = "auto"
@@ -186,13 +187,8 @@ class FastVIDOptions:
 
     def __post_init__(self) -> None:
         check_choice(OWNER, "variant", self.variant, ("auto", *VARIANTS))
-        if self.execution is not None:
-            check_choice(OWNER, "execution", self.execution, EXECUTIONS)
-        if self.seed is not None and self.execution in ("compiled", "static"):
-            raise ValueError(
-                f"{OWNER} option seed draws upstream's noise per anchor frame, which only the host layout knows: "
-                f"it needs execution=eager (or None), not {self.execution!r}"
-            )
+        layout = "draws upstream's noise per anchor frame, which only the host layout knows"
+        check_static_execution(OWNER, self.execution, self.seed, layout)
         check_choice(OWNER, "port", self.port, PORTS)
         check_choice(OWNER, "merge_dtype", self.merge_dtype, MERGE_DTYPES)
         if self.port == "authors" and self.variant not in ("auto", "qwen"):
@@ -838,11 +834,11 @@ def _static_padded(
 
 
 def _exact(selection: VideoSelection) -> VideoSelection:
-    """A padded selection cut to its count: one host read (count and finite flag together)."""
-    count, ok = torch.stack([selection.count, selection.valid.long()]).tolist()
+    """A padded selection cut to its count (one host read); its invalidity means non-finite inputs."""
+    selection, ok = read_padded(selection)
     if not ok:
         raise ValueError(f"{OWNER}: features or signals contain NaN or Inf; refusing to select tokens from them")
-    return VideoSelection(selection.source[:count], selection.features[:count])
+    return selection
 
 
 # ---------------------------------------------------------------------------------------------

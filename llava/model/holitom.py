@@ -98,11 +98,12 @@ from llava.model.method_api import (
     VideoTokens,
     check_choice,
     check_range,
+    check_static_execution,
+    read_padded,
 )
 from llava.model.vidcom2 import check_video_features
 
 PORTS = ("original", "authors")
-EXECUTIONS = ("compiled", "static", "eager")
 INNER_ATTENTION = ("rows", "eager")
 SCORE_DTYPES = ("float32", "model")
 _OWNER = "holitom"
@@ -134,7 +135,7 @@ class HoliTomOptions:
     execution: None (default: "compiled" on CUDA, "eager" on the CPU or with ``seed``), "compiled" (the
         static-shape formulation through torch.compile; on the CPU it runs uncompiled), "static" (the same
         formulation, never compiled) or "eager" (the window layout read on the host, then batched ops
-        sized by it). See the module docstring's Execution paragraphs.
+        sized by it). See the module docstring's Executions paragraphs.
     """
 
     tau: float = 0.8
@@ -152,13 +153,8 @@ class HoliTomOptions:
     execution: str | None = None
 
     def __post_init__(self) -> None:
-        if self.execution is not None:
-            check_choice(_OWNER, "execution", self.execution, EXECUTIONS)
-        if self.seed is not None and self.execution in ("compiled", "static"):
-            raise ValueError(
-                f"{_OWNER} option seed draws upstream's noise set by set in the order of the host's window layout: "
-                f"it needs execution=eager (or None), not {self.execution!r}"
-            )
+        layout = "draws upstream's noise set by set in the order of the host's window layout"
+        check_static_execution(_OWNER, self.execution, self.seed, layout)
         check_range(_OWNER, "tau", self.tau, -1.0, 1.0)
         check_range(_OWNER, "beta", self.beta, 0.0, 1.0)
         check_range(_OWNER, "contextual_ratio", self.contextual_ratio, 0.0, 1.0)
@@ -704,13 +700,13 @@ def _static_padded(
 
 
 def _exact(selection: VideoSelection, retention: float) -> VideoSelection:
-    """A padded selection cut to its count: one host read (count and validity together)."""
-    count, ok = torch.stack([selection.count, selection.valid.long()]).tolist()
+    """A padded selection cut to its count (one host read); invalid: non-finite inputs; empty: a static clip."""
+    selection, ok = read_padded(selection)
     if not ok:
         raise ValueError(f"{_OWNER}: features or importance contain NaN or Inf; refusing to merge them")
-    if count == 0:
+    if selection.source.numel() == 0:
         raise ValueError(f"{_OWNER} kept no token at R={retention}: {EMPTY_REASON}")
-    return VideoSelection(selection.source[:count], selection.features[:count])
+    return selection
 
 
 # ------------------------------------------------------------------------------ the method

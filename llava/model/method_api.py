@@ -367,6 +367,26 @@ def check_choice(owner: str, key: str, value: str, allowed: Sequence[str]) -> No
         raise ValueError(f"{owner} option {key}={value!r} is not one of {', '.join(allowed)}")
 
 
+STATIC_EXECUTIONS = ("compiled", "static", "eager")
+"""The executions of a method with a static-shape formulation (FastVID, HoliTom): compiled, the same
+formulation uncompiled, or the eager path sized by a host read."""
+
+
+def check_static_execution(owner: str, execution: str | None, seed: int | None, why: str) -> None:
+    """Raise for an unknown ``execution``, or for ``seed`` with a static one (``why``: what the seeded draws
+    need that only the eager path's host layout knows)."""
+    if execution is not None:
+        check_choice(owner, "execution", execution, STATIC_EXECUTIONS)
+    if seed is not None and execution in ("compiled", "static"):
+        raise ValueError(f"{owner} option seed {why}: it needs execution=eager (or None), not {execution!r}")
+
+
+def read_padded(selection: VideoSelection) -> tuple[VideoSelection, bool]:
+    """A padded selection cut to its count, and its validity: one host read of both together."""
+    count, ok = torch.stack([selection.count, selection.valid.long()]).tolist()
+    return VideoSelection(selection.source[:count], selection.features[:count]), bool(ok)
+
+
 def check_range(owner: str, key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
     """Raise unless low <= value <= high (low < value with ``low_open``)."""
     ok = (value > low if low_open else value >= low) and value <= high
