@@ -15,6 +15,7 @@ stage instead (selection, table and layout), queued behind that full-size model'
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -38,14 +39,21 @@ def method_spec(entry: str, retention: float) -> CompressionSpec:
     return CompressionSpec(name, retention, {f"{name}.{k}": v for k, v in pairs.items()})
 
 
-def report(name: str, prof: profile, host_ms: float, top: int, note: str) -> None:
-    """Print the kernels the profiler saw: count, summed GPU time, span and the costliest names."""
+def report(name: str, prof: profile, host_ms: float, top: int, note: str, gap_count: int = 5) -> None:
+    """Print the kernels the profiler saw: count, summed GPU time, span, the GPU's idle time between them
+    (launch-bound stretches; its largest gaps and their neighbours) and the costliest names."""
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     total = sum(e.device_time for e in kernels) / 1e3
     first = min(e.time_range.start for e in kernels)
     last = max(e.time_range.end for e in kernels)
     print(f"\n== {name}: {len(kernels)} kernels, {total:.3f} ms GPU summed, span {(last - first) / 1e3:.3f} ms, "
           f"host call {host_ms:.3f} ms ({note})")
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps = [(b.time_range.start - a.time_range.end, a.name[:40], b.name[:40]) for a, b in itertools.pairwise(ordered)]
+    idle = sum(max(0.0, g) for g, _, _ in gaps) / 1e3
+    print(f"  GPU idle between them {idle:.3f} ms; largest gaps:")
+    for gap, before, after in sorted(gaps, reverse=True)[:gap_count]:
+        print(f"  {gap / 1e3:7.3f} ms  after {before} / before {after}")
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name[:90], []).append(e.device_time / 1e3)
@@ -89,13 +97,14 @@ def profile_stage(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             print(f"\n{name}@{args.retention:g}: compress stage {statistics.median(times):.3f} ms (median of "
                   f"{args.repeats}, CUDA events, behind the tower)")
-            report(name, prof, host_ms, args.top, "the tower queued before")
+            report(name, prof, host_ms, args.top, "the tower queued before", args.gaps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_selection_arguments(p)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--gaps", type=int, default=5, help="the largest idle gaps between kernels to list")
     p.add_argument("--stage", default=None, help="a bench model (e.g. llava_ov_7b): profile its compress stage")
     p.add_argument("--frames", type=int, default=32, help="with --stage")
     p.add_argument("--repeats", type=int, default=10, help="with --stage: timed stages")
@@ -117,7 +126,7 @@ def main() -> None:
             int(choice.mask.sum())
             host_ms = (time.perf_counter() - t0) * 1e3
             torch.cuda.synchronize()
-        report(name, prof, host_ms, args.top, "30 ms of busy work queued before")
+        report(name, prof, host_ms, args.top, "30 ms of busy work queued before", args.gaps)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from llava.model.layout import (
     build_layout,
     full_length,
     layout_from_mask,
+    pending_layout,
 )
 
 F, H, W = 3, 3, 4
@@ -103,6 +104,36 @@ def test_layout_from_mask_equals_build_layout(newline_position: str, grid_newlin
     masks.append(one)
     for mask in masks:
         _layouts_agree(mask, newline_position, grid_newlines)
+
+
+@pytest.mark.parametrize(("newline_position", "grid_newlines"), MASK_CHOICES)
+@pytest.mark.parametrize("padding", [0, 3])
+def test_compact_merged_rows_give_the_full_blocks(newline_position: str, grid_newlines: str, padding: int) -> None:
+    """A merging method's compact rows ``[values; newline]`` indexed through its rank give the same block as
+    the full table with the values at their sources, from a layout sized to M plus the newline slots."""
+    from llava.model.compression import SelectedVideo, splice
+
+    generator = torch.Generator().manual_seed(1)
+    features, newline = torch.randn(F, H * W, 2, generator=generator), torch.tensor([[7.0, -7.0]])
+    for p in (0.1, 0.5, 1.0):
+        mask = torch.rand(F, H * W, generator=generator) < p
+        mask[1, 5] = True
+        kept = mask.reshape(-1).nonzero().squeeze(1)
+        padded = torch.cat([kept, torch.full((padding,), NL)])
+        new = torch.randn(len(padded), 2, generator=generator)
+        got_mask, sources, values, rank = splice(features, padded, new, torch.tensor(len(kept)))
+        assert torch.equal(got_mask, mask) and torch.equal(values[rank[kept]], new[: len(kept)])
+        table = SelectedVideo(got_mask, values, sources, rank, features).table
+        block = block_keep_mask(mask, H, W, newline_position, grid_newlines)
+        expected, expected_rows = layout_from_mask(block, F, H, W, newline_position, torch.cat([table, newline]))
+        pending = pending_layout(block, F, H, W, newline_position, torch.cat([values, newline]), rank)
+        assert pending.sources.shape[0] == min(block.numel(), len(padded) + block.numel() - NL)
+        got, rows = pending.finish(int(pending.count))
+        assert torch.equal(rows, expected_rows)
+        assert got.source.tolist() == expected.source.tolist()
+        assert got.original_offsets.tolist() == expected.original_offsets.tolist()
+    with pytest.raises(ValueError, match="more than the"):
+        pending.finish(pending.sources.shape[0] + 1)
 
 
 def test_block_mask_of_a_refused_selection_is_empty_and_all_rows_falls_back() -> None:

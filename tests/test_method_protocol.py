@@ -199,6 +199,8 @@ def test_padded_selection_is_cut_at_its_count() -> None:
     expected = torch.zeros(12, 5)
     expected[2], expected[7] = 1.0, 2.0
     assert torch.equal(choice.table, expected)
+    assert choice.rank[[2, 7]].tolist() == [0, 1] and int(choice.rank[-1]) == 5  # compact rows: values[rank]
+    assert torch.equal(choice.values[:2], expected[[2, 7]])
 
 
 @pytest.mark.parametrize(
@@ -229,8 +231,8 @@ def test_compiled_splice_of_padded_selections_equals_the_plain_one(merged) -> No
         new = torch.randn(6, 8, generator=g).cuda() if merged else None
         args = (features, source.cuda(), new, torch.tensor(count).cuda(), torch.tensor(valid).cuda())
         plain, fused = splice(*args), _padded_splicer(True)(*args)
-        assert torch.equal(plain[0], fused[0])
-        assert (plain[1] is None) == (fused[1] is None) and (plain[1] is None or torch.equal(plain[1], fused[1]))
+        for a, b in zip(plain, fused, strict=True):  # mask, sources, values, rank
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -147,12 +148,33 @@ def _tokens(features: torch.Tensor) -> VideoTokens:
 
 @dataclass(frozen=True)
 class SelectedVideo:
-    """What an adapter splices for one video: ``mask`` (F, P) bool of the output tokens' sources and,
-    for merging methods, ``table`` (F*P, D): the video's tokens with each output token's new value
-    written at its source row (None: the tokens are unchanged)."""
+    """What an adapter splices for one video: ``mask`` (F, P) bool of the output tokens' sources and, for
+    merging methods, their new values in compact form (None: the tokens are unchanged).
+
+    values: (M, D) in the video's dtype, row j the j-th output token (sources ascending); rows past the
+        kept count are padding. M bounds the kept count.
+    sources: (M,) each row's source, F * P for padding.
+    rank: (F * P + 1,) the row of ``values`` holding each source's output token (where ``mask`` is True;
+        elsewhere a valid row, for padded gathers), then M: an adapter that appends rows to ``values`` (a
+        newline) indexes the first of them with it.
+    features: the video's (F, P, D) tokens, from which :attr:`table` is built on demand.
+    """
 
     mask: torch.Tensor
-    table: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
+    rank: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    @cached_property
+    def table(self) -> torch.Tensor | None:
+        """(F*P, D): the video's tokens with each output token's value at its source row (None: unchanged).
+        A full copy of the video's tokens: adapters that only need the output tokens use ``values``."""
+        if self.values is None or self.sources is None or self.features is None:
+            return None
+        total, dim = self.mask.numel(), self.values.shape[-1]
+        table = torch.cat([self.features.reshape(total, dim), self.features.new_zeros(1, dim)])
+        return table.index_copy_(0, self.sources, self.values)[:total]  # padding goes to the spare row
 
 
 def splice(
@@ -161,13 +183,13 @@ def splice(
     new: torch.Tensor | None,
     count: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A selection's (K,) sources (and ``new`` (K, D) values) -> the (F, P) source mask and, with ``new``, the
-    (F*P, D) table with each value at its source row; checked on the device: sources that are not unique,
-    ascending and in range, or ``valid`` False, give an empty mask. ``count``: a padded selection (0-d;
-    only the first ``count`` entries are real, none at all is refused too), whose padding goes to a spare
-    row, dropped. Integer and copy work only, so compiling it changes no value."""
-    n_frames, per_frame, dim = features.shape
+    sources with padding at F * P, the values in the features' dtype and the rank of :class:`SelectedVideo`;
+    checked on the device: sources that are not unique, ascending and in range, or ``valid`` False, give an
+    empty mask. ``count``: a padded selection (0-d; only the first ``count`` entries are real, none at all is
+    refused too). Integer and copy work only, so compiling it changes no value."""
+    n_frames, per_frame, _ = features.shape
     total = n_frames * per_frame
     if count is None:
         ok = (source[0] >= 0) & (source[-1] < total) & (source[1:] > source[:-1]).all()
@@ -180,14 +202,14 @@ def splice(
     if valid is not None:
         ok = ok & valid
     mask = torch.zeros(total + 1, dtype=torch.bool, device=features.device).index_fill_(0, safe, True)
-    mask = (mask[:total] & ok).view(n_frames, per_frame)
+    mask = mask[:total] & ok
     if new is None:
-        return mask, None
-    table = torch.cat([features.reshape(total, dim), features.new_zeros(1, dim)])
-    return mask, table.index_copy_(0, safe, new.to(features.device, features.dtype))[:total]
+        return mask.view(n_frames, per_frame), None, None, None
+    rank = torch.cat([(mask.cumsum(0) - 1).clamp(min=0), torch.full((1,), source.shape[0], device=mask.device)])
+    return mask.view(n_frames, per_frame), safe, new.to(features.device, features.dtype), rank
 
 
-def _padded_splicer(cuda: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+def _padded_splicer(cuda: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
     """:func:`splice` for padded selections, compiled for CUDA inputs when Triton is there (its ~20 small
     kernels become a few; a padded selection's shapes are fixed per video shape, while an exact one's
     follow its count, so only padded ones are compiled); exact either way, so without Triton it runs as
@@ -345,10 +367,11 @@ class CompressionSpec:
         source = source.to(features.device)
         valid = None if selection.valid is None else selection.valid.to(features.device)
         if selection.count is None:
-            return SelectedVideo(*splice(features, source, new, None, valid))
-        # padded outputs: one fused function (compiled on CUDA)
-        padded = _padded_splicer(features.is_cuda)
-        return SelectedVideo(*padded(features, source, new, selection.count.to(source.device), valid))
+            mask, sources, values, rank = splice(features, source, new, None, valid)
+        else:  # padded outputs: one fused function (compiled on CUDA)
+            padded = _padded_splicer(features.is_cuda)
+            mask, sources, values, rank = padded(features, source, new, selection.count.to(source.device), valid)
+        return SelectedVideo(mask, values, sources, rank, None if new is None else features)
 
     def _mask_from_indices(self, features: torch.Tensor) -> torch.Tensor:
         """The index-only methods' mask, built on the device from their indices (checked: a broken

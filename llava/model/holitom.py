@@ -546,13 +546,16 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _split_gram(parts: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, 3M, D) parts of :func:`split_bf16` -> (B, n, n) float32 x_i . x_j: one GEMM of the parts, then
-    hi.hi + (hi.mid + mid.hi) + (hi.lo + lo.hi + mid.mid), small terms first (the dropped mid.lo, lo.mid
-    and lo.lo are below float32's own rounding of the product)."""
+    """(B, 3M, D) parts of :func:`split_bf16` -> (B, n, n) float32 x_i . x_j from two GEMMs, [hi; mid; lo] by hi
+    and mid by mid (4 of the 9 part blocks; the Gram is symmetric, so hi.mid and hi.lo are the transposes of
+    mid.hi and lo.hi), summed hi.hi + (hi.mid + mid.hi) + (hi.lo + lo.hi + mid.mid), small terms first (the
+    dropped mid.lo, lo.mid and lo.lo are below float32's own rounding of the product)."""
     m = parts.shape[1] // 3
-    full = float32_matmul(parts, parts.mT)
-    cross, low, middle = full[:, :n, m : m + n], full[:, :n, 2 * m : 2 * m + n], full[:, m : m + n, m : m + n]
-    return full[:, :n, :n] + ((cross + cross.mT) + ((low + low.mT) + middle))
+    by_hi = float32_matmul(parts, parts[:, :m].mT)  # (B, 3M, M)
+    mid = parts[:, m : 2 * m]
+    middle = float32_matmul(mid, mid.mT)[:, :n, :n]
+    high, cross, low = by_hi[:, :n, :n], by_hi[:, m : m + n, :n], by_hi[:, 2 * m : 2 * m + n, :n]
+    return high + ((cross + cross.mT) + ((low + low.mT) + middle))
 
 
 def _static_clusters(

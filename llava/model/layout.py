@@ -205,6 +205,8 @@ class PendingLayout:
     total_tokens: int
 
     def finish(self, kept: int) -> tuple[VisualLayout, torch.Tensor | None]:
+        if kept > self.sources.shape[0]:
+            raise ValueError(f"{kept} entries kept, more than the {self.sources.shape[0]} this layout was sized for")
         layout = VisualLayout(self.sources[:kept], self.offsets[:kept], self.full_length, self.total_tokens)
         return layout, (self.rows[:kept] if self.rows is not None else None)
 
@@ -216,13 +218,23 @@ def pending_layout(
     w: int,
     newline_position: str,
     table: torch.Tensor | None = None,
+    rank: torch.Tensor | None = None,
 ) -> PendingLayout:
-    """Everything :func:`layout_from_mask` computes before its host synchronisation (see there)."""
+    """Everything :func:`layout_from_mask` computes before its host synchronisation (see there).
+
+    ``rank``: a compact ``table`` (a merging method's M output rows, then the newline) instead of rows of
+    ``[video tokens; newline]``: (F*h*w + 1,) each source's row of it (:class:`SelectedVideo`'s rank), the
+    newline's last. Then at most M tokens are kept, so the layout is computed at M + (newline slots)
+    entries instead of the whole block's."""
     size = block_mask.numel()
-    offsets = torch.nonzero_static(block_mask, size=size, fill_value=0).squeeze(1)
+    total = frames * h * w
+    length = size if rank is None or table is None else min(size, table.shape[0] - 1 + size - total)
+    offsets = torch.nonzero_static(block_mask, size=length, fill_value=0).squeeze(1)
     sources = block_sources(frames, h, w, newline_position, block_mask.device).index_select(0, offsets)
-    rows = table.index_select(0, sources) if table is not None else None
-    return PendingLayout(sources, offsets, rows, block_mask.sum(), size, frames * h * w)
+    rows = None
+    if table is not None:
+        rows = table.index_select(0, sources if rank is None else rank.index_select(0, sources))
+    return PendingLayout(sources, offsets, rows, block_mask.sum(), size, total)
 
 
 def layout_from_mask(

@@ -207,14 +207,17 @@ class LlavaVideoModel(nn.Module):
         parts: list[PendingLayout | VisualBlock] = []
         for feats, choice in zip(features, selected, strict=True):
             frames, h, w, _ = feats.shape
-            table = self._rows_with_newline(feats if choice.table is None else choice.table)
             block_mask = block_keep_mask(choice.mask, h, w, position, grid_newlines)
             if block_mask is None:  # a layout that leaves uncompressed order (all_rows): from the indices
+                table = self._rows_with_newline(feats if choice.table is None else choice.table)
                 kept = choice.mask.reshape(-1).nonzero().squeeze(1)
                 layout = build_layout(kept, frames, h, w, position, grid_newlines)
                 parts.append(VisualBlock(table.index_select(0, layout.source), layout))
-            else:
-                parts.append(pending_layout(block_mask, frames, h, w, position, table))
+            elif choice.values is None:
+                parts.append(pending_layout(block_mask, frames, h, w, position, self._rows_with_newline(feats)))
+            else:  # merged: rows [values; newline], no copy of the whole video (the rank maps sources to rows)
+                table = self._rows_with_newline(choice.values)
+                parts.append(pending_layout(block_mask, frames, h, w, position, table, choice.rank))
         pending = [p for p in parts if isinstance(p, PendingLayout)]
         counts = iter(torch.stack([p.count for p in pending]).tolist() if pending else [])  # the one host sync
         blocks = []
