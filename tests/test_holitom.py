@@ -613,17 +613,24 @@ def test_single_frame_and_window_cap_one() -> None:
     assert torch.equal(source, expected)
 
 
-def test_huge_finite_features_are_not_refused() -> None:
-    """The finite check reads the norms' sum; a finite overflow there must not be taken for NaN or Inf."""
+@pytest.mark.parametrize("execution", ["eager", "static"])
+def test_huge_finite_features_are_not_refused(execution: str) -> None:
+    """The finite checks read sums (the eager norms' sum, the static rows' sums of 0 * x); a finite overflow
+    must not be taken for NaN or Inf, and a NaN or an Inf anywhere, in any frame, must be."""
     x, attn = structured_random(4)
     big = x.clone()
     big[1, 2] *= 1e30  # its norm (and the sum) overflow float32, yet every value is finite
-    source, _ = run(big, attn, 0.25)
+    source, _ = run(big, attn, 0.25, execution=execution)
     assert_valid(source, x.shape[0] * x.shape[1])
     bad = attn.clone()
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        holitom_select(x, bad, 0.25)
+        holitom_select(x, bad, 0.25, HoliTomOptions(execution=execution))
+    for frame, value in ((0, float("nan")), (x.shape[0] - 1, float("inf")), (2, -float("inf"))):
+        bad = x.clone()
+        bad[frame, 3, 1] = value
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            holitom_select(bad, attn, 0.25, HoliTomOptions(execution=execution))
 
 
 # ----------------------------------------------------------------------------------- the static execution

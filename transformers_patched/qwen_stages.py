@@ -186,10 +186,11 @@ def select_video_tokens(
         return [torch.ones(v.features.shape[:2].numel(), dtype=torch.bool, device=v.features.device) for v in videos]
     selected = compression.select_videos(videos)
     masks = [choice.mask.reshape(-1) for choice in selected]
+    tables = [choice.table for choice in selected]  # built before the sync, while the GPU is still busy
     compression.check_kept(torch.stack([mask.sum() for mask in masks]).tolist())  # the one host sync
-    for i, choice in enumerate(selected):
-        if choice.table is not None:
-            vision.video_embeds[i] = choice.table
+    for i, table in enumerate(tables):
+        if table is not None:
+            vision.video_embeds[i] = table
     return masks
 
 

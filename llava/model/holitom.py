@@ -598,18 +598,19 @@ def _static_clusters(
 def _static_similarity(features: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, P, D) -> the (F-1, P) cosines of :func:`frame_similarity` and whether every feature is finite (0-d).
 
-    float32: dot / (|a| |b|) (norms clamped at 1e-12 as there) with the finite check as row reductions over
-    the same pairs, so that torch.compile reads the features in one fused pass; equal to the unit-vector
-    form up to float32 rounding. Other score dtypes keep the unit-vector form, whose roundings in that
-    dtype the threshold comparison would otherwise see."""
+    float32: dot / (|a| |b|) (norms clamped at 1e-12 as there), equal to the unit-vector form up to float32
+    rounding, and the finite check as row sums of 0 * x over the same pairs (0 for a finite row, NaN for one
+    holding a NaN or an Inf, never an overflow): sums like the dot's, which torch.compile computes in the
+    same pass over the features (an isfinite().all() reduction took two more passes). Other score dtypes
+    keep the unit-vector form, whose roundings in that dtype the threshold comparison would otherwise see."""
     if dtype != torch.float32 or features.shape[0] < 2:
         return _similarity(features, dtype)[0], torch.isfinite(features).all()
     x = features.float()
     before, after = x[:-1], x[1:]
     dot = (before * after).sum(dim=-1)
     norms = before.square().sum(dim=-1).sqrt().clamp_min(1e-12) * after.square().sum(dim=-1).sqrt().clamp_min(1e-12)
-    finite = (torch.isfinite(before).all(dim=-1) & torch.isfinite(after).all(dim=-1)).all()
-    return dot / norms, finite
+    zero = (before * 0.0).sum(dim=-1) + (after * 0.0).sum(dim=-1)
+    return dot / norms, (zero == 0).all()
 
 
 def static_selection(
