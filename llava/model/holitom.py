@@ -538,11 +538,15 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     float32 GEMM (see :mod:`llava.model.float32_products`). The parts are rounded by :func:`_bf16_part`, so
     the final cast is exact."""
     n = x.shape[1]
-    x = torch.nn.functional.pad(x, (0, 0, 0, -n % _ALIGN))
+    x = torch.nn.functional.pad(x, (0, 0, 0, -n % _ALIGN))[:, None]  # (B, 1, M, D)
     hi = _bf16_part(x)
     rest = x - hi
     mid = _bf16_part(rest)
-    return torch.stack([hi, mid, rest - mid], dim=1).to(torch.bfloat16).flatten(1, 2)
+    # the three parts chosen by a part index, not stacked: one pointwise kernel that writes only the parts
+    # (a stack made torch.compile keep the intermediate bits and remainders in memory, two kernels)
+    part = torch.arange(3, device=x.device)[None, :, None, None]
+    parts = torch.where(part == 0, hi, torch.where(part == 1, mid, rest - mid))  # (B, 3, M, D)
+    return parts.to(torch.bfloat16).flatten(1, 2)
 
 
 def _split_gram(parts: torch.Tensor, n: int) -> torch.Tensor:
@@ -599,18 +603,21 @@ def _static_similarity(features: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     """(F, P, D) -> the (F-1, P) cosines of :func:`frame_similarity` and whether every feature is finite (0-d).
 
     float32: dot / (|a| |b|) (norms clamped at 1e-12 as there), equal to the unit-vector form up to float32
-    rounding, and the finite check as row sums of 0 * x over the same pairs (0 for a finite row, NaN for one
-    holding a NaN or an Inf, never an overflow): sums like the dot's, which torch.compile computes in the
-    same pass over the features (an isfinite().all() reduction took two more passes). Other score dtypes
-    keep the unit-vector form, whose roundings in that dtype the threshold comparison would otherwise see."""
+    rounding. The finite check rides on the squared norms: each term is x^2 + 0 * x, which is x^2 exactly
+    for a finite x and NaN for a NaN or an Inf, so a row's sum is NaN exactly when the row holds one (a
+    finite overflow gives +Inf, not NaN). torch.compile computes it in the similarity's one pass over the
+    features; separate isfinite() or 0 * x reductions took two more passes. Other score dtypes keep the
+    unit-vector form, whose roundings in that dtype the threshold comparison would otherwise see."""
     if dtype != torch.float32 or features.shape[0] < 2:
         return _similarity(features, dtype)[0], torch.isfinite(features).all()
     x = features.float()
     before, after = x[:-1], x[1:]
     dot = (before * after).sum(dim=-1)
-    norms = before.square().sum(dim=-1).sqrt().clamp_min(1e-12) * after.square().sum(dim=-1).sqrt().clamp_min(1e-12)
-    zero = (before * 0.0).sum(dim=-1) + (after * 0.0).sum(dim=-1)
-    return dot / norms, (zero == 0).all()
+    square_before = (before.square() + before * 0.0).sum(dim=-1)
+    square_after = (after.square() + after * 0.0).sum(dim=-1)
+    norms = square_before.sqrt().clamp_min(1e-12) * square_after.sqrt().clamp_min(1e-12)
+    finite = ~(square_before.isnan().any() | square_after.isnan().any())
+    return dot / norms, finite
 
 
 def static_selection(
