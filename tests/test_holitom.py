@@ -693,6 +693,26 @@ def test_static_equals_eager_in_bf16_and_model_dtype(options, retention) -> None
     torch.testing.assert_close(got["static"][1], got["eager"][1], **tol)
 
 
+@pytest.mark.parametrize("options", [o for o in STATIC_CASES if o.get("score_dtype") != "model"])
+def test_static_split_products_equal_eager(monkeypatch, options) -> None:
+    """The three-bf16 split products that float32 sets take on CUDA, forced here on the CPU (window sums split,
+    then divided by their lengths): the same sources and values as the eager execution."""
+    from llava.model import holitom
+
+    split = holitom.split_bf16
+    calls = []
+    monkeypatch.setattr(holitom, "_splits", lambda x: x.dtype == torch.float32)
+    monkeypatch.setattr(holitom, "split_bf16", lambda x: calls.append(x.shape) or split(x))
+    for seed in range(3):
+        x, attn = several_window_lengths(seed=seed, positions=40, dim=16)
+        x = x.to(torch.bfloat16)
+        for retention in (0.1, 0.25):
+            got = {e: run(x, attn, retention, **options, execution=e) for e in ("eager", "static")}
+            assert torch.equal(got["eager"][0], got["static"][0])
+            torch.testing.assert_close(got["static"][1], got["eager"][1], atol=1e-5, rtol=1e-5)
+    assert calls  # the static execution took the split
+
+
 def _random_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
     """A video of random shape with a random share of static positions, scene cuts and importance ties."""
     g = torch.Generator().manual_seed(seed)

@@ -562,17 +562,36 @@ def _split_gram(parts: torch.Tensor, n: int) -> torch.Tensor:
     return high + ((cross + cross.mT) + ((low + low.mT) + middle))
 
 
+def _splits(x: torch.Tensor) -> bool:
+    """Whether a set's products take the three-bf16 split: float32 sets on CUDA (tensor-core GEMMs)."""
+    return x.dtype == torch.float32 and x.is_cuda
+
+
 def _static_clusters(
-    x: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, knn: int, beta: float, dtype: torch.dtype
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    counts: torch.Tensor,
+    knn: int,
+    beta: float,
+    dtype: torch.dtype,
+    length: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N, D) sets (members ``valid`` (B, N), in position order), (B,) centre counts -> (B, N) centre masks
     and (B, N, D) values in ``dtype`` (merged at the centres): :func:`_dpc_centres` + :func:`_merge` with the
     members left in place. k = min(knn, count) per set; distances by the matmul form with self-distance 0
-    (:func:`llava.model.dpc_knn.gram_distances`); the merge sums are a one-hot product (float32). float32
-    sets on CUDA take both products from their three-bf16 split (:func:`split_bf16`)."""
+    (:func:`llava.model.dpc_knn.gram_distances`); the merge sums are a one-hot product (float32).
+
+    ``length`` (B,) float32: the sets are x / length (a window's sums and its frame count). float32 sets on
+    CUDA take both products from the three-bf16 split (:func:`split_bf16`) of x itself, then divide by the
+    length (its square for the Gram): the split reads a product's output directly, in one pass."""
     batch, n, _ = x.shape
-    parts = split_bf16(x) if x.dtype == torch.float32 and x.is_cuda else None
-    dist = gram_distances(x, None if parts is None else _split_gram(parts, n))
+    parts = split_bf16(x) if _splits(x) else None
+    scale = None if length is None else length[:, None, None]
+    if parts is None:
+        x = x if scale is None else x / scale
+        dist = gram_distances(x)
+    else:
+        dist = gram_distances(x, _split_gram(parts, n) if scale is None else _split_gram(parts, n) / scale.square())
     pair = valid[:, :, None] & valid[:, None, :]
     widest = min(knn, n)
     nearest = k_smallest(dist.masked_fill(~pair, torch.inf), widest)  # (B, N, widest) ascending
@@ -592,6 +611,8 @@ def _static_clusters(
     else:  # the three parts summed in one float32 accumulator
         pick = torch.nn.functional.pad(pick.to(torch.bfloat16), (0, parts.shape[1] // 3 - n))
         sums = float32_matmul(pick.repeat(1, 1, 3), parts)
+        if scale is not None:
+            sums, x = sums / scale, x / scale
     sums = sums.to(dtype)  # (B, N, D): each centre's members summed
     size = member.sum(dim=1, dtype=torch.float32).to(dtype)[..., None]
     values = x.to(dtype)
@@ -648,7 +669,7 @@ def static_selection(
     score = torch.where(static, -torch.inf, importance.float())
     dominant = _ahead(score).sum(dim=-1) < n_dominant[:, None]  # (F, P) top by importance, ties: lower index
 
-    sets, members, counts = [], [], []
+    sets, members, counts, lengths = [], [], [], []
     opens = (last > first) & (frames == first)  # (F,) frames that open a window of >= 2 frames
     slot = opens.long().cumsum(0) - 1
     if plan.slots:
@@ -659,18 +680,25 @@ def static_selection(
         slot_last = last[slot_first]
         inside = real[:, None] & (frames[None, :] >= slot_first[:, None]) & (frames[None, :] <= slot_last[:, None])
         sums = float32_matmul(inside.to(features.dtype), features.reshape(n_frames, per_frame * dim))
-        length = (slot_last - slot_first + 1).float()[:, None]
-        sets.append((sums / length).view(plan.slots, per_frame, dim).to(dtype))  # the windows' means
+        length = (slot_last - slot_first + 1).float()
+        if plan.float32:  # the windows' sums, divided by their lengths inside the clustering
+            sets.append(sums.view(plan.slots, per_frame, dim))
+        else:  # the windows' means in the score dtype
+            sets.append((sums / length[:, None]).view(plan.slots, per_frame, dim).to(dtype))
+        lengths.append(length)
         members.append(static[slot_first] & real[:, None])
         counts.append(torch.where(real, torch.round(n_static[slot_first].double() * ratio).long(), 0))
     if plan.contextual:
         sets.append(features.to(dtype))
         members.append(~static & ~dominant)
         counts.append(keep - n_dominant)
+        lengths.append(torch.ones(n_frames, device=device))
     kept = dominant
     if sets:
         x = sets[0] if len(sets) == 1 else torch.cat(sets)
-        centre, merged = _static_clusters(x, torch.cat(members), torch.cat(counts), plan.knn, plan.beta, dtype)
+        valid, count = torch.cat(members), torch.cat(counts)
+        length = torch.cat(lengths) if plan.float32 else None
+        centre, merged = _static_clusters(x, valid, count, plan.knn, plan.beta, dtype, length)
     if plan.slots:  # a window's static centres sit at its first frame
         at_slot = torch.where(opens, slot, plan.slots).clamp(0, plan.slots)  # clamped: see device_windows
         static_centre = torch.cat([centre[: plan.slots], centre.new_zeros(1, per_frame)])[at_slot]  # (F, P)
