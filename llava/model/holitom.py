@@ -542,8 +542,9 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     hi = _bf16_part(x)
     rest = x - hi
     mid = _bf16_part(rest)
-    # the three parts chosen by a part index, not stacked: one pointwise kernel that writes only the parts
-    # (a stack made torch.compile keep the intermediate bits and remainders in memory, two kernels)
+    # the three parts chosen by a part index. torch.compile makes this one pointwise kernel when x is cheap
+    # to reload (a GEMM's output, as in _static_clusters). Fed longer expressions (x / a gathered length),
+    # it kept the bits and remainders in memory and took two kernels, as a stack of the parts did.
     part = torch.arange(3, device=x.device)[None, :, None, None]
     parts = torch.where(part == 0, hi, torch.where(part == 1, mid, rest - mid))  # (B, 3, M, D)
     return parts.to(torch.bfloat16).flatten(1, 2)
