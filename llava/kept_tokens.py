@@ -181,7 +181,7 @@ def merge_groups(spec: CompressionSpec, tokens: VideoTokens, mask: torch.Tensor)
         [choice] = spec.select_videos([_detached(tokens, x)])
         if not torch.equal(choice.mask.cpu(), mask.cpu()):
             raise ValueError(f"{spec.describe()}: the selection differs between two identical runs; no merge groups")
-        outputs = choice.table[choice.mask.reshape(-1)]  # (K, D), video order
+        outputs = choice.values[: int(choice.mask.sum())]  # (K, D), video order (rows past K: padding)
         probe = torch.randn(outputs.shape[1], generator=torch.Generator().manual_seed(0)).to(outputs)
         projected = outputs @ probe  # (K,)
         rank = torch.arange(1, projected.shape[0] + 1, dtype=projected.dtype, device=projected.device)

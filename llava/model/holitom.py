@@ -592,7 +592,8 @@ def _static_clusters(
         x = x if scale is None else x / scale
         dist = gram_distances(x)
     else:
-        dist = gram_distances(x, _split_gram(parts, n) if scale is None else _split_gram(parts, n) / scale.square())
+        gram = _split_gram(parts, n)
+        dist = gram_distances(x, gram if scale is None else gram / scale.square())
     pair = valid[:, :, None] & valid[:, None, :]
     widest = min(knn, n)
     nearest = k_smallest(dist.masked_fill(~pair, torch.inf), widest)  # (B, N, widest) ascending
